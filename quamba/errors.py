@@ -1,0 +1,13 @@
+"""Errors a user can act on: each names the file or key at fault and what is allowed."""
+
+
+class QuambaError(Exception):
+    """Base class for every error raised at quamba's boundaries."""
+
+
+class CheckpointError(QuambaError):
+    """A model directory or checkpoint file is missing, corrupt, or of an unknown kind."""
+
+
+class ConfigError(QuambaError):
+    """A configuration value is missing or outside what is allowed."""

@@ -1,0 +1,142 @@
+"""The Mamba language model: embedding, a stack of pre-norm residual blocks, final norm, lm_head.
+
+Module names reproduce the state-spaces checkpoint keys (`backbone.layers.N.mixer.in_proj.weight`,
+...), so a mamba_ssm state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quamba.models import ops
+from quamba.models.config import MambaConfig
+from quamba.models.mamba1 import Mamba1Mixer
+from quamba.models.mamba2 import Mamba2Mixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Block(nn.Module):
+    """residual += mixer(norm(residual)), the residual stream kept in fp32 when configured."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_epsilon)
+        self.mixer = Mamba1Mixer(config) if config.layer == "Mamba1" else Mamba2Mixer(config)
+        self.residual_in_fp32 = config.residual_in_fp32
+
+    def forward(self, residual: torch.Tensor, conv_state: torch.Tensor | None = None,
+                ssm_state: torch.Tensor | None = None, step: bool = False) -> torch.Tensor:
+        hidden = self.norm(residual).to(self.norm.weight.dtype)  # (b, l, d_model)
+        mixer = self.mixer.step if step else self.mixer
+        out = mixer(hidden, conv_state, ssm_state)
+        return residual + out.to(residual.dtype)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_epsilon)
+
+
+@dataclass
+class InferenceCache:
+    """Decoding state per layer: conv_states[i] holds the last d_conv conv inputs, ssm_states[i]
+    the recurrent SSM state (Quamba quantizes it, so it is kept reachable here)."""
+
+    conv_states: list[torch.Tensor] = field(default_factory=list)
+    ssm_states: list[torch.Tensor] = field(default_factory=list)
+    seqlen_offset: int = 0
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (b, l, padded_vocab_size)
+
+
+class MambaLMHeadModel(nn.Module):
+    """A Mamba1 or Mamba2 LM. `model(input_ids)` returns `.logits` of shape (b, l, padded vocab)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """mamba_ssm's initialisation for training from scratch, drawn from `seed`."""
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+            for block in self.backbone.layers:
+                mixer = block.mixer
+                for linear in (mixer.in_proj, mixer.out_proj, getattr(mixer, "x_proj", None)):
+                    if linear is not None:
+                        nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+                        if linear.bias is not None:
+                            nn.init.zeros_(linear.bias)
+                mixer.conv1d.reset_parameters()
+                mixer.reset_ssm_parameters()
+                # Keep the residual stream's variance from growing with depth (GPT-2 scheme).
+                mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
+            if not self.config.tie_embeddings:
+                nn.init.normal_(self.lm_head.weight, std=0.02)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+    def allocate_cache(self, batch_size: int) -> InferenceCache:
+        """Zeroed decoding states in the model's device and dtype."""
+        weight = self.lm_head.weight
+        cache = InferenceCache()
+        for block in self.backbone.layers:
+            conv_shape, ssm_shape = block.mixer.state_shapes(batch_size)
+            cache.conv_states.append(torch.zeros(conv_shape, device=weight.device, dtype=weight.dtype))
+            cache.ssm_states.append(torch.zeros(ssm_shape, device=weight.device, dtype=torch.float32))
+        return cache
+
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> CausalLMOutput:
+        """input_ids (b, l). With a fresh cache the states after the prompt are stored in it;
+        with a used one (seqlen_offset > 0) the tokens are decoded one step at a time."""
+        if cache is not None and cache.seqlen_offset > 0:
+            logits = [self._step(input_ids[:, t:t + 1], cache) for t in range(input_ids.shape[1])]
+            return CausalLMOutput(logits=torch.cat(logits, dim=1))
+        residual = self.backbone.embedding(input_ids)  # (b, l, d_model)
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        for i, block in enumerate(self.backbone.layers):
+            states = (cache.conv_states[i], cache.ssm_states[i]) if cache is not None else (None, None)
+            residual = block(residual, *states)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        return CausalLMOutput(logits=self._head(residual))
+
+    def _step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        residual = self.backbone.embedding(input_ids)  # (b, 1, d_model)
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        for i, block in enumerate(self.backbone.layers):
+            residual = block(residual, cache.conv_states[i], cache.ssm_states[i], step=True)
+        cache.seqlen_offset += 1
+        return self._head(residual)
+
+    def _head(self, residual: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
+        return self.lm_head(hidden)  # (b, l, padded_vocab_size)
