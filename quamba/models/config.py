@@ -16,6 +16,19 @@ from quamba.errors import ConfigError
 LAYER_TYPES = ("Mamba1", "Mamba2")
 
 
+def _dt_limit(value: Any, source: str) -> tuple[float, float]:
+    """A (low, high) pair; transformers writes infinity as {"__float__": "Infinity"}."""
+    def number(v: Any) -> float:
+        if isinstance(v, dict) and "__float__" in v:
+            v = v["__float__"]
+        return float(v)
+    try:
+        low, high = (number(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: dt_limit {value!r} is not a pair of numbers") from err
+    return low, high
+
+
 @dataclass(frozen=True)
 class MambaConfig:
     """Everything needed to build the LM; field names follow mamba_ssm's config.json."""
@@ -115,7 +128,7 @@ class MambaConfig:
             headdim=ssm.get("headdim", 64),
             ngroups=ssm.get("ngroups", 1),
             chunk_size=ssm.get("chunk_size", 256),
-            dt_limit=tuple(ssm.get("dt_limit", (0.0, math.inf))),
+            dt_limit=_dt_limit(ssm.get("dt_limit", (0.0, math.inf)), source),
             conv_bias=ssm.get("conv_bias", True),
             bias=ssm.get("bias", False),
             norm_epsilon=raw.get("norm_epsilon", 1e-5),
@@ -171,7 +184,8 @@ class MambaConfig:
         if model_type == "mamba2":
             config = cls(layer="Mamba2", headdim=raw.get("head_dim", 64), ngroups=raw.get("n_groups", 1),
                          chunk_size=raw.get("chunk_size", 256),
-                         dt_limit=tuple(raw.get("time_step_limit", (0.0, math.inf))), **common)
+                         dt_limit=_dt_limit(raw.get("time_step_limit", (0.0, math.inf)), source),
+                         **common)
             if "num_heads" in raw and raw["num_heads"] != config.nheads:
                 raise ConfigError(f"{source}: num_heads={raw['num_heads']} but hidden_size*expand/head_dim = {config.nheads}")
             return config

@@ -90,8 +90,9 @@ def selective_scan(
     deltaB_u = torch.einsum("bdl,bnl,bdl->bldn", delta, B, u)  # (b, l, d, n)
     h = u.new_zeros(batch, dim, A.shape[1])  # (b, d, n)
     states = []
-    for t in range(seqlen):
-        h = deltaA[:, t] * h + deltaB_u[:, t]
+    # unbind once: indexing [:, t] inside the loop makes autograd zero-fill the whole tensor per step
+    for dA_t, dBu_t in zip(deltaA.unbind(1), deltaB_u.unbind(1)):
+        h = dA_t * h + dBu_t
         states.append(h)
     y = torch.einsum("lbdn,bnl->bdl", torch.stack(states), C)  # (b, d, l)
     if D is not None:

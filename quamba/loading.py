@@ -1,0 +1,34 @@
+"""`quamba.load`: one entry point for every model directory the project reads or writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quamba.errors import ConfigError
+from quamba.models.checkpoint import load_fp_model, resolve_model_dir
+from quamba.models.lm import MambaLMHeadModel
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: {dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(path_or_hub_id: str | Path, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None) -> MambaLMHeadModel:
+    """A runnable model from a local dir or hub id; `model(input_ids).logits` is (b, l, vocab).
+
+    device defaults to CUDA when present, else CPU; dtype to float16 on CUDA and float32 on CPU
+    (CPU half-precision matmuls are slow and less accurate).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    return load_fp_model(resolve_model_dir(path_or_hub_id), device=device, dtype=dtype)

@@ -1,0 +1,174 @@
+"""Read Mamba checkpoints in the state-spaces or transformers format; write our normalized FP16 dir.
+
+A model dir is found locally or on the Hugging Face hub. Every failure names the file (and key)
+at fault: a missing config, an unknown architecture, corrupt or mismatched weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from quamba.errors import CheckpointError, ConfigError
+from quamba.io import atomic_dir, package_versions, sha256_files, write_json
+from quamba.models.config import MambaConfig
+from quamba.models.lm import MambaLMHeadModel
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN_FILE = "pytorch_model.bin"
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_dir(path_or_hub_id: str | Path, revision: str | None = None) -> Path:
+    """A local model dir as is; otherwise a hub id (`org/name`) downloaded into the HF cache."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; expected a model directory holding {CONFIG_FILE}")
+    if not _HUB_ID.match(str(path_or_hub_id)):
+        raise CheckpointError(f"{path}: no such model directory (and not a hub id of the form org/name)")
+    from huggingface_hub import snapshot_download  # only needed for hub ids
+
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # network, auth, missing repo: all end here with the id named
+        raise CheckpointError(f"{path_or_hub_id}: not a local directory, and the hub download failed: {err}") from err
+
+
+def read_config(model_dir: Path) -> tuple[MambaConfig, str]:
+    """The architecture and the format ('state-spaces' or 'transformers') of a model dir."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a model directory needs {CONFIG_FILE}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    try:
+        if "model_type" in raw:
+            return MambaConfig.from_transformers(raw, source=str(path)), "transformers"
+        if "d_model" in raw:
+            return MambaConfig.from_state_spaces(raw, source=str(path)), "state-spaces"
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from err
+    raise CheckpointError(f"{path}: unknown architecture: neither 'model_type' (transformers format) "
+                          f"nor 'd_model' (state-spaces format) is present")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The files holding the weights, preferring safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
+        return [model_dir / shard for shard in shards]
+    for name in (SAFETENSORS_FILE, TORCH_BIN_FILE):
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    raise CheckpointError(f"{model_dir}: no weights; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {TORCH_BIN_FILE}")
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {SAFETENSORS_INDEX} but missing")
+        try:
+            if path.suffix == ".safetensors":
+                state.update(load_file(path))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt or unreadable weights ({err})") from err
+    return state
+
+
+def _to_state_spaces_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers names the embedding `backbone.embeddings`; mamba_ssm `backbone.embedding`."""
+    return {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state.items()}
+
+
+def build_model(config: MambaConfig, state: dict[str, torch.Tensor], source: str) -> MambaLMHeadModel:
+    """An LM holding `state` (state-spaces key names), after checking every key and shape."""
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # mamba_ssm's .bin carries the tied copy; ours does not
+    with torch.device("meta"):
+        model = MambaLMHeadModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match {CONFIG_FILE}: missing keys {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
+                                  f"but {CONFIG_FILE} implies {tuple(shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    return model
+
+
+def load_fp_model(model_dir: Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> MambaLMHeadModel:
+    """The FP model of a state-spaces or transformers model dir, in eval mode."""
+    config, fmt = read_config(model_dir)
+    state = read_state_dict(model_dir)
+    if fmt == "transformers":
+        state = _to_state_spaces_keys(state)
+    model = build_model(config, state, source=str(model_dir))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
+              source: dict | None = None) -> Path:
+    """Write our normalized FP16 checkpoint: model.safetensors, config.json (state-spaces format),
+    the tokenizer, and source.json. Atomic: `out_dir` appears complete or not at all."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as err:
+        raise CheckpointError(f"{tokenizer}: cannot load a tokenizer from it ({err})") from err
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_file(state, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, model.config.to_state_spaces())
+        tok.save_pretrained(tmp)
+        write_json(tmp / "source.json", {"schema_version": 1, "dtype": "float16",
+                                         "tokenizer": str(tokenizer), **(source or {}),
+                                         "versions": package_versions()})
+    return Path(out_dir)
+
+
+def normalize(src: str | Path, tokenizer: str | Path, out_dir: Path) -> Path:
+    """Any supported FP checkpoint (local dir or hub id) -> our FP16 dir, with the input's hash."""
+    model_dir = resolve_model_dir(src)
+    _, fmt = read_config(model_dir)
+    inputs = [model_dir / CONFIG_FILE, *weight_files(model_dir)]
+    model = load_fp_model(model_dir, dtype=torch.float32)
+    return save_fp16(model, out_dir, tokenizer,
+                     source={"source": str(src), "format": fmt, "sha256": sha256_files(inputs),
+                             "files": sorted(p.name for p in inputs)})

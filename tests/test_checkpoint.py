@@ -1,0 +1,161 @@
+"""Checkpoint formats in and out, `quamba.load`, and the errors a user meets with a bad model dir."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import quamba
+from conftest import random_model
+from quamba.errors import CheckpointError
+from quamba.models import MambaConfig
+from quamba.models.checkpoint import normalize, read_config, resolve_model_dir
+from test_models import CONFIGS, to_transformers
+
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def write_state_spaces(model, out, weights="pytorch_model.bin"):
+    """A dir as mamba_ssm's save_pretrained writes it (the .bin holds the tied lm_head too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_state_spaces()))
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    if weights == "pytorch_model.bin":
+        torch.save(state, out / weights)
+    else:
+        state.pop("lm_head.weight", None) if model.config.tie_embeddings else None
+        save_file(state, out / weights)
+    return out
+
+
+@pytest.fixture
+def tokenizer_dir(repo):
+    return repo / "resources" / "tokenizer"
+
+
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.safetensors"])
+@pytest.mark.parametrize("name", ["mamba1", "mamba2-ngroups2-padded"])
+def test_state_spaces_dir_loads_with_same_logits(tmp_path, name, weights):
+    model = random_model(CONFIGS[name])
+    write_state_spaces(model, tmp_path / "m", weights)
+    loaded = quamba.load(tmp_path / "m", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("name", ["mamba1", "mamba2-ngroups2-padded"])
+def test_transformers_dir_loads_with_same_logits(tmp_path, name):
+    model = random_model(CONFIGS[name])
+    hf = to_transformers(model)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = quamba.load(tmp_path / "hf", device="cpu")
+    assert read_config(tmp_path / "hf")[1] == "transformers"
+    with torch.no_grad():
+        assert (loaded(IDS).logits - hf(IDS).logits).abs().max().item() <= 1e-4
+
+
+def test_normalize_writes_fp16_dir_with_tokenizer_and_source_hash(tmp_path, tokenizer_dir):
+    model = random_model(CONFIGS["mamba2"])
+    src = write_state_spaces(model, tmp_path / "src")
+    out = normalize(src, tokenizer_dir, tmp_path / "out")
+    assert {"config.json", "model.safetensors", "source.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    source = json.loads((out / "source.json").read_text())
+    assert source["format"] == "state-spaces" and len(source["sha256"]) == 64
+    reloaded = quamba.load(out, device="cpu")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.backbone.embedding.weight.data_ptr()
+    with torch.no_grad():
+        diff = (reloaded(IDS).logits - model.half().float()(IDS).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert not list(tmp_path.glob(".out.*")), "temp dir left behind"
+
+
+def test_normalize_is_byte_identical_on_rerun(tmp_path, tokenizer_dir):
+    src = write_state_spaces(random_model(CONFIGS["mamba1"]), tmp_path / "src")
+    a = normalize(src, tokenizer_dir, tmp_path / "a")
+    b = normalize(src, tokenizer_dir, tmp_path / "b")
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+
+
+def test_load_defaults_to_fp32_on_cpu_and_accepts_dtype_names(tmp_path):
+    write_state_spaces(random_model(CONFIGS["mamba1"]), tmp_path / "m")
+    assert quamba.load(tmp_path / "m", device="cpu").lm_head.weight.dtype == torch.float32
+    assert quamba.load(tmp_path / "m", device="cpu", dtype="bf16").lm_head.weight.dtype == torch.bfloat16
+
+
+def test_missing_dir_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        resolve_model_dir(tmp_path / "nope")
+
+
+def test_missing_config_names_the_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        quamba.load(tmp_path / "m", device="cpu")
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8,
+                                                            "num_hidden_layers": 1, "vocab_size": 8,
+                                                            "state_size": 4}))
+    with pytest.raises(CheckpointError, match="model_type='llama' is not supported"):
+        quamba.load(tmp_path / "m", device="cpu")
+
+
+def test_config_without_known_keys_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        quamba.load(tmp_path / "m", device="cpu")
+
+
+def test_unsupported_ssm_option_names_the_key(tmp_path):
+    model = random_model(CONFIGS["mamba2"])
+    src = write_state_spaces(model, tmp_path / "m")
+    raw = json.loads((src / "config.json").read_text())
+    raw["ssm_cfg"]["norm_before_gate"] = True
+    (src / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="ssm_cfg.norm_before_gate"):
+        quamba.load(src, device="cpu")
+
+
+def test_corrupt_weights_name_the_file(tmp_path):
+    src = write_state_spaces(random_model(CONFIGS["mamba1"]), tmp_path / "m", "model.safetensors")
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
+        quamba.load(src, device="cpu")
+
+
+def test_missing_weights_are_reported(tmp_path):
+    src = write_state_spaces(random_model(CONFIGS["mamba1"]), tmp_path / "m")
+    (src / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        quamba.load(src, device="cpu")
+
+
+def test_shape_mismatch_names_the_key(tmp_path):
+    model = random_model(CONFIGS["mamba1"])
+    src = write_state_spaces(model, tmp_path / "m")
+    raw = json.loads((src / "config.json").read_text())
+    raw["ssm_cfg"]["d_state"] = 8
+    (src / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"A_log'? has shape \(128, 16\)"):
+        quamba.load(src, device="cpu")
+
+
+def test_missing_key_is_reported(tmp_path):
+    model = random_model(CONFIGS["mamba1"])
+    src = tmp_path / "m"
+    write_state_spaces(model, src)
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    del state["backbone.layers.1.mixer.D"]
+    torch.save(state, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"missing keys \['backbone.layers.1.mixer.D'\]"):
+        quamba.load(src, device="cpu")
+
+
+def test_config_rejects_inconsistent_heads():
+    with pytest.raises(Exception, match="headdim"):
+        MambaConfig(d_model=64, n_layer=1, vocab_size=10, layer="Mamba2", headdim=48)
