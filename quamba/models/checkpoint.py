@@ -28,15 +28,26 @@ HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(path_or_hub_id: str | Path) -> bool:
+    """True for `org/name` that is not an existing local path: it will be fetched from the hub."""
+    return not Path(path_or_hub_id).exists() and bool(_HUB_ID.match(str(path_or_hub_id)))
+
+
+def check_source(path_or_hub_id: str | Path) -> None:
+    """Fail early, without downloading, when a source is neither a local dir nor a hub id."""
+    path = Path(path_or_hub_id)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: is a file; expected a model directory holding {CONFIG_FILE}")
+    if not path.exists() and not is_hub_id(path_or_hub_id):
+        raise CheckpointError(f"{path}: no such model directory (and not a hub id of the form org/name)")
+
+
 def resolve_model_dir(path_or_hub_id: str | Path, revision: str | None = None) -> Path:
     """A local model dir as is; otherwise a hub id (`org/name`) downloaded into the HF cache."""
+    check_source(path_or_hub_id)
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    if path.exists():
-        raise CheckpointError(f"{path}: is a file; expected a model directory holding {CONFIG_FILE}")
-    if not _HUB_ID.match(str(path_or_hub_id)):
-        raise CheckpointError(f"{path}: no such model directory (and not a hub id of the form org/name)")
     from huggingface_hub import snapshot_download  # only needed for hub ids
 
     try:

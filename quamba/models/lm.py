@@ -102,6 +102,12 @@ class MambaLMHeadModel(nn.Module):
         finally:
             torch.random.set_rng_state(generator_state)
 
+    def use_kernels(self, enabled: bool) -> MambaLMHeadModel:
+        """Switch the CUDA kernels on or off (off: the pure-PyTorch reference runs on any device)."""
+        for block in self.backbone.layers:
+            block.mixer.use_kernels = enabled
+        return self
+
     def allocate_cache(self, batch_size: int) -> InferenceCache:
         """Zeroed decoding states in the model's device and dtype."""
         weight = self.lm_head.weight

@@ -1,0 +1,21 @@
+# FP16 checkpoints: normalize each configured source into results/{model}/fp16/model/.
+
+
+rule normalize_fp16:
+    input:
+        local_model_files,
+    output:
+        directory("results/{model}/fp16/model"),
+    params:
+        source=lambda wc: model_source(wc.model),
+        tokenizer=lambda wc: model_tokenizer(wc.model),
+    log:
+        "logs/{model}/fp16/normalize.log",
+    benchmark:
+        "benchmarks/{model}/fp16/normalize.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/normalize.py"
