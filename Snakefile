@@ -6,9 +6,11 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/models.smk"
+include: "rules/calibrate.smk"
 
 
 rule all:
     input:
         expand("results/{model}/fp16/model", model=MODELS),
+        expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
     default_target: True

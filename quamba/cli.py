@@ -16,6 +16,23 @@ def _normalize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from quamba.calibration import CalibrationSettings, calibrate_model_dir
+
+    settings = CalibrationSettings(
+        num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        alphas=tuple(args.alphas), activation_layers=tuple(args.activation_layers),
+        activation_samples=args.activation_samples, save_activations=args.save_activations)
+    calibrate_model_dir(args.model_dir, args.out, settings, data=args.data, device=args.device)
+    print(f"wrote {args.out / 'stats.json'}" + (" and activations.npz" if args.save_activations else ""))
+
+
+def _view(args: argparse.Namespace) -> None:
+    from quamba.view import render
+
+    print(render(args.stats, args.filter, args.compare))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,7 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     normalize.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the source)")
     normalize.add_argument("--out", type=Path, required=True, help="output directory")
     normalize.set_defaults(run=_normalize)
+
+    defaults = _calibration_defaults()
+    calibrate = commands.add_parser(
+        "calibrate", help="per-tap statistics for every percentile alpha from one pass (stats.json, activations.npz)")
+    calibrate.add_argument("model_dir", help="FP model dir or hub id")
+    calibrate.add_argument("--samples", type=int, default=defaults.num_samples, help="number of calibration windows")
+    calibrate.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window")
+    calibrate.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                           help="windows per forward (Quamba's percentile EMA depends on it; Quamba used 1)")
+    calibrate.add_argument("--alphas", type=float, nargs="+", default=list(defaults.alphas),
+                           help="percentile alphas in (0, 1]; 1.0 means no clipping")
+    calibrate.add_argument("--seed", type=int, default=defaults.seed, help="picks the windows and the activation sample")
+    calibrate.add_argument("--save-activations", action="store_true", help="also write activations.npz")
+    calibrate.add_argument("--activation-layers", type=int, nargs="+", default=list(defaults.activation_layers))
+    calibrate.add_argument("--activation-samples", type=int, default=defaults.activation_samples,
+                           help="values sampled uniformly per tap from the whole stream")
+    calibrate.add_argument("--data", help="text file (.txt, .jsonl) or hub dataset id (default: the shipped corpus)")
+    calibrate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    calibrate.add_argument("--out", type=Path, required=True, help="output directory")
+    calibrate.set_defaults(run=_calibrate)
+
+    view = commands.add_parser("view", help="print a stats.json as a table, alphas side by side")
+    view.add_argument("stats", help="stats.json")
+    view.add_argument("--filter", help="only taps whose name contains this text")
+    view.add_argument("--compare", help="a second stats.json to set beside the first")
+    view.set_defaults(run=_view)
     return parser
+
+
+def _calibration_defaults():
+    from quamba.calibration import CalibrationSettings
+
+    return CalibrationSettings()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,20 @@ from typing import Any
 PROVENANCE_PACKAGES = ("quamba-flow", "torch", "transformers", "safetensors", "numpy", "lm-eval")
 
 
+def _default_mode(directory: bool) -> int:
+    """What open()/mkdir() would give under the current umask (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(_default_mode(directory=True))
     try:
         yield tmp
         if final.exists():
@@ -40,6 +48,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(_default_mode(directory=False))
     try:
         yield tmp
         os.replace(tmp, final)

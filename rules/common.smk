@@ -6,9 +6,10 @@ from snakemake.utils import validate
 from quamba.errors import QuambaError
 from quamba.models.checkpoint import check_source
 
-validate(config, "../schemas/config.schema.yaml")
+validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 MODELS = sorted(config["models"])
+CALIBRATIONS = sorted(config["calibrations"])
 
 
 def _check_sources():
@@ -27,6 +28,12 @@ _check_sources()
 
 wildcard_constraints:
     model="|".join(MODELS),
+    calib="|".join(CALIBRATIONS),
+
+
+def calibration_setting(calib):
+    """A calibration setting; validate() has filled in the schema's defaults."""
+    return config["calibrations"][calib]
 
 
 def model_source(model):

@@ -16,6 +16,7 @@ from quamba.models import ops
 from quamba.models.config import MambaConfig
 from quamba.models.mamba1 import Mamba1Mixer
 from quamba.models.mamba2 import Mamba2Mixer
+from quamba.taps import LM_HEAD_POINT, Tap
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +76,7 @@ class MambaLMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
+        self.lm_head_input = Tap(LM_HEAD_POINT)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
@@ -145,4 +147,4 @@ class MambaLMHeadModel(nn.Module):
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
-        return self.lm_head(hidden)  # (b, l, padded_vocab_size)
+        return self.lm_head(self.lm_head_input(hidden))  # (b, l, padded_vocab_size)

@@ -10,6 +10,7 @@ from torch import nn
 
 from quamba.models.config import MambaConfig
 from quamba.models.kernels import backend_for
+from quamba.taps import MAMBA1_POINTS, Taps
 
 
 class Mamba1Mixer(nn.Module):
@@ -27,6 +28,7 @@ class Mamba1Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        self.taps = Taps(MAMBA1_POINTS)
         self.use_kernels = True
 
     @torch.no_grad()
@@ -45,39 +47,44 @@ class Mamba1Mixer(nn.Module):
                 ssm_state: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (b, l, d_model) -> (b, l, d_model); fills the states when given."""
         k = backend_for(hidden_states, self.use_kernels)
+        tap = self.taps
         seqlen = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states)  # (b, l, 2 * d_inner)
+        xz = tap("in_proj:output", self.in_proj(tap("in_proj:input", hidden_states)))  # (b, l, 2 d_inner)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
         if conv_state is not None:
             conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))  # last d_conv inputs
         x = k.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (b, d_inner, l)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2 * d_state)
+        x = tap("x_proj:input", x)
+        x_dbl = tap("x_proj:output", self.x_proj(x.transpose(1, 2)))  # (b, l, dt_rank + 2 d_state)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l), bias in the scan
+        delta = tap("dt_proj:output", F.linear(dt, self.dt_proj.weight).transpose(1, 2))  # (b, d_inner, l)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
-        y = k.selective_scan(
+        y, last_state = k.selective_scan(
             x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=ssm_state is not None,
-        )
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True,
+        )  # (b, d_inner, l), (b, d_inner, d_state)
+        last_state = tap("ssm_state_act:input", last_state)
         if ssm_state is not None:
-            y, last_state = y
             ssm_state.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+        return self.out_proj(tap("out_proj:input", y.transpose(1, 2)))  # (b, l, d_model)
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor,
              ssm_state: torch.Tensor) -> torch.Tensor:
         """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); states updated in place."""
         k = backend_for(hidden_states, self.use_kernels)
-        xz = self.in_proj(hidden_states[:, 0])  # (b, 2 * d_inner)
+        tap = self.taps
+        xz = tap("in_proj:output", self.in_proj(tap("in_proj:input", hidden_states[:, 0])))  # (b, 2 d_inner)
         x, z = xz.chunk(2, dim=-1)  # (b, d_inner) each
         x = k.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # (b, d_inner)
+        x = tap("x_proj:input", x)
+        x_dbl = tap("x_proj:output", self.x_proj(x))
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = tap("dt_proj:output", F.linear(dt, self.dt_proj.weight))  # (b, d_inner)
         A = -torch.exp(self.A_log.float())
         y = k.selective_state_update(ssm_state, x, delta, A, B, C, self.D.float(), z=z,
                                      dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
-        return self.out_proj(y).unsqueeze(1)
+        ssm_state.copy_(tap("ssm_state_act:input", ssm_state))
+        return self.out_proj(tap("out_proj:input", y)).unsqueeze(1)
 
     def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(conv_state, ssm_state) shapes of the decoding cache."""

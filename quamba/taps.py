@@ -1,0 +1,91 @@
+"""Named quantization points inside the model, where observers look and quantizers sit.
+
+A tap is an identity module; calibration hangs forward hooks on it. Full names are stable
+and are the keys of stats.json and activations.npz: `layer_{i}.{point}` inside block i
+(e.g. `layer_3.x_proj:input`) and `lm_head:input`. The points follow Quamba's observers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# Quamba observes these through hooks on its Linear layers and identity modules. `percentile`
+# marks where it uses the percentile observer (the SSM input and the SSM state); every other
+# point uses min/max. `rotated` marks where the quantizer sees Hadamard-rotated values.
+MAMBA1_POINTS = {
+    "in_proj:input": "block input after RMSNorm (b, l, d_model)",
+    "in_proj:output": "x and z before the conv, one scale for both (b, l, 2 d_inner)",
+    "x_proj:input": "SSM input u = SiLU(conv(x)) (b, d_inner, l); percentile",
+    "x_proj:output": "dt (low rank), B and C (b, l, dt_rank + 2 d_state)",
+    "dt_proj:output": "dt before bias and softplus (b, d_inner, l)",
+    "ssm_state_act:input": "SSM state after the last token (b, d_inner, d_state); percentile",
+    "out_proj:input": "gated SSM output y, observed Hadamard-rotated (b, l, d_inner)",
+}
+MAMBA2_POINTS = {
+    "in_proj:input": "block input after RMSNorm (b, l, d_model)",
+    "z_act:input": "gate z (b, l, d_inner)",
+    "x_conv_in:input": "x before the conv (b, l, d_inner)",
+    "B_conv_in:input": "B before the conv (b, l, ngroups d_state)",
+    "C_conv_in:input": "C before the conv (b, l, ngroups d_state)",
+    "x_conv_out:input": "SSM input x = SiLU(conv(x)) (b, l, d_inner); percentile",
+    "B_conv_out:input": "B after the conv (b, l, ngroups d_state)",
+    "C_conv_out:input": "C after the conv (b, l, ngroups d_state)",
+    "dt_act:input": "dt before bias and softplus (b, l, nheads)",
+    "ssm_state_act:input": "SSM state after the last token (b, nheads, headdim, d_state); percentile",
+    "out_proj:input": "gated-RMSNorm output, observed Hadamard-rotated (b, l, d_inner)",
+}
+LM_HEAD_POINT = "lm_head:input"
+PERCENTILE_POINTS = frozenset({"x_proj:input", "x_conv_out:input", "ssm_state_act:input"})
+ROTATED_POINTS = frozenset({"out_proj:input"})
+
+
+class Tap(nn.Module):
+    """Identity at a named point. `rotated`: quantizers see Hadamard-rotated values here."""
+
+    def __init__(self, point: str):
+        super().__init__()
+        self.point = point
+        self.rotated = point in ROTATED_POINTS
+        self.percentile = point in PERCENTILE_POINTS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return self.point
+
+
+class Taps(nn.Module):
+    """The taps of one mixer, called by point name: `x = self.taps("x_proj:input", x)`."""
+
+    def __init__(self, points: dict[str, str]):
+        super().__init__()
+        self.by_key = nn.ModuleDict({_key(p): Tap(p) for p in points})
+
+    def forward(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        return self.by_key[_key(point)](x)
+
+    def __iter__(self) -> Iterator[Tap]:
+        return iter(self.by_key.values())
+
+
+def _key(point: str) -> str:
+    return point.replace(":", "__")  # ModuleDict keys may not hold "." and read badly with ":"
+
+
+def named_taps(model: nn.Module) -> dict[str, Tap]:
+    """Every tap of a MambaLMHeadModel by its full, stable name, in forward order."""
+    taps: dict[str, Tap] = {}
+    for i, block in enumerate(model.backbone.layers):
+        for tap in block.mixer.taps:
+            taps[f"layer_{i}.{tap.point}"] = tap
+    taps[LM_HEAD_POINT] = model.lm_head_input
+    return taps
+
+
+def tap_layer(name: str) -> int | None:
+    """The block index of a full tap name, None for lm_head:input."""
+    return int(name.split(".", 1)[0].removeprefix("layer_")) if name.startswith("layer_") else None
