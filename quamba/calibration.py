@@ -22,7 +22,7 @@ from quamba.io import package_versions, sha256_files
 from quamba.loading import load
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.lm import MambaLMHeadModel
-from quamba.observers import EMA_SIGMA, LogHistogram, Moments, QuambaPercentile, Reservoir
+from quamba.observers import EMA_SIGMA, StreamHistogram, Moments, QuambaPercentile, Reservoir
 from quamba.stats import SCHEMA_VERSION, write_calibration
 from quamba.taps import Tap, named_taps, tap_layer
 
@@ -41,10 +41,10 @@ class CalibrationSettings:
     activation_layers: tuple[int, ...] = (0, 1, 2)
     activation_samples: int = 10_000
     save_activations: bool = True
-    bins_per_octave: int = 64
+    mantissa_bits: int = 6  # stream histogram: 2^6 = 64 bins per octave
 
     def validate(self, n_layer: int) -> None:
-        for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "bins_per_octave"):
+        for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "mantissa_bits"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
@@ -70,15 +70,15 @@ class TapObserver:
 
     tap: Tap
     alphas: tuple[float, ...]
-    bins_per_octave: int
+    mantissa_bits: int
     reservoir: Reservoir | None = None
     moments: Moments = field(default_factory=Moments)
-    histogram: LogHistogram = field(init=False)
+    histogram: StreamHistogram = field(init=False)
     percentile: QuambaPercentile | None = field(init=False)
     shape: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.histogram = LogHistogram(self.bins_per_octave)
+        self.histogram = StreamHistogram(self.mantissa_bits)
         below_one = [a for a in self.alphas if a < 1.0]
         self.percentile = QuambaPercentile(below_one) if self.tap.percentile and below_one else None
 
@@ -143,7 +143,7 @@ def calibrate(model: MambaLMHeadModel, windows: torch.Tensor, settings: Calibrat
     for name, tap in named_taps(model).items():
         sampled = settings.save_activations and tap_layer(name) in settings.activation_layers
         reservoir = Reservoir(settings.activation_samples, _tap_seed(settings.seed, name)) if sampled else None
-        observers[name] = TapObserver(tap, tuple(settings.alphas), settings.bins_per_octave, reservoir)
+        observers[name] = TapObserver(tap, tuple(settings.alphas), settings.mantissa_bits, reservoir)
     hooks = [obs.tap.register_forward_hook(lambda _m, _i, out, obs=obs: obs.update(out))
              for obs in observers.values()]
     device = model.lm_head.weight.device
@@ -183,7 +183,7 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
         "seed": settings.seed, "num_samples": settings.num_samples, "seq_len": settings.seq_len,
         "batch_size": settings.batch_size, "alphas": sorted(settings.alphas),
         "default_alpha": QUAMBA_DEFAULT_ALPHA[config.layer],
-        "bins_per_octave": settings.bins_per_octave, "ema_sigma": EMA_SIGMA,
+        "bins_per_octave": 2 ** settings.mantissa_bits, "ema_sigma": EMA_SIGMA,
         "activation_layers": sorted(settings.activation_layers) if settings.save_activations else [],
         "activation_samples": settings.activation_samples,
         "versions": package_versions(),

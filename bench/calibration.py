@@ -1,0 +1,96 @@
+"""Calibration overhead: time of `calibrate` (all alphas, activation sampling on) divided by a
+plain forward over the same tokens, in one process; and a Quamba-style loop (batch 1,
+torch.quantile per percentile tap, min/max elsewhere) for comparison.
+
+    python bench/calibration.py                  # demo-sized random models, CPU
+    python bench/calibration.py --size 130m      # real mamba-130m sizes (use a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from quamba.calibration import CalibrationSettings, calibrate
+from quamba.models import MambaLMHeadModel
+from quamba.taps import named_taps
+from bench.forward import SIZES
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def plain_forward(model: MambaLMHeadModel, windows: torch.Tensor, batch_size: int) -> None:
+    for batch in windows.split(batch_size):
+        model(batch)
+
+
+@torch.no_grad()
+def quamba_style(model: MambaLMHeadModel, windows: torch.Tensor, alpha: float) -> None:
+    """What Quamba's observers do per batch of 1: a quantile per percentile tap, abs max elsewhere."""
+    state: dict[str, float] = {}
+
+    def observe(name, tap, out):
+        if tap.percentile:
+            t = torch.quantile(out.abs().flatten().float(), alpha).item()
+            state[name] = t if name not in state else state[name] + 0.01 * (t - state[name])
+        else:
+            state[name] = max(state.get(name, 0.0), out.abs().max().item())
+
+    hooks = [tap.register_forward_hook(lambda _m, _i, out, n=n, t=tap: observe(n, t, out))
+             for n, tap in named_taps(model).items()]
+    try:
+        plain_forward(model, windows, 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["demo", "130m"], default="demo")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    names = ["mamba1-demo", "mamba2-demo"] if args.size == "demo" else ["mamba-130m", "mamba2-130m"]
+    for name in names:
+        config = SIZES[name]
+        model = MambaLMHeadModel(config)
+        model.reset_parameters(0)
+        model = model.to(device=device, dtype=dtype).eval()
+        windows = torch.randint(0, config.vocab_size, (args.samples, args.seq_len),
+                                generator=torch.Generator().manual_seed(0)).to(device)
+        settings = CalibrationSettings(num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                                       alphas=(0.999, 0.9995, 0.9999, 0.99999, 1.0))
+        plain_forward(model, windows[: args.batch_size], args.batch_size)  # warm-up
+        forward_s = timed(lambda: plain_forward(model, windows, args.batch_size))
+        calibrate_s = timed(lambda: calibrate(model, windows, settings, progress=False))
+        forward_b1_s = timed(lambda: plain_forward(model, windows, 1))
+        quamba_s = timed(lambda: quamba_style(model, windows, 0.9995))
+        print(json.dumps({
+            "model": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
+            "alphas": len(settings.alphas), "activation_layers": list(settings.activation_layers),
+            "forward_s": round(forward_s, 3), "calibrate_s": round(calibrate_s, 3),
+            "calibrate_over_forward": round(calibrate_s / forward_s, 2),
+            "forward_batch1_s": round(forward_b1_s, 3), "quamba_style_batch1_s": round(quamba_s, 3),
+            "quamba_style_over_forward_batch1": round(quamba_s / forward_b1_s, 2),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
