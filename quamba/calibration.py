@@ -169,6 +169,9 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     config, _ = read_config(model_dir)  # fails on a dir without config before any work
     settings.validate(config.n_layer)
     tokenizer = load_tokenizer(model_dir)
+    if len(tokenizer) > config.padded_vocab_size:
+        raise ConfigError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary has {config.padded_vocab_size}; pair the model with its own tokenizer")
     windows = token_windows(data or DEFAULT_CORPUS, tokenizer, settings.num_samples, settings.seq_len,
                             settings.seed)
     model = load(model_dir, device=device)

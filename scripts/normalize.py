@@ -1,13 +1,12 @@
 """Snakemake wrapper: normalize one FP16 checkpoint (see quamba.models.checkpoint.normalize)."""
 
-import logging
 from pathlib import Path
 
+from quamba.logs import job_log
 from quamba.models.checkpoint import normalize
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO,  # noqa: F821
-                    format="%(asctime)s %(levelname)s %(message)s")
-params = snakemake.params  # noqa: F821
-logging.info("normalizing %s (tokenizer %s)", params.source, params.tokenizer)
-out = normalize(params.source, params.tokenizer, Path(snakemake.output[0]))  # noqa: F821
-logging.info("wrote %s", out)
+with job_log(snakemake.log[0]) as log:  # noqa: F821
+    params = snakemake.params  # noqa: F821
+    log.info("normalizing %s (tokenizer %s)", params.source, params.tokenizer)
+    out = normalize(params.source, params.tokenizer, Path(snakemake.output[0]))  # noqa: F821
+    log.info("wrote %s", out)

@@ -167,6 +167,13 @@ def test_model_dir_without_config_fails_clearly(tmp_path, corpus):
     assert not (tmp_path / "out").exists()
 
 
+def test_tokenizer_larger_than_the_vocabulary_fails_clearly(tmp_path, corpus):
+    small = save_fp16(random_model(MambaConfig(d_model=32, n_layer=3, vocab_size=100)), tmp_path / "m", TOKENIZER)
+    with pytest.raises(ConfigError, match="tokenizer has 4096 tokens but the model's vocabulary has 104"):
+        calibrate_model_dir(small, tmp_path / "out", SETTINGS, data=corpus, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_calibrate_then_view(model_dir, corpus, tmp_path):
     quamba = [sys.executable, "-m", "quamba.cli"]
     run = subprocess.run([*quamba, "calibrate", str(model_dir), "--samples", "4", "--seq-len", "16",

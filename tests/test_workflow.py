@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import quamba
 from conftest import REPO, random_model
+from quamba.stats import read_stats
 from test_checkpoint import write_state_spaces
-from test_models import CONFIGS
+from quamba.models import MambaConfig
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -25,21 +27,30 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def study(tmp_path):
     """A workdir with a config naming one random state-spaces checkpoint."""
-    source = write_state_spaces(random_model(CONFIGS["mamba1"]), tmp_path / "ckpt")
+    source = write_state_spaces(random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=4096)), tmp_path / "ckpt")
     config = {"models": {"tiny": {"source": str(source),
-                                  "tokenizer": str(REPO / "resources" / "tokenizer")}}}
+                                  "tokenizer": str(REPO / "resources" / "tokenizer")}},
+              "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2,
+                                         "alphas": [0.999, 1.0], "activation_layers": [0, 1],
+                                         "activation_samples": 100}}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     return tmp_path
 
 
-def test_normalize_rule_writes_a_loadable_fp16_dir_and_caches(study):
+def test_study_normalizes_and_calibrates_then_caches(study):
     run = snakemake(study, "--configfile", "study.yaml")
     assert run.returncode == 0, run.stderr
     out = study / "results" / "tiny" / "fp16" / "model"
     assert json.loads((out / "source.json").read_text())["format"] == "state-spaces"
-    assert quamba.load(out, device="cpu").config.d_model == 64
-    assert (study / "logs" / "tiny" / "fp16" / "normalize.log").is_file()
+    assert quamba.load(out, device="cpu").config.d_model == 32
+    for log in ("fp16/normalize.log", "calib/quick/calibrate.log"):
+        assert (study / "logs" / "tiny" / log).is_file()
     assert (study / "benchmarks" / "tiny" / "fp16" / "normalize.tsv").is_file()
+    stats = read_stats(study / "results" / "tiny" / "calib" / "quick" / "stats.json")
+    assert stats["num_samples"] == 4 and stats["alphas"] == [0.999, 1.0]
+    assert stats["seed"] == 0 and stats["activation_layers"] == [0, 1]  # seed: the schema's default
+    with np.load(study / "results" / "tiny" / "calib" / "quick" / "activations.npz") as npz:
+        assert "layer_0.x_proj:input" in npz.files
     again = snakemake(study, "--configfile", "study.yaml", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -51,11 +62,26 @@ def test_normalize_rule_writes_a_loadable_fp16_dir_and_caches(study):
     ({}, "should be non-empty"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, message):
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"models": models}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"models": models, "calibrations": {"c": {}}}))
     run = snakemake(tmp_path, "--configfile", "bad.yaml")
     assert run.returncode != 0
     assert message in run.stdout + run.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("calibration, message", [
+    ({"alphas": [0.9995, 1.5]}, "1.5 is greater than the maximum of 1"),
+    ({"samples": 0}, "0 is less than the minimum of 1"),
+    ({"sample": 8}, "'sample' was unexpected"),
+])
+def test_bad_calibration_setting_fails_before_any_job(study, calibration, message):
+    config = yaml.safe_load((study / "study.yaml").read_text())
+    config["calibrations"] = {"quick": calibration}
+    (study / "bad.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(study, "--configfile", "bad.yaml")
+    assert run.returncode != 0
+    assert message in run.stdout + run.stderr
+    assert not (study / "results").exists()
 
 
 @pytest.mark.slow
@@ -65,5 +91,8 @@ def test_default_study_runs_from_a_clean_checkout(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     run = snakemake(tmp_path)
     assert run.returncode == 0, run.stderr
-    for model in yaml.safe_load((REPO / "config.yaml").read_text())["models"]:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for model in config["models"]:
         assert (tmp_path / "results" / model / "fp16" / "model" / "model.safetensors").is_file()
+        for calib in config["calibrations"]:
+            read_stats(tmp_path / "results" / model / "calib" / calib / "stats.json")
