@@ -7,10 +7,13 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/calibrate.smk"
+include: "rules/quantize.smk"
 
 
 rule all:
     input:
         expand("results/{model}/fp16/model", model=MODELS),
         expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
+        expand("results/{model}/{scheme}/pa{alpha}/seed{seed}/model", model=MODELS, scheme=SCHEMES,
+               alpha=ALPHAS, seed=SEEDS),
     default_target: True

@@ -53,7 +53,7 @@ class CalibrationSettings:
         for alpha in self.alphas:
             if not 0.0 < alpha <= 1.0:
                 raise ConfigError(f"alphas: {alpha} is outside (0, 1]; 1.0 means no clipping")
-        for layer in self.activation_layers:
+        for layer in self.activation_layers if self.save_activations else ():
             if not 0 <= layer < n_layer:
                 raise ConfigError(f"activation_layers: layer {layer} does not exist; the model has "
                                   f"layers 0..{n_layer - 1}")

@@ -33,6 +33,22 @@ def _view(args: argparse.Namespace) -> None:
     print(render(args.stats, args.filter, args.compare))
 
 
+def _gptq(args: argparse.Namespace) -> None:
+    from quamba.gptq_model import GPTQSettings, gptq_model_dir
+
+    settings = GPTQSettings(w_bits=args.w_bits, group_size=args.group_size, percdamp=args.percdamp,
+                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order)
+    result = gptq_model_dir(args.fp16_dir, args.out, settings, data=args.data, device=args.device)
+    print(f"wrote {args.out} in {sum(result['seconds'].values()):.1f} s of GPTQ")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from quamba.qmodel import quantize_model_dir
+
+    quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, args.alpha, args.stats)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     calibrate.add_argument("--out", type=Path, required=True, help="output directory")
     calibrate.set_defaults(run=_calibrate)
+
+    gptq = commands.add_parser("gptq", help="GPTQ weights of in_proj/out_proj (seeded sampling), shared by every alpha")
+    gptq.add_argument("fp16_dir", help="FP16 model dir")
+    gptq.add_argument("--w-bits", type=int, default=4, help="4 (group-wise int4) or 8 (per-tensor int8)")
+    gptq.add_argument("--seed", type=int, default=0, help="draws the calibration windows")
+    gptq.add_argument("--nsamples", type=int, default=128, help="windows (Quamba: 128)")
+    gptq.add_argument("--seqlen", type=int, default=1024, help="tokens per window (Quamba: 1024)")
+    gptq.add_argument("--group-size", type=int, default=128)
+    gptq.add_argument("--percdamp", type=float, default=0.01)
+    gptq.add_argument("--act-order", action="store_true")
+    gptq.add_argument("--data", help="text file or hub dataset id, e.g. wikitext:wikitext-2-raw-v1 "
+                                     "(default: the shipped corpus)")
+    gptq.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    gptq.add_argument("--out", type=Path, required=True)
+    gptq.set_defaults(run=_gptq)
+
+    quantize = commands.add_parser("quantize", help="assemble a quantized model dir from FP16 + GPTQ + stats")
+    quantize.add_argument("fp16_dir", type=Path, help="FP16 model dir")
+    quantize.add_argument("--stats", type=Path, help="stats.json (needed by schemes with 8-bit activations)")
+    quantize.add_argument("--gptq", type=Path, required=True, help="GPTQ output dir of the same model")
+    quantize.add_argument("--scheme", required=True, help="w8a8, w4a8 or w4a16")
+    quantize.add_argument("--alpha", type=float, default=0.9995, help="percentile alpha (must be in stats.json)")
+    quantize.add_argument("--out", type=Path, required=True)
+    quantize.set_defaults(run=_quantize)
 
     view = commands.add_parser("view", help="print a stats.json as a table, alphas side by side")
     view.add_argument("stats", help="stats.json")

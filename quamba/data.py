@@ -56,11 +56,13 @@ def read_documents(source: str | Path, split: str = "train", text_field: str = "
 
 def _hub_documents(dataset_id: str, split: str, text_field: str,
                    max_chars: int | None) -> tuple[list[str], str]:
-    """Stream documents of a hub dataset in its stored order (the seeded pick happens later)."""
+    """Stream documents of a hub dataset in its stored order (the seeded pick happens later).
+    `id:config` names a configuration, e.g. `wikitext:wikitext-2-raw-v1` (GPTQ's data)."""
     import datasets  # only needed for hub data
 
+    name, _, config_name = dataset_id.partition(":")
     try:
-        stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        stream = datasets.load_dataset(name, config_name or None, split=split, streaming=True)
         docs, chars = [], 0
         for row in stream:
             docs.append(row[text_field])
@@ -111,3 +113,22 @@ def _label(source: str | Path) -> str:
     if path.is_relative_to(RESOURCES.parent):
         return str(path.relative_to(RESOURCES.parent))
     return str(source)
+
+
+def random_windows(source: str | Path, tokenizer, num_samples: int, seq_len: int, seed: int,
+                   split: str = "train") -> TokenWindows:
+    """GPTQ's sampling: windows of seq_len tokens at random offsets of the joined token stream,
+    drawn from a generator seeded by `seed` (the official loader seeds Python's random; the
+    seed note's runs drew them unseeded, the cause of its irreproducible weights)."""
+    if num_samples <= 0 or seq_len <= 0:
+        raise ConfigError(f"nsamples and seqlen must be positive, got {num_samples} and {seq_len}")
+    docs, digest = read_documents(source, split=split, max_chars=None if Path(source).is_file() else 4_000_000)
+    stream = tokenizer("\n\n".join(docs), return_tensors="pt")["input_ids"][0]  # (n_tokens,)
+    if stream.numel() <= seq_len:
+        raise ConfigError(f"{source}: {stream.numel()} tokens, fewer than one window of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (num_samples,), generator=generator)
+    ids = stream[starts[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
+    selection = (f"documents joined with blank lines, {num_samples} windows of {seq_len} tokens at "
+                 f"offsets from torch.randint(seed={seed})")
+    return TokenWindows(ids, _label(source), digest, selection)

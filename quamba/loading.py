@@ -24,11 +24,17 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def load(path_or_hub_id: str | Path, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None) -> MambaLMHeadModel:
-    """A runnable model from a local dir or hub id; `model(input_ids).logits` is (b, l, vocab).
+    """A runnable model from a local dir or hub id (FP or quantized); `model(input_ids).logits`
+    is (b, l, padded vocab).
 
     device defaults to CUDA when present, else CPU; dtype to float16 on CUDA and float32 on CPU
     (CPU half-precision matmuls are slow and less accurate).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
-    return load_fp_model(resolve_model_dir(path_or_hub_id), device=device, dtype=dtype)
+    model_dir = resolve_model_dir(path_or_hub_id)
+    from quamba.qmodel import is_quantized_dir, load_quantized  # imports the quantization stack
+
+    if is_quantized_dir(model_dir):
+        return load_quantized(model_dir, device=device, dtype=dtype)
+    return load_fp_model(model_dir, device=device, dtype=dtype)

@@ -43,19 +43,26 @@ ROTATED_POINTS = frozenset({"out_proj:input"})
 
 
 class Tap(nn.Module):
-    """Identity at a named point. `rotated`: quantizers see Hadamard-rotated values here."""
+    """A named point: identity in the FP model; with `scale` set, static symmetric int8
+    fake-quantization (quantize, then dequantize) as the quantized model computes it.
+    `rotated`: quantizers see Hadamard-rotated values here (applied by the Linear after it)."""
 
     def __init__(self, point: str):
         super().__init__()
         self.point = point
         self.rotated = point in ROTATED_POINTS
         self.percentile = point in PERCENTILE_POINTS
+        self.scale: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        if self.scale is None:
+            return x
+        from quamba.quantizers import fake_quantize  # the FP path never needs it
+
+        return fake_quantize(x, self.scale, 8)
 
     def extra_repr(self) -> str:
-        return self.point
+        return self.point if self.scale is None else f"{self.point}, int8 scale={self.scale:.4g}"
 
 
 class Taps(nn.Module):

@@ -1,15 +1,39 @@
 # Config validation at the door, and helpers shared by the rules.
+import re
 from pathlib import Path
 
 from snakemake.utils import validate
 
+from quamba.calibration import alpha_key
 from quamba.errors import QuambaError
 from quamba.models.checkpoint import check_source
+from quamba.schemes import get_scheme
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 MODELS = sorted(config["models"])
 CALIBRATIONS = sorted(config["calibrations"])
+QUANTIZATION = config["quantization"]
+SCHEMES = QUANTIZATION["schemes"]
+ALPHAS = [alpha_key(a) for a in QUANTIZATION["alphas"]]
+SEEDS = [str(s) for s in QUANTIZATION["seeds"]]
+SCHEME_BITS = {name: get_scheme(name).w_bits for name in SCHEMES}
+
+
+def _check_quantization():
+    """Study alphas must come out of the calibration that feeds the scales."""
+    calib = QUANTIZATION["calibration"]
+    if calib not in config["calibrations"]:
+        raise ValueError(f"config: quantization.calibration: {calib!r} is not a calibration setting; "
+                         f"allowed: {CALIBRATIONS}")
+    calibrated = {alpha_key(a) for a in config["calibrations"][calib]["alphas"]}
+    missing = [a for a in ALPHAS if a not in calibrated]
+    if missing:
+        raise ValueError(f"config: quantization.alphas: {missing} not in calibrations.{calib}.alphas "
+                         f"{sorted(calibrated)}; one calibration pass answers only the alphas it lists")
+
+
+_check_quantization()
 
 
 def _check_sources():
@@ -29,6 +53,10 @@ _check_sources()
 wildcard_constraints:
     model="|".join(MODELS),
     calib="|".join(CALIBRATIONS),
+    scheme="|".join(SCHEMES),
+    alpha="|".join(re.escape(a) for a in ALPHAS),
+    seed=r"\d+",
+    bits="4|8",
 
 
 def calibration_setting(calib):

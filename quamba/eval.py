@@ -1,0 +1,356 @@
+"""Evaluation through lm-eval: the `quamba` model adapter, and `evaluate`, which writes one results JSON.
+
+The adapter is thin on purpose: lm-eval builds the requests and computes every metric; the adapter
+only turns text into tokens the way lm-eval's own HFLM does, and tokens into log-probabilities.
+
+    from quamba.eval import evaluate
+    evaluate("results/mamba1-demo/fp16/model", ["quamba_mc"], Path("mc.json"))
+
+or, through lm-eval itself, `simple_evaluate(model="quamba", model_args="path=DIR,batch_size=8", ...)`
+once this module is imported (it registers the name).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  lm-eval's own models first: its registry fills itself only while empty
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from quamba.errors import CheckpointError, ConfigError
+from quamba.io import package_versions, sha256_files, write_json
+from quamba.loading import load
+from quamba.models.checkpoint import CONFIG_FILE, read_config, resolve_model_dir, weight_files
+from quamba.perplexity import DEFAULT_TEXT, evaluate_perplexity
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "resources" / "tasks"
+DEFAULT_MAX_LENGTH = 2048  # HFLM's default context when the model names none; Mamba has no limit
+DEFAULT_MAX_GEN_TOKS = 256  # HFLM's default
+PERPLEXITY_TASK = "perplexity"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# lm-eval's output sections that describe the tasks and their scores; the rest (dates, git hash,
+# timings, model info, samples) would make two identical runs differ.
+LM_EVAL_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+                    "higher_is_better", "n-samples")
+SCHEMA_VERSION = 1
+
+
+def positive_int(name: str, value: Any) -> int:
+    """`value` as an int >= 1 (digit strings from lm-eval's model_args included), else ConfigError."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: {value!r} is not allowed; expected a positive integer")
+    return value
+
+
+def check_model_dir(path_or_hub_id: str | Path) -> Path:
+    """The local model dir, after checking it holds a config, weights and a tokenizer."""
+    model_dir = resolve_model_dir(path_or_hub_id)
+    read_config(model_dir)
+    weight_files(model_dir)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir}: no tokenizer (expected tokenizer.json); write the dir with "
+                              f"`quamba normalize SOURCE --tokenizer TOKENIZER --out DIR`")
+    return model_dir
+
+
+@register_model("quamba")
+class QuambaLM(TemplateLM):
+    """Any model dir `quamba.load` reads (or hub id), as an lm-eval model.
+
+    model_args: path, batch_size (8), device (cuda when present), dtype (quamba.load's default),
+    max_length (2048 tokens; longer inputs lose tokens on the left), max_gen_toks (256).
+    Loglikelihoods match lm-eval's HFLM on the same weights: same token boundaries, same
+    left truncation, log-softmax over the model's whole (padded) vocabulary.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int | str = 8, device: str | None = None,
+                 dtype: str | None = None, max_length: int | str = DEFAULT_MAX_LENGTH,
+                 max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, max_batch_size: int | None = None,
+                 progress: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        self.batch_size = positive_int("batch_size", batch_size)
+        self._max_length = positive_int("max_length", max_length)
+        self.max_gen_toks = positive_int("max_gen_toks", max_gen_toks)
+        self.progress = progress
+        model_dir = check_model_dir(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
+            raise CheckpointError(f"{model_dir}: the tokenizer has neither an EOS nor a BOS token; "
+                                  f"one is needed to score text that starts a document")
+        self.model = load(model_dir, device=device, dtype=dtype)
+        self._device = self.model.lm_head.weight.device
+        # Generation never picks a row past the tokenizer's vocabulary (mamba_ssm pads it to a multiple of 8).
+        self.vocab_size = len(self.tokenizer)
+        if self.vocab_size > self.model.config.padded_vocab_size:
+            raise CheckpointError(f"{model_dir}: the tokenizer has {self.vocab_size} tokens, but the model's "
+                                  f"vocabulary only {self.model.config.padded_vocab_size}")
+
+    # -- tokens, as HFLM makes them --------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.bos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context or a document start is conditioned on: BOS, else EOS (as HFLM)."""
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        # Mamba tokenizers add nothing on encode; the prefix token is placed explicitly where needed.
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, rows: Sequence[list[int]]) -> torch.Tensor:
+        """Logits of right-padded rows: (b, max len, padded vocab). Mamba is causal and has no
+        attention mask, so the padding after a row's end never changes the positions before it."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.prefix_token_id, dtype=torch.long)  # (b, l)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return self.model(ids.to(self._device)).logits  # (b, l, padded_vocab)
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), continuation is the greedy choice) per request.
+
+        requests: (cache key or None, context tokens, continuation tokens), as TemplateLM builds them.
+        Batches run longest first (the first batch shows the memory peak; rows of a batch have
+        similar lengths, so little is padded); results come back in the requests' order.
+        """
+        inputs, targets = [], []
+        for _, context, continuation in requests:
+            assert context and continuation, "TemplateLM gives every request a context and a continuation"
+            if len(continuation) > self.max_length:
+                raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={self.max_length}")
+            # The last token is only a target. Too long: drop tokens on the left, as HFLM does.
+            inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
+            targets.append(continuation)
+        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.progress) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                logits = self.logits([inputs[i] for i in batch])  # (b, l, padded_vocab)
+                # The logits that predict each continuation token: the last len(target) real positions.
+                scored = torch.cat([logits[row, len(inputs[i]) - len(targets[i]):len(inputs[i])]
+                                    for row, i in enumerate(batch)])  # (sum of target lengths, padded_vocab)
+                wanted = torch.tensor([t for i in batch for t in targets[i]], device=scored.device)
+                logprobs = scored.float().log_softmax(dim=-1)
+                token_logprobs = logprobs.gather(-1, wanted[:, None])[:, 0].tolist()
+                token_greedy = (logprobs.argmax(dim=-1) == wanted).tolist()
+                offset = 0
+                for i in batch:
+                    end = offset + len(targets[i])
+                    results[i] = (math.fsum(token_logprobs[offset:end]), all(token_greedy[offset:end]))
+                    offset = end
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+                bar.update(len(batch))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """log p(document), each token predicted once, with up to max_length tokens of context."""
+        windows, owners = [], []
+        for owner, (text,) in enumerate(request.args for request in requests):
+            pairs = get_rolling_token_windows(self.tok_encode(text), prefix_token=self.prefix_token_id,
+                                              max_seq_len=self.max_length, context_len=1)
+            for context, continuation in map(make_disjoint_window, pairs):
+                windows.append((None, context, continuation))
+                owners.append(owner)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> list[int]:
+        """Greedy tokens after `prompt`, decoded step by step on the model's state cache; ends at
+        EOS, after max_new_tokens, or once the decoded text holds a stop string."""
+        cache = self.model.allocate_cache(batch_size=1)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self._device)  # (1, l)
+        logits = self.model(ids, cache=cache).logits[0, -1]  # (padded_vocab,)
+        tokens: list[int] = []
+        while len(tokens) < max_new_tokens:
+            token = int(logits[:self.vocab_size].argmax())
+            if token == self.eot_token_id:
+                break
+            tokens.append(token)
+            if stop and any(s in self.tok_decode(tokens) for s in stop):
+                break
+            step = torch.tensor([[token]], dtype=torch.long, device=self._device)  # (1, 1)
+            logits = self.model(step, cache=cache).logits[0, -1]
+        return tokens
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos = self.tokenizer.decode([self.eot_token_id])
+        out = []
+        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
+            context, gen_kwargs = request.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            if kwargs.get("do_sample"):
+                raise ConfigError("generate_until: do_sample=True was asked; the quamba adapter decodes greedily only")
+            until = handle_stop_sequences(kwargs["until"], eos=eos)
+            max_new = kwargs["max_gen_toks"]
+            if max_new >= self.max_length:
+                raise ConfigError(f"max_gen_toks: {max_new} must be less than max_length={self.max_length}")
+            prompt = (self.tok_encode(context) or [self.prefix_token_id])[-(self.max_length - max_new):]
+            text = postprocess_generated_text(self.tok_decode(self.greedy(prompt, max_new, until)), until, None)
+            self.cache_hook.add_partial("generate_until", request.args, text)
+            out.append(text)
+        return out
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any]:
+    """lm-eval task names, perplexity files (None: the default), and a TaskManager that knows the
+    names. Unknown names fail here, before any model work, naming the task and what is allowed."""
+    if not tasks:
+        raise ConfigError("tasks: empty; name at least one lm-eval task, quamba_offline, or perplexity")
+    names, files = [], []
+    for task in tasks:
+        if task == PERPLEXITY_TASK or task.startswith(PERPLEXITY_TASK + ":"):
+            data = task.partition(":")[2]
+            if data and not Path(data).is_file():
+                raise ConfigError(f"task {task!r}: {data} is not a file; perplexity:FILE takes a .txt or .jsonl file")
+            files.append(Path(data) if data else None)
+        else:
+            names.append(task)
+    return names, files, task_manager(names)
+
+
+def task_manager(names: Sequence[str]):
+    """A TaskManager for `names`. Indexing lm-eval's ~15k bundled tasks takes seconds, so the
+    offline tasks alone are tried first."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    if all(name in manager.all_tasks for name in names):
+        return manager
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    for name in names:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            raise ConfigError(f"task {name!r}: unknown; allowed: an lm-eval task, group or tag name "
+                              f"(`lm_eval ls tasks`), the offline tasks quamba_cloze and quamba_mc "
+                              f"(tag quamba_offline), or perplexity[:FILE]"
+                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return manager
+
+
+# -- results -------------------------------------------------------------------------------------
+def model_provenance(model_dir: Path, shown_as: str) -> dict[str, Any]:
+    """What was evaluated: the dir as named, hashes of its weights and tokenizer, its quantization."""
+    files = [model_dir / CONFIG_FILE, *weight_files(model_dir)]
+    tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    quant_config = model_dir / "quant_config.json"
+    return {"path": shown_as, "files": sorted(p.name for p in files), "sha256": sha256_files(files),
+            "tokenizer_sha256": sha256_files(tokenizer),
+            "quant_config": json.loads(quant_config.read_text()) if quant_config.is_file() else None}
+
+
+def plain_json(value: Any) -> Any:
+    """lm-eval's output as strict, stable JSON: NaN/inf become null, callables their qualified
+    name (a repr would carry a memory address), anything else unknown its str()."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return plain_json(value.item())
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return str(value)
+
+
+def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size: int = 8,
+             limit: int | None = None, device: str | None = None, dtype: str | None = None,
+             num_fewshot: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run `tasks` on a model dir and write one JSON to `out` (atomically); returns its content.
+
+    tasks: lm-eval task/group/tag names (the offline quamba_cloze and quamba_mc included), and
+    `perplexity` or `perplexity:FILE` for held-out perplexity (quamba.perplexity). Every input is
+    checked before the model is loaded; a bad one raises ConfigError/CheckpointError and writes nothing.
+    The file holds no dates or timings, so a rerun on the same device gives the same bytes.
+    """
+    batch_size = positive_int("batch_size", batch_size)
+    if limit is not None:
+        limit = positive_int("limit", limit)
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ConfigError(f"num_fewshot: {num_fewshot!r} is not allowed; expected an integer >= 0")
+    names, perplexity_files, manager = split_tasks(list(tasks))
+    local_dir = check_model_dir(model_dir)
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "quamba-eval", "tasks": list(tasks),
+                           "model": model_provenance(local_dir, str(model_dir))}
+
+    lm = QuambaLM(local_dir, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    doc["settings"] = {"batch_size": batch_size, "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
+                       "max_length": lm.max_length, "device": lm.device.type,
+                       "dtype": str(lm.model.lm_head.weight.dtype).removeprefix("torch.")}
+    sections: dict[str, dict[str, Any]] = {key: {} for key in LM_EVAL_SECTIONS}
+    if names:
+        from lm_eval.evaluator import simple_evaluate
+
+        output = simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
+                                 limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                 torch_random_seed=seed, fewshot_random_seed=seed)
+        for key in LM_EVAL_SECTIONS:
+            sections[key].update(output.get(key) or {})
+    for data in perplexity_files:
+        name = PERPLEXITY_TASK if data is None else f"{PERPLEXITY_TASK}:{data}"
+        scores, config = evaluate_perplexity(lm, data or DEFAULT_TEXT, limit=limit)
+        sections["results"][name] = scores
+        sections["configs"][name] = config
+        sections["versions"][name] = config["version"]
+        sections["n-samples"][name] = {"original": config["documents"], "effective": config["documents_scored"]}
+    doc.update({key: value for key, value in sections.items() if value})
+    doc["package_versions"] = package_versions()
+    doc = plain_json(doc)
+    write_json(out, doc)
+    return doc
+
+
+def summary(doc: dict[str, Any]) -> list[str]:
+    """One line per task and metric of an evaluation JSON, e.g. `quamba_mc  acc  0.4125`."""
+    lines = []
+    for task, metrics in sorted(doc.get("results", {}).items()):
+        for metric, value in sorted(metrics.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric \
+                    and metric not in ("tokens", "words", "nll"):
+                lines.append(f"{task:<24} {metric:<20} {value:.4f}")
+    return lines

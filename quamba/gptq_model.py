@@ -1,0 +1,173 @@
+"""GPTQ over a whole model, as Quamba runs it: block by block, each block's inputs produced by
+the already-quantized blocks before it.
+
+For each block: stream the Hessians of in_proj's input and of out_proj's (Hadamard-rotated)
+input over all calibration windows, quantize both weights, then run the block again with the
+quantized weights to produce the next block's inputs. GPTQ never reads activation scales,
+so its result depends on (model, w_bits, group size, seed, data) and serves every alpha.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from quamba.data import TokenWindows, load_tokenizer, random_windows
+from quamba.errors import ConfigError
+from quamba.gptq import GPTQ, QuantizedLinearWeight
+from quamba.io import atomic_dir, package_versions, sha256_files, write_json
+from quamba.loading import load
+from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
+from quamba.models.lm import MambaLMHeadModel
+from quamba.quantizers import pack_int4, unpack_int4
+from quamba.rotation import rotate_out_projs
+from quamba.schemes import WEIGHT_GRANULARITY
+
+GPTQ_WEIGHTS = "gptq.safetensors"
+GPTQ_INFO = "gptq.json"
+ROUNDING = "half away from zero (CUDA roundf), on every path"
+DEFAULT_GPTQ_DATA = Path(__file__).resolve().parents[1] / "resources" / "corpus" / "train.txt"
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """Quamba's defaults: 128 windows of 1024 tokens, percdamp 0.01, group size 128, no act-order."""
+
+    w_bits: int = 4
+    group_size: int = 128
+    percdamp: float = 0.01
+    nsamples: int = 128
+    seqlen: int = 1024
+    seed: int = 0
+    act_order: bool = False
+    blocksize: int = 128
+    batch_size: int = 8
+
+    @property
+    def granularity(self) -> str:
+        return WEIGHT_GRANULARITY[self.w_bits]
+
+    def validate(self) -> None:
+        if self.w_bits not in WEIGHT_GRANULARITY:
+            raise ConfigError(f"w_bits: {self.w_bits} is not supported; allowed: {sorted(WEIGHT_GRANULARITY)}")
+        if not 0 < self.percdamp < 1:
+            raise ConfigError(f"percdamp: {self.percdamp} must be in (0, 1)")
+        for key in ("group_size", "nsamples", "seqlen", "blocksize", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+
+
+def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:
+    """The Linears Quamba quantizes, by state-dict path: every block's in_proj and out_proj."""
+    linears = {}
+    for i, block in enumerate(model.backbone.layers):
+        out_proj = block.mixer.out_proj
+        linears[f"backbone.layers.{i}.mixer.in_proj"] = block.mixer.in_proj
+        linears[f"backbone.layers.{i}.mixer.out_proj"] = getattr(out_proj, "linear", out_proj)
+    return linears
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings: GPTQSettings,
+                        progress: bool = True) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
+    """Quantize in_proj and out_proj of every block; returns the weights and per-layer logs.
+    Works on a rotated copy; `model` itself is left unchanged."""
+    settings.validate()
+    model = rotate_out_projs(copy.deepcopy(model)).eval()
+    linears = quantized_linears(model)
+    device = model.lm_head.weight.device
+    residuals = []  # inputs of the current block, one tensor per batch of windows
+    for batch in windows.split(settings.batch_size):
+        hidden = model.backbone.embedding(batch.to(device))  # (b, l, d_model)
+        residuals.append(hidden.float() if model.config.residual_in_fp32 else hidden)
+    results: dict[str, QuantizedLinearWeight] = {}
+    logs: dict[str, dict] = {}
+    for i, block in enumerate(tqdm(model.backbone.layers, desc="gptq", disable=not progress)):
+        names = [f"backbone.layers.{i}.mixer.in_proj", f"backbone.layers.{i}.mixer.out_proj"]
+        solvers = {name: GPTQ(linears[name].in_features) for name in names}
+        hooks = [linears[name].register_forward_pre_hook(
+            lambda _m, args, solver=solvers[name]: solver.add_batch(args[0])) for name in names]
+        for residual in residuals:
+            block(residual)
+        for hook in hooks:
+            hook.remove()
+        for name in names:
+            start = time.perf_counter()
+            result = solvers[name].quantize(linears[name].weight.float(), settings.w_bits, settings.granularity,
+                                            group_size=settings.group_size, percdamp=settings.percdamp,
+                                            blocksize=settings.blocksize, act_order=settings.act_order)
+            results[name] = result
+            linears[name].weight.copy_(result.dequantize().to(linears[name].weight.dtype))
+            logs[name] = {"seconds": time.perf_counter() - start, "error": float(result.error)}
+        residuals = [block(residual) for residual in residuals]  # next block sees quantized weights
+    return results, logs
+
+
+def save_gptq(out_dir: Path, results: dict[str, QuantizedLinearWeight], info: dict) -> None:
+    """gptq.safetensors (integer weights, int4 packed two per byte, and scales) + gptq.json."""
+    tensors = {}
+    for name, result in results.items():
+        q = result.q.to(torch.int8).cpu().contiguous()
+        tensors[f"{name}.qweight"] = pack_int4(q) if result.bits == 4 else q
+        tensors[f"{name}.scales"] = result.scales.float().cpu().contiguous()
+        if result.perm is not None:
+            tensors[f"{name}.perm"] = result.perm.cpu().contiguous()
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_file(tensors, tmp / GPTQ_WEIGHTS, metadata={"format": "quamba-gptq"})
+        write_json(tmp / GPTQ_INFO, info)
+
+
+def load_gptq(gptq_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Integer weights (unpacked to int8 values) and scales by layer, and gptq.json."""
+    import json
+
+    gptq_dir = Path(gptq_dir)
+    for name in (GPTQ_WEIGHTS, GPTQ_INFO):
+        if not (gptq_dir / name).is_file():
+            raise ConfigError(f"{gptq_dir / name}: missing; not a GPTQ output dir")
+    info = json.loads((gptq_dir / GPTQ_INFO).read_text())
+    tensors = load_file(gptq_dir / GPTQ_WEIGHTS)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        layer, _, field = key.rpartition(".")
+        layers.setdefault(layer, {})[field] = value
+    if info["settings"]["w_bits"] == 4:
+        for entry in layers.values():
+            entry["qweight"] = unpack_int4(entry["qweight"])
+    return layers, info
+
+
+def model_sha256(model_dir: Path) -> str:
+    return sha256_files([Path(model_dir) / "config.json", *weight_files(Path(model_dir))])
+
+
+def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, data: str | Path | None = None,
+                   device: str | None = None, progress: bool = True) -> dict:
+    """`quamba gptq`: validated first, then sequential GPTQ, then the GPTQ dir written atomically."""
+    settings.validate()
+    model_dir = resolve_model_dir(model_dir)
+    config, _ = read_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    windows: TokenWindows = random_windows(data or DEFAULT_GPTQ_DATA, tokenizer, settings.nsamples,
+                                           settings.seqlen, settings.seed)
+    model = load(model_dir, device=device, dtype=torch.float32)
+    results, logs = gptq_quantize_model(model, windows.ids, settings, progress=progress)
+    info = {
+        "schema_version": 1, "kind": "quamba-gptq",
+        "model": {"path": str(model_dir), "sha256": model_sha256(model_dir), "layer": config.layer},
+        "settings": {**asdict(settings), "granularity": settings.granularity},
+        "data": {"source": windows.source, "sha256": windows.source_sha256,
+                 "tokens_sha256": windows.sha256, "selection": windows.selection},
+        "hadamard": "out_proj input rotated, inverse fused into the weight before GPTQ",
+        "rounding": ROUNDING,
+        "layers": {name: {"error": round(log["error"], 6)} for name, log in logs.items()},
+        "versions": package_versions(),
+    }
+    save_gptq(Path(out_dir), results, info)
+    return {"info": info, "seconds": {name: log["seconds"] for name, log in logs.items()}}

@@ -1,0 +1,63 @@
+"""Held-out perplexity of a model dir on a text file: per token, per word and in bits per byte.
+
+Each document is scored on its own, starting from the prefix token (BOS, else EOS), in windows
+of seq_len tokens: every token is predicted exactly once, and after a document's first window
+with at least seq_len - stride tokens of context. stride = seq_len (the default) gives
+non-overlapping windows; a smaller stride gives more context per prediction at more cost.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from quamba.data import read_documents
+from quamba.errors import ConfigError
+
+if TYPE_CHECKING:
+    from quamba.eval import QuambaLM
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = REPO / "resources" / "corpus" / "test.txt"
+VERSION = 1
+
+
+def _shown(path: Path) -> str:
+    """A shipped file by its repo-relative path, so results do not depend on the clone's location."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: int | None = None,
+                        stride: int | None = None, limit: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scores, settings) of `lm` on `data` (.txt: documents separated by blank lines; .jsonl: a
+    `text` field per line). seq_len defaults to the adapter's max_length; limit keeps the first
+    documents. nll is the total in nats; perplexity = exp(nll / tokens), word_perplexity =
+    exp(nll / whitespace-separated words)."""
+    seq_len = seq_len or lm.max_length
+    stride = stride or seq_len
+    if not 1 <= stride <= seq_len <= lm.max_length:
+        raise ConfigError(f"perplexity: need 1 <= stride ({stride}) <= seq_len ({seq_len}) <= max_length ({lm.max_length})")
+    if not Path(data).is_file():
+        raise ConfigError(f"perplexity: {data} is not a file; expected a .txt or .jsonl file")
+    documents, digest = read_documents(data)
+    scored = documents[:limit] if limit is not None else documents
+    windows = []
+    for text in scored:
+        pairs = get_rolling_token_windows(lm.tok_encode(text), prefix_token=lm.prefix_token_id,
+                                          max_seq_len=seq_len, context_len=seq_len - stride + 1)
+        windows += [(None, context, target) for context, target in map(make_disjoint_window, pairs)]
+    nll = -math.fsum(logprob for logprob, _ in lm._loglikelihood_tokens(windows))
+    tokens = sum(len(target) for _, _, target in windows)
+    words = sum(len(text.split()) for text in scored)
+    size = sum(len(text.encode("utf-8")) for text in scored)
+    scores = {"nll": nll, "tokens": tokens, "words": words, "bytes": size,
+              "perplexity": math.exp(nll / tokens), "word_perplexity": math.exp(nll / words),
+              "bits_per_byte": nll / size / math.log(2)}
+    settings = {"data": _shown(Path(data)), "data_sha256": digest, "seq_len": seq_len, "stride": stride,
+                "documents": len(documents), "documents_scored": len(scored), "windows": len(windows),
+                "version": VERSION}
+    return scores, settings

@@ -1,0 +1,139 @@
+"""Integer formats of the project: symmetric signed integers with float scales, one rounding mode.
+
+Rounding: `round_half_away` (ties away from zero, CUDA's roundf) is THE rounding mode of
+quamba, on every path: simulated quantization, RTN, GPTQ and anything that feeds a kernel.
+The Quamba fork found that torch.round (ties to even) disagreed with the kernels' roundf, so
+never call torch.round on a quantization path.
+
+Values: q = clamp(round_half_away(x / scale), qmin, qmax) with (qmin, qmax) = (-2^(b-1),
+2^(b-1) - 1); scales come from absmax / qmax, so +absmax maps to qmax and -absmax to -qmax
+(qmin is reachable only by clamping). Integers of any width up to 8 bits live in torch.int8;
+int4 is packed two per byte only for storage (`pack_int4`).
+
+Weight granularities (W is (out_features, in_features), as in nn.Linear):
+- "tensor": one scale (Quamba's W8A8 weights); scales (1, 1).
+- "channel": one scale per output row; scales (out, 1).
+- "group": one scale per row and per `group_size` consecutive input columns; scales
+  (out, in / group_size); per-channel when in_features <= group_size, as Quamba does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WEIGHT_SCALE_FLOOR = 1e-8  # an all-zero row or group still gets a finite, positive scale
+ACTIVATION_SCALE_FLOOR = 1e-5  # Quamba's min/max observer clamps activation scales here
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest integer, ties away from zero (CUDA roundf); same dtype as x.
+
+    Exact for every float: x - trunc(x) is exact, so the tie test never sees a rounded sum
+    (floor(|x| + 0.5) would send 0.49999997 to 1 in float32; roundf sends it to 0).
+    """
+    whole = torch.trunc(x)
+    fraction = x - whole  # exact; |fraction| < 1 with the sign of x
+    return whole + torch.where(fraction.abs() >= 0.5, torch.sign(fraction), torch.zeros_like(fraction))
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a signed two's-complement integer of `bits`: int8 (-128, 127), int4 (-8, 7)."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits: {bits!r} is not supported; allowed: integers 2..8 (stored in int8)")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Integers clamp(round_half_away(x / scale), qmin, qmax) as torch.int8, shape of x.
+
+    scale broadcasts against x. Computed in at least float32 (fp16 x / scale would round the
+    quotient before the rounding to integers does). We divide by the scale; a kernel that
+    multiplies by 1 / scale can differ by one step on values within an ulp of a tie.
+    """
+    qmin, qmax = qrange(bits)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    scaled = x.to(compute) / (scale.to(compute) if isinstance(scale, torch.Tensor) else scale)
+    return round_half_away(scaled).clamp_(qmin, qmax).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Floats q * scale: float32 for float32 or Python-float scales (torch's type promotion)."""
+    return q.to(torch.float32) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """x snapped to its quantization grid (dequantize(quantize(x))), in the dtype of x."""
+    return dequantize(quantize(x, scale, bits), scale).to(x.dtype)
+
+
+def group_width(in_features: int, granularity: str, group_size: int = 128) -> int:
+    """How many consecutive input columns share one scale; validates the granularity."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is not supported; allowed: {list(GRANULARITIES)}")
+    if group_size <= 0:
+        raise ValueError(f"group_size: must be positive, got {group_size}")
+    if granularity != "group" or in_features <= group_size:
+        return in_features
+    if in_features % group_size != 0:
+        raise ValueError(f"group_size: in_features {in_features} is not a multiple of group_size "
+                         f"{group_size}; allowed: a divisor of in_features, or >= in_features (per-channel)")
+    return group_size
+
+
+def weight_scales(weight: torch.Tensor, bits: int, granularity: str, group_size: int = 128) -> torch.Tensor:
+    """Absmax scales of a weight (out, in): float32 (1, 1), (out, 1) or (out, in / group_size).
+
+    Use `expand_scales` to get one scale per weight entry.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight.shape)}")
+    _, qmax = qrange(bits)
+    n_out, n_in = weight.shape
+    width = group_width(n_in, granularity, group_size)
+    magnitude = weight.detach().to(torch.float32).abs()  # (out, in)
+    if granularity == "tensor":
+        absmax = magnitude.amax().reshape(1, 1)  # (1, 1)
+    else:
+        absmax = magnitude.reshape(n_out, n_in // width, width).amax(dim=-1)  # (out, n_groups)
+    return (absmax / qmax).clamp_(min=WEIGHT_SCALE_FLOOR)
+
+
+def expand_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Scales (rows, n_groups) repeated along columns to (rows, in_features), group-major."""
+    n_groups = scales.shape[-1]
+    if in_features % n_groups != 0:
+        raise ValueError(f"scales: {n_groups} groups do not divide in_features {in_features}")
+    return scales.repeat_interleave(in_features // n_groups, dim=-1)  # (rows, in_features)
+
+
+def _check_int4(q: torch.Tensor) -> None:
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_int4: expected torch.int8 values, got {q.dtype}")
+    if q.dim() == 0 or q.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_int4: the last dimension must be even, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError(f"pack_int4: values must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (..., n) in int8, n even -> torch.uint8 (..., n / 2), two per byte.
+
+    Layout: byte j holds q[..., 2j] in its low nibble and q[..., 2j + 1] in its high nibble,
+    each as a 4-bit two's-complement pattern (-8 -> 0x8, -1 -> 0xF, 7 -> 0x7). This is a
+    storage format; kernel layouts (Marlin's interleaving) are produced from it when needed.
+    """
+    _check_int4(q)
+    low = q[..., 0::2].to(torch.uint8) & 0x0F  # (..., n/2); int8 -> uint8 keeps the bit pattern
+    high = q[..., 1::2].to(torch.uint8) & 0x0F
+    return low | (high << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of `pack_int4`: torch.uint8 (..., m) -> int8 values (..., 2m) in [-8, 7]."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4: expected torch.uint8, got {packed.dtype}")
+    as_int8 = packed.contiguous().view(torch.int8)
+    low = (packed << 4).contiguous().view(torch.int8) >> 4  # arithmetic shift sign-extends the nibble
+    high = as_int8 >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)  # (..., 2m), even index from the low nibble

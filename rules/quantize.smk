@@ -1,0 +1,41 @@
+# Quantization: GPTQ per (model, w_bits, seed), independent of alpha; then one assembled model
+# per (scheme, alpha, seed) from the FP16 weights, the GPTQ weights and the calibration stats.
+
+
+rule gptq:
+    input:
+        model="results/{model}/fp16/model",
+    output:
+        directory("results/{model}/gptq/w{bits}/seed{seed}"),
+    params:
+        settings=config["gptq"],
+    log:
+        "logs/{model}/gptq/w{bits}/seed{seed}/gptq.log",
+    benchmark:
+        "benchmarks/{model}/gptq/w{bits}/seed{seed}/gptq.tsv"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=0,
+    script:
+        "../scripts/gptq.py"
+
+
+rule assemble:
+    input:
+        model="results/{model}/fp16/model",
+        stats=lambda wc: f"results/{wc.model}/calib/{config['quantization']['calibration']}/stats.json",
+        gptq=lambda wc: f"results/{wc.model}/gptq/w{SCHEME_BITS[wc.scheme]}/seed{wc.seed}",
+    output:
+        directory("results/{model}/{scheme}/pa{alpha}/seed{seed}/model"),
+    log:
+        "logs/{model}/{scheme}/pa{alpha}/seed{seed}/assemble.log",
+    benchmark:
+        "benchmarks/{model}/{scheme}/pa{alpha}/seed{seed}/assemble.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    script:
+        "../scripts/assemble.py"

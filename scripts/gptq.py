@@ -1,0 +1,21 @@
+"""Snakemake wrapper: GPTQ of one model at one w_bits and seed (see quamba.gptq_model)."""
+
+from pathlib import Path
+
+import torch
+
+from quamba.gptq_model import GPTQSettings, gptq_model_dir
+from quamba.logs import job_log
+
+with job_log(snakemake.log[0]) as log:  # noqa: F821
+    torch.set_num_threads(snakemake.threads)  # noqa: F821
+    setting = dict(snakemake.params.settings)  # noqa: F821
+    settings = GPTQSettings(w_bits=int(snakemake.wildcards.bits), seed=int(snakemake.wildcards.seed),  # noqa: F821
+                            nsamples=setting["nsamples"], seqlen=setting["seqlen"],
+                            group_size=setting["group_size"], percdamp=setting["percdamp"],
+                            act_order=setting["act_order"])
+    log.info("GPTQ of %s with %s (data: %s)", snakemake.input.model, settings, setting.get("data") or "shipped corpus")  # noqa: F821
+    result = gptq_model_dir(Path(snakemake.input.model), Path(snakemake.output[0]), settings,  # noqa: F821
+                            data=setting.get("data"), progress=False)
+    for name, seconds in result["seconds"].items():
+        log.info("%s: %.2f s, error %.4g", name, seconds, result["info"]["layers"][name]["error"])

@@ -1,0 +1,152 @@
+"""Quantization: seeded GPTQ reproduces bytes, Hadamard fusion keeps the FP model, quantized
+dirs are self-describing and load, and bad inputs fail before any work."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import quamba
+from conftest import REPO, random_model
+from quamba.calibration import CalibrationSettings, calibrate_model_dir
+from quamba.errors import ConfigError
+from quamba.gptq_model import GPTQSettings, gptq_model_dir, model_sha256
+from quamba.models import MambaConfig
+from quamba.models.checkpoint import save_fp16
+from quamba.qmodel import quantize_model_dir
+from quamba.rotation import rotate_out_projs
+
+TOKENIZER = REPO / "resources" / "tokenizer"
+GPTQ = dict(nsamples=6, seqlen=64, batch_size=3)
+CALIB = CalibrationSettings(num_samples=4, seq_len=64, batch_size=2, alphas=(0.9995, 0.99999, 1.0),
+                            save_activations=False)
+IDS = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text((REPO / "resources" / "corpus" / "valid.txt").read_text()[:30_000])
+    return path
+
+
+@pytest.fixture(scope="module", params=["Mamba1", "Mamba2"])
+def built(request, tmp_path_factory, corpus):
+    """An FP16 dir, its stats.json, and GPTQ dirs for w8 and w4 (seed 0)."""
+    root = tmp_path_factory.mktemp(request.param)
+    extra = dict(layer="Mamba2", d_state=16, headdim=32, chunk_size=16) if request.param == "Mamba2" else {}
+    fp16 = save_fp16(random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, **extra)), root / "fp16", TOKENIZER)
+    calibrate_model_dir(fp16, root / "calib", CALIB, data=corpus, progress=False)
+    for bits in (8, 4):
+        gptq_model_dir(fp16, root / f"w{bits}", GPTQSettings(w_bits=bits, seed=0, **GPTQ), data=corpus, progress=False)
+    return {"root": root, "fp16": fp16, "stats": root / "calib" / "stats.json", "w8": root / "w8", "w4": root / "w4"}
+
+
+def test_hadamard_fusion_leaves_the_fp_model_unchanged():
+    for extra in ({}, dict(layer="Mamba2", d_state=16, headdim=16, chunk_size=8)):
+        model = random_model(MambaConfig(d_model=48, n_layer=2, vocab_size=100, **extra))  # d_inner 96 = 12 * 8
+        with torch.no_grad():
+            before = model(IDS % 100).logits
+            after = rotate_out_projs(model)(IDS % 100).logits
+        assert (before - after).abs().max().item() <= 1e-4
+
+
+def test_same_seed_gives_byte_identical_gptq_weights(built, corpus, tmp_path):
+    again = gptq_model_dir(built["fp16"], tmp_path / "again", GPTQSettings(w_bits=4, seed=0, **GPTQ),
+                           data=corpus, progress=False)
+    assert (tmp_path / "again" / "gptq.safetensors").read_bytes() == (built["w4"] / "gptq.safetensors").read_bytes()
+    assert (tmp_path / "again" / "gptq.json").read_bytes() == (built["w4"] / "gptq.json").read_bytes()
+    assert again["info"]["settings"]["seed"] == 0
+
+
+def test_another_seed_draws_other_windows_and_gives_other_weights(built, corpus, tmp_path):
+    gptq_model_dir(built["fp16"], tmp_path / "seed1", GPTQSettings(w_bits=4, seed=1, **GPTQ), data=corpus, progress=False)
+    a, b = (json.loads((d / "gptq.json").read_text()) for d in (built["w4"], tmp_path / "seed1"))
+    assert a["data"]["tokens_sha256"] != b["data"]["tokens_sha256"]
+    wa, wb = (load_file(d / "gptq.safetensors") for d in (built["w4"], tmp_path / "seed1"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("scheme, bits", [("w8a8", 8), ("w4a8", 4), ("w4a16", 4)])
+def test_quantized_dir_is_self_describing_and_runs(built, tmp_path, scheme, bits):
+    out = tmp_path / scheme
+    written = quantize_model_dir(built["fp16"], out, built[f"w{bits}"], scheme, 0.9995,
+                                                     built["stats"])
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "quant_config.json", "model.safetensors", "stats.json", "provenance.json",
+            "tokenizer.json"} <= files
+    qc = json.loads((out / "quant_config.json").read_text())
+    assert qc == json.loads(json.dumps(written))
+    assert (qc["scheme"], qc["w_bits"], qc["alpha"], qc["seed"]) == (scheme, bits, 0.9995, 0)
+    assert json.loads((out / "stats.json").read_text()) == json.loads(built["stats"].read_text())
+    tensors = load_file(out / "model.safetensors")
+    qweight = tensors["backbone.layers.0.mixer.in_proj.qweight"]
+    assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert "backbone.layers.0.mixer.in_proj.weight" not in tensors
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["size_bytes"]["ratio"] < 1.0  # the fp16 embedding dominates this tiny model
+    in_features = 128  # in_proj of d_model 128: one byte per int8 weight, two int4 weights per byte
+    assert qweight.numel() == qweight.shape[0] * in_features * bits // 8
+    model = quamba.load(out, device="cpu")
+    fp = quamba.load(built["fp16"], device="cpu")
+    with torch.no_grad():
+        q_logits, fp_logits = model(IDS).logits, fp(IDS).logits
+    assert torch.isfinite(q_logits).all()
+    relative = ((q_logits - fp_logits).norm() / fp_logits.norm()).item()
+    assert relative < (0.1 if bits == 8 else 0.5), relative
+    assert not torch.equal(q_logits, fp_logits)
+    if qc["a_bits"] is None:
+        assert qc["activation_scales"] == {}
+
+
+def test_quantized_model_decodes_step_by_step_like_its_full_forward(built, tmp_path):
+    out = quantize_model_dir(built["fp16"], tmp_path / "q", built["w4"], "w4a16", 1.0, built["stats"])
+    model = quamba.load(tmp_path / "q", device="cpu")
+    with torch.no_grad():
+        full = model(IDS).logits
+        cache = model.allocate_cache(2)
+        stepped = torch.cat([model(IDS[:, :30], cache=cache).logits, model(IDS[:, 30:], cache=cache).logits], 1)
+    assert out["a_bits"] is None
+    assert (full - stepped).abs().max().item() <= 1e-3
+
+
+def test_assembling_twice_gives_identical_weights(built, tmp_path):
+    for name in ("a", "b"):
+        quantize_model_dir(built["fp16"], tmp_path / name, built["w8"], "w8a8", 1.0, built["stats"])
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(alpha=1.5), "alpha: 1.5 is outside (0, 1]"),
+    (dict(alpha=0.99), "alpha: 0.99 is not in stats.json's alphas"),
+    (dict(scheme="w3a8"), "scheme: 'w3a8' is not supported"),
+    (dict(scheme="w4a8"), "holds w8 weights; scheme w4a8 needs w4"),
+    (dict(stats=None), "scheme w8a8 quantizes activations and needs a stats.json"),
+])
+def test_bad_assemble_inputs_fail_before_any_work(built, tmp_path, change, message):
+    args = dict(scheme="w8a8", alpha=0.9995, stats=built["stats"]) | change
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], args["scheme"],
+                                         args["alpha"], args["stats"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_stats_or_gptq_of_another_model_are_refused(built, tmp_path):
+    other = save_fp16(random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096), seed=5), tmp_path / "other", TOKENIZER)
+    with pytest.raises(ConfigError, match="GPTQ dir was made from another model"):
+        quantize_model_dir(other, tmp_path / "out", built["w8"], "w8a8", 0.9995, built["stats"])
+    shutil.copytree(built["w8"], tmp_path / "w8")
+    info = json.loads((tmp_path / "w8" / "gptq.json").read_text())
+    info["model"]["sha256"] = model_sha256(other)
+    (tmp_path / "w8" / "gptq.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="stats.json was calibrated on another model"):
+        quantize_model_dir(other, tmp_path / "out", tmp_path / "w8", "w8a8", 0.9995, built["stats"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_gptq_bits_fail_before_any_work(built, tmp_path, corpus):
+    with pytest.raises(ConfigError, match="w_bits: 3 is not supported; allowed: \\[4, 8\\]"):
+        gptq_model_dir(built["fp16"], tmp_path / "g", GPTQSettings(w_bits=3, **GPTQ), data=corpus)
+    assert not (tmp_path / "g").exists()
