@@ -18,7 +18,7 @@ import torch
 from quamba.models import MambaConfig, MambaLMHeadModel, kernels
 
 SIZES = {
-    "mamba-130m": MambaConfig(d_model=768, n_layer=24, vocab_size=50277),
+    "mamba-130m": MambaConfig(d_model=768, n_layer=24, vocab_size=50277),  # vocab of GPT-NeoX
     "mamba2-130m": MambaConfig(d_model=768, n_layer=24, vocab_size=50277, layer="Mamba2", d_state=128,
                                headdim=64, chunk_size=256),
     "mamba1-demo": MambaConfig(d_model=128, n_layer=6, vocab_size=4096),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quamba.data import TokenWindows, load_tokenizer, random_windows
+from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
 from quamba.gptq import GPTQ, QuantizedLinearWeight
 from quamba.io import atomic_dir, package_versions, sha256_files, write_json
@@ -153,6 +154,8 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, data:
     settings.validate()
     model_dir = resolve_model_dir(model_dir)
     config, _ = read_config(model_dir)
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
     windows: TokenWindows = random_windows(data or DEFAULT_GPTQ_DATA, tokenizer, settings.nsamples,
                                            settings.seqlen, settings.seed)

@@ -1,0 +1,75 @@
+"""GPTQ cost and quantized-model speed, as ratios against baselines run in the same process.
+
+- GPTQ seconds per layer and in total, for the demo models (CPU) or a random-weight stack of
+  the real mamba-130m size (GPU), against one plain forward over the same calibration tokens.
+- Forward speed of the W8A8 / W4A16 models against the FP16 model on the same tokens.
+
+    python -m bench.gptq                 # demo sizes
+    python -m bench.gptq --size 130m     # real sizes (use a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import quamba
+from bench.forward import SIZES, seconds_per_forward
+from quamba.calibration import CalibrationSettings, calibrate_model_dir
+from quamba.gptq_model import GPTQSettings, gptq_model_dir
+from quamba.models import MambaLMHeadModel
+from quamba.models.checkpoint import save_fp16
+from quamba.qmodel import quantize_model_dir
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "tokenizer"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["demo", "130m"], default="demo")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    names = ["mamba1-demo", "mamba2-demo"] if args.size == "demo" else ["mamba-130m", "mamba2-130m"]
+    for name in names:
+        config = SIZES[name]
+        model = MambaLMHeadModel(config)
+        model.reset_parameters(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            fp16 = save_fp16(model, tmp / "fp16", TOKENIZER)
+            ids = torch.randint(0, 4096, (args.nsamples, args.seqlen), device=device)
+            fp_model = quamba.load(fp16, device=device, dtype=torch.float32)
+            forward_s = seconds_per_forward(fp_model, ids, 2)
+            start = time.perf_counter()
+            result = gptq_model_dir(fp16, tmp / "w8", GPTQSettings(w_bits=8, nsamples=args.nsamples, seqlen=args.seqlen),
+                                    device=device, progress=False)
+            gptq_s = time.perf_counter() - start
+            gptq_model_dir(fp16, tmp / "w4", GPTQSettings(w_bits=4, nsamples=args.nsamples, seqlen=args.seqlen),
+                           device=device, progress=False)
+            calibrate_model_dir(fp16, tmp / "calib", CalibrationSettings(num_samples=8, seq_len=args.seqlen,
+                                save_activations=False), device=device, progress=False)
+            row = {"model": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                   "tokens": args.nsamples * args.seqlen, "gptq_w8_total_s": round(gptq_s, 2),
+                   "gptq_solve_s_per_layer": round(sum(result["seconds"].values()) / config.n_layer, 3),
+                   "gptq_over_fp32_forward": round(gptq_s / forward_s, 1)}
+            dtype = torch.float16 if cuda else torch.float32
+            batch = ids[:16]
+            base = seconds_per_forward(quamba.load(fp16, device=device, dtype=dtype), batch, 5)
+            for scheme, gdir in (("w8a8", "w8"), ("w4a16", "w4")):
+                quantize_model_dir(fp16, tmp / scheme, tmp / gdir, scheme, 1.0, tmp / "calib" / "stats.json")
+                q = seconds_per_forward(quamba.load(tmp / scheme, device=device, dtype=dtype), batch, 5)
+                row[f"{scheme}_over_fp16_forward_time"] = round(q / base, 2)
+                row[f"{scheme}_size_ratio"] = json.loads((tmp / scheme / "provenance.json").read_text())["size_bytes"]["ratio"]
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
