@@ -32,7 +32,10 @@ def study(tmp_path):
                                   "tokenizer": str(REPO / "resources" / "tokenizer")}},
               "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2,
                                          "alphas": [0.999, 1.0], "activation_layers": [0, 1],
-                                         "activation_samples": 100}}}
+                                         "activation_samples": 100}},
+              "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999],
+                               "seeds": [0, 1]},
+              "gptq": {"nsamples": 4, "seqlen": 32}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     return tmp_path
 
@@ -51,6 +54,15 @@ def test_study_normalizes_and_calibrates_then_caches(study):
     assert stats["seed"] == 0 and stats["activation_layers"] == [0, 1]  # seed: the schema's default
     with np.load(study / "results" / "tiny" / "calib" / "quick" / "activations.npz") as npz:
         assert "layer_0.x_proj:input" in npz.files
+    for bits in (8, 4):
+        for seed in (0, 1):
+            assert (study / "results" / "tiny" / "gptq" / f"w{bits}" / f"seed{seed}" / "gptq.safetensors").is_file()
+    for scheme in ("w8a8", "w4a16"):
+        for seed in (0, 1):
+            model_dir = study / "results" / "tiny" / scheme / "pa0.999" / f"seed{seed}" / "model"
+            quant_config = json.loads((model_dir / "quant_config.json").read_text())
+            assert (quant_config["scheme"], quant_config["alpha"], quant_config["seed"]) == (scheme, 0.999, seed)
+            assert quamba.load(model_dir, device="cpu").config.n_layer == 2
     again = snakemake(study, "--configfile", "study.yaml", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -62,7 +74,8 @@ def test_study_normalizes_and_calibrates_then_caches(study):
     ({}, "should be non-empty"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, message):
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"models": models, "calibrations": {"c": {}}}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"models": models, "calibrations": {"default": {}},
+                                                       "quantization": {}, "gptq": {}}))
     run = snakemake(tmp_path, "--configfile", "bad.yaml")
     assert run.returncode != 0
     assert message in run.stdout + run.stderr
@@ -73,6 +86,7 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, messag
     ({"alphas": [0.9995, 1.5]}, "1.5 is greater than the maximum of 1"),
     ({"samples": 0}, "0 is less than the minimum of 1"),
     ({"sample": 8}, "'sample' was unexpected"),
+    ({"alphas": [1.0]}, "quantization.alphas: ['0.999'] not in calibrations.quick.alphas"),
 ])
 def test_bad_calibration_setting_fails_before_any_job(study, calibration, message):
     config = yaml.safe_load((study / "study.yaml").read_text())
