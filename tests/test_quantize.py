@@ -150,3 +150,31 @@ def test_unsupported_gptq_bits_fail_before_any_work(built, tmp_path, corpus):
     with pytest.raises(ConfigError, match="w_bits: 3 is not supported; allowed: \\[4, 8\\]"):
         gptq_model_dir(built["fp16"], tmp_path / "g", GPTQSettings(w_bits=3, **GPTQ), data=corpus)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("name", ["mamba1-demo", "mamba2-demo"])
+def test_w8a8_demo_model_stays_within_five_percent_of_fp16_perplexity(name, tmp_path):
+    """The acceptance bar of the quantization issue, on the shipped, trained models."""
+    from quamba.data import load_tokenizer
+    from quamba.calibration import QUAMBA_DEFAULT_ALPHA
+
+    fp16 = REPO / "resources" / "models" / name
+    alpha = QUAMBA_DEFAULT_ALPHA[quamba.load(fp16, device="cpu").config.layer]
+    calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=16, seq_len=128, alphas=(alpha, 1.0),
+                        save_activations=False), progress=False)
+    gptq_model_dir(fp16, tmp_path / "w8", GPTQSettings(w_bits=8, nsamples=8, seqlen=128), progress=False)
+    quantize_model_dir(fp16, tmp_path / "w8a8", tmp_path / "w8", "w8a8", alpha, tmp_path / "calib" / "stats.json")
+    tokenizer = load_tokenizer(fp16)
+    ids = torch.tensor(tokenizer((REPO / "resources" / "corpus" / "test.txt").read_text())["input_ids"][: 16 * 128])
+    ids = ids.view(16, 128)  # held-out text
+
+    def perplexity(model):
+        with torch.no_grad():
+            logits = model(ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).exp().item()
+
+    fp = perplexity(quamba.load(fp16, device="cpu"))
+    quantized = perplexity(quamba.load(tmp_path / "w8a8", device="cpu"))
+    print(f"\n{name}: fp16 perplexity {fp:.3f}, w8a8 at alpha {alpha}: {quantized:.3f}")
+    assert quantized <= 1.05 * fp
+    assert quantized != fp
