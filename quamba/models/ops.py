@@ -11,6 +11,19 @@ import torch
 import torch.nn.functional as F
 
 
+def _time_step(dt: torch.Tensor, bias: torch.Tensor | None, softplus: bool,
+               limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """dt in fp32 after the bias, the softplus and Mamba2's optional clamp."""
+    dt = dt.float()
+    if bias is not None:
+        dt = dt + bias.float()
+    if softplus:
+        dt = F.softplus(dt)
+    if limit != (0.0, float("inf")):
+        dt = dt.clamp(min=limit[0], max=limit[1])
+    return dt
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32, returned in x's dtype."""
     x32 = x.float()
@@ -79,11 +92,8 @@ def selective_scan(
     Returns y (b, d, l) and, if asked, the last state (b, d, n) in fp32.
     """
     dtype = u.dtype
-    u, delta = u.float(), delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u = u.float()
+    delta = _time_step(delta, None if delta_bias is None else delta_bias[None, :, None], delta_softplus)
     batch, dim, seqlen = u.shape
     A, B, C = A.float(), B.float(), C.float()
     deltaA = torch.exp(torch.einsum("bdl,dn->bldn", delta, A))  # (b, l, d, n)
@@ -117,11 +127,7 @@ def selective_state_update(
 ) -> torch.Tensor:
     """One decoding step of Mamba1's scan. state: (b, d, n) updated in place; x, dt, z: (b, d);
     A: (d, n); B, C: (b, n). Returns y (b, d)."""
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = _time_step(dt, dt_bias, dt_softplus)
     dA = torch.exp(dt[:, :, None] * A.float())  # (b, d, n)
     dBx = dt[:, :, None] * B.float()[:, None, :] * x.float()[:, :, None]  # (b, d, n)
     new_state = state.float() * dA + dBx
@@ -167,13 +173,7 @@ def ssd_chunk_scan(
     dtype = x.dtype
     batch, seqlen, nheads, headdim = x.shape
     ngroups = B.shape[2]
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = _time_step(dt, dt_bias, dt_softplus, dt_limit)
     x32 = x.float()
     B = B.float().repeat_interleave(nheads // ngroups, dim=2)  # (b, l, h, n)
     C = C.float().repeat_interleave(nheads // ngroups, dim=2)  # (b, l, h, n)
@@ -233,13 +233,7 @@ def ssd_state_update(
     dt: (b, h); A, D, dt_bias: (h,); B, C: (b, g, n). Returns y (b, h, p)."""
     nheads = x.shape[1]
     ngroups = B.shape[1]
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = _time_step(dt, dt_bias, dt_softplus, dt_limit)
     B = B.float().repeat_interleave(nheads // ngroups, dim=1)  # (b, h, n)
     C = C.float().repeat_interleave(nheads // ngroups, dim=1)  # (b, h, n)
     dA = torch.exp(dt * A.float())  # (b, h)
