@@ -8,6 +8,7 @@ include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/calibrate.smk"
 include: "rules/quantize.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
@@ -16,4 +17,5 @@ rule all:
         expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
         expand("results/{model}/{scheme}/pa{alpha}/seed{seed}/model", model=MODELS, scheme=SCHEMES,
                alpha=ALPHAS, seed=SEEDS),
+        expand("results/{model}/fp16/eval/{task}.json", model=MODELS, task=config["tasks"]),
     default_target: True

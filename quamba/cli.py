@@ -49,6 +49,15 @@ def _quantize(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from quamba.eval import evaluate, summary
+
+    doc = evaluate(args.model_dir, [t for t in args.tasks.split(",") if t], args.out, batch_size=args.batch_size,
+                   limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot)
+    print("\n".join(summary(doc)))
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quamba", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--alpha", type=float, default=0.9995, help="percentile alpha (must be in stats.json)")
     quantize.add_argument("--out", type=Path, required=True)
     quantize.set_defaults(run=_quantize)
+
+    evaluate = commands.add_parser("eval", help="lm-eval tasks (and held-out perplexity) on any model dir")
+    evaluate.add_argument("model_dir", help="FP16 or quantized model dir, or hub id")
+    evaluate.add_argument("--tasks", required=True,
+                          help="comma-separated lm-eval tasks, e.g. quamba_cloze,quamba_mc,lambada_openai,perplexity")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, help="at most this many items per task")
+    evaluate.add_argument("--num-fewshot", type=int, default=0)
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    evaluate.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
+    evaluate.add_argument("--out", type=Path, required=True, help="results JSON")
+    evaluate.set_defaults(run=_eval)
 
     view = commands.add_parser("view", help="print a stats.json as a table, alphas side by side")
     view.add_argument("stats", help="stats.json")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +33,12 @@ from quamba.loading import load
 from quamba.models.checkpoint import CONFIG_FILE, read_config, resolve_model_dir, weight_files
 from quamba.perplexity import DEFAULT_TEXT, evaluate_perplexity
 
-log = logging.getLogger(__name__)
-
-TASKS_DIR = Path(__file__).resolve().parents[1] / "resources" / "tasks"
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "resources" / "tasks"
 DEFAULT_MAX_LENGTH = 2048  # HFLM's default context when the model names none; Mamba has no limit
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM's default
 PERPLEXITY_TASK = "perplexity"
+PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "bits_per_byte")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # lm-eval's output sections that describe the tasks and their scores; the rest (dates, git hash,
 # timings, model info, samples) would make two identical runs differ.
@@ -137,6 +136,30 @@ class QuambaLM(TemplateLM):
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return self.model(ids.to(self._device)).logits  # (b, l, padded_vocab)
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context tokens, continuation tokens) exactly as TemplateLM.loglikelihood (so HFLM) makes
+        them, with the texts encoded in two batched tokenizer calls instead of two calls each.
+
+        A context's trailing spaces move to the continuation; the continuation's tokens are those
+        of context + continuation after the context's own tokens. An empty context becomes the
+        prefix token, unless the continuation already starts with it."""
+        moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation) for context, continuation in pairs]
+        contexts = self.tokenizer([c for c, _ in moved], add_special_tokens=False)["input_ids"]
+        wholes = self.tokenizer([c + x for c, x in moved], add_special_tokens=False)["input_ids"]
+        encoded = []
+        for (context, continuation), context_enc, whole_enc in zip(pairs, contexts, wholes):
+            if context == "":
+                tokens = self.tok_encode(continuation)
+                encoded.append(([self.prefix_token_id], tokens[1:] if tokens[0] == self.prefix_token_id else tokens))
+            else:
+                encoded.append((context_enc, whole_enc[len(context_enc):]))
+        return encoded
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [request.args for request in requests]
+        return self._loglikelihood_tokens([(pair, *enc) for pair, enc in zip(pairs, self.encode_pairs(pairs))],
+                                          disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -238,6 +261,8 @@ def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any
     names. Unknown names fail here, before any model work, naming the task and what is allowed."""
     if not tasks:
         raise ConfigError("tasks: empty; name at least one lm-eval task, quamba_offline, or perplexity")
+    if len(set(tasks)) < len(tasks):
+        raise ConfigError(f"tasks: {list(tasks)} names a task twice")
     names, files = [], []
     for task in tasks:
         if task == PERPLEXITY_TASK or task.startswith(PERPLEXITY_TASK + ":"):
@@ -263,7 +288,7 @@ def task_manager(names: Sequence[str]):
         if name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             raise ConfigError(f"task {name!r}: unknown; allowed: an lm-eval task, group or tag name "
-                              f"(`lm_eval ls tasks`), the offline tasks quamba_cloze and quamba_mc "
+                              f"(`lm-eval ls tasks`), the offline tasks quamba_cloze and quamba_mc "
                               f"(tag quamba_offline), or perplexity[:FILE]"
                               + (f"; did you mean {', '.join(close)}?" if close else ""))
     return manager
@@ -281,7 +306,8 @@ def model_provenance(model_dir: Path, shown_as: str) -> dict[str, Any]:
 
 
 def plain_json(value: Any) -> Any:
-    """lm-eval's output as strict, stable JSON: NaN/inf become null, callables their qualified
+    """lm-eval's output as strict, stable JSON: NaN/inf become null, paths inside the repo
+    repo-relative (the file must not depend on the clone's location), callables their qualified
     name (a repr would carry a memory address), anything else unknown its str()."""
     if isinstance(value, dict):
         return {str(k): plain_json(v) for k, v in value.items()}
@@ -289,6 +315,8 @@ def plain_json(value: Any) -> Any:
         return [plain_json(v) for v in value]
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, str) and value.startswith(f"{REPO}/"):
+        return value.removeprefix(f"{REPO}/")
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
@@ -346,11 +374,12 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
 
 
 def summary(doc: dict[str, Any]) -> list[str]:
-    """One line per task and metric of an evaluation JSON, e.g. `quamba_mc  acc  0.4125`."""
+    """One line per task and metric of an evaluation JSON, e.g. `quamba_mc  acc,none  0.4125`."""
     lines = []
     for task, metrics in sorted(doc.get("results", {}).items()):
         for metric, value in sorted(metrics.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric \
-                    and metric not in ("tokens", "words", "nll"):
+            shown = (metric in PERPLEXITY_METRICS if task.startswith(PERPLEXITY_TASK)
+                     else "," in metric and "_stderr," not in metric)
+            if shown and isinstance(value, (int, float)):
                 lines.append(f"{task:<24} {metric:<20} {value:.4f}")
     return lines

@@ -1,9 +1,11 @@
 """Held-out perplexity of a model dir on a text file: per token, per word and in bits per byte.
 
-Each document is scored on its own, starting from the prefix token (BOS, else EOS), in windows
-of seq_len tokens: every token is predicted exactly once, and after a document's first window
-with at least seq_len - stride tokens of context. stride = seq_len (the default) gives
-non-overlapping windows; a smaller stride gives more context per prediction at more cost.
+Each document is scored on its own, starting from the prefix token (BOS, else EOS), in lm-eval's
+rolling windows of seq_len tokens: every token is predicted exactly once; each window predicts
+`stride` new tokens (the first seq_len), so after the first window every prediction sees at least
+seq_len - stride tokens of context, and a document's last window reaches back a full seq_len.
+stride = seq_len (the default) gives non-overlapping windows; a smaller stride gives more
+context per prediction at more cost.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: 
     if not Path(data).is_file():
         raise ConfigError(f"perplexity: {data} is not a file; expected a .txt or .jsonl file")
     documents, digest = read_documents(data)
+    documents = [text.strip() for text in documents]  # the blank lines between them are the file's format
     scored = documents[:limit] if limit is not None else documents
     windows = []
     for text in scored:

@@ -35,7 +35,8 @@ def study(tmp_path):
                                          "activation_samples": 100}},
               "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999],
                                "seeds": [0, 1]},
-              "gptq": {"nsamples": 4, "seqlen": 32}}
+              "gptq": {"nsamples": 4, "seqlen": 32},
+              "tasks": ["quamba_mc", "perplexity"], "eval": {"limit": 5}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     return tmp_path
 
@@ -63,6 +64,9 @@ def test_study_normalizes_and_calibrates_then_caches(study):
             quant_config = json.loads((model_dir / "quant_config.json").read_text())
             assert (quant_config["scheme"], quant_config["alpha"], quant_config["seed"]) == (scheme, 0.999, seed)
             assert quamba.load(model_dir, device="cpu").config.n_layer == 2
+    for task in ("quamba_mc", "perplexity"):
+        result = json.loads((study / "results" / "tiny" / "fp16" / "eval" / f"{task}.json").read_text())
+        assert task in result["results"]
     again = snakemake(study, "--configfile", "study.yaml", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
 

@@ -1,0 +1,43 @@
+# Evaluation: one job per (model, variant, task). A job reads only its model dir, so adding a task
+# runs only that task's jobs, and a rebuilt model reruns only its own evaluations.
+import re
+
+from quamba.errors import QuambaError
+from quamba.eval import split_tasks
+
+EVAL_TASKS = config["tasks"]
+
+
+def _check_tasks():
+    """Every task is known to lm-eval (or is perplexity[:FILE]), so a typo fails before any job runs."""
+    try:
+        split_tasks(EVAL_TASKS)
+    except QuambaError as err:
+        raise ValueError(f"config: tasks: {err}") from None
+
+
+_check_tasks()
+
+
+rule evaluate:
+    input:
+        model="results/{model}/{variant}/model",
+    output:
+        "results/{model}/{variant}/eval/{task}.json",
+    wildcard_constraints:
+        variant="fp16",
+        task="|".join(re.escape(t) for t in EVAL_TASKS),
+    params:
+        batch_size=config["eval"]["batch_size"],
+        limit=config["eval"]["limit"],
+    log:
+        "logs/{model}/{variant}/eval/{task}.log",
+    benchmark:
+        "benchmarks/{model}/{variant}/eval/{task}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=0,
+    script:
+        "../scripts/evaluate.py"

@@ -1,0 +1,18 @@
+"""Snakemake wrapper: one task (lm-eval or held-out perplexity) on one model dir (see quamba.eval.evaluate)."""
+
+from pathlib import Path
+
+import torch
+
+from quamba.eval import evaluate, summary
+from quamba.logs import job_log
+
+with job_log(snakemake.log[0]) as log:  # noqa: F821
+    torch.set_num_threads(snakemake.threads)  # noqa: F821
+    task, params = snakemake.wildcards.task, snakemake.params  # noqa: F821
+    log.info("evaluating %s on %s (batch size %s, limit %s)", snakemake.input.model, task,  # noqa: F821
+             params.batch_size, params.limit)
+    doc = evaluate(Path(snakemake.input.model), [task], Path(snakemake.output[0]),  # noqa: F821
+                   batch_size=params.batch_size, limit=params.limit, progress=False)
+    for line in summary(doc):
+        log.info(line)
