@@ -73,7 +73,8 @@ def best_seconds(fns: dict, device: torch.device, repeats: int) -> dict[str, flo
     return best
 
 
-def bench(model_dir: Path, name: str, batch_size: int, limit: int | None, repeats: int, device: str | None) -> dict:
+def bench(model_dir: Path, name: str, batch_size: int, limit: int | None = None, repeats: int = 3,
+          device: str | None = None) -> dict:
     lm = QuambaLM(model_dir, batch_size=batch_size, device=device, progress=False)
     reqs = requests(limit)
     rows = scored_rows(lm, reqs)
@@ -110,14 +111,16 @@ def main() -> None:
     if args.size == "demo":
         models = {name: REPO / "resources" / "models" / name for name in ("mamba1-demo", "mamba2-demo")}
         for name, model_dir in models.items():
-            print(json.dumps(bench(model_dir, name, args.batch_size, args.limit, args.repeats, args.device)), flush=True)
+            row = bench(model_dir, name, args.batch_size, args.limit, args.repeats, args.device)
+            print(json.dumps(row), flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in SIZES.items():
             model = MambaLMHeadModel(config)
             model.reset_parameters(0)
             model_dir = save_fp16(model, Path(tmp) / name, TOKENIZER)
-            print(json.dumps(bench(model_dir, name, args.batch_size, args.limit, args.repeats, args.device)), flush=True)
+            row = bench(model_dir, name, args.batch_size, args.limit, args.repeats, args.device)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

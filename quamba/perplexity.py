@@ -42,7 +42,8 @@ def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: 
     seq_len = seq_len or lm.max_length
     stride = stride or seq_len
     if not 1 <= stride <= seq_len <= lm.max_length:
-        raise ConfigError(f"perplexity: need 1 <= stride ({stride}) <= seq_len ({seq_len}) <= max_length ({lm.max_length})")
+        raise ConfigError(f"perplexity: need 1 <= stride ({stride}) <= seq_len ({seq_len}) "
+                          f"<= max_length ({lm.max_length})")
     if not Path(data).is_file():
         raise ConfigError(f"perplexity: {data} is not a file; expected a .txt or .jsonl file")
     documents, digest = read_documents(data)
