@@ -53,7 +53,8 @@ def _eval(args: argparse.Namespace) -> None:
     from quamba.eval import evaluate, summary
 
     doc = evaluate(args.model_dir, [t for t in args.tasks.split(",") if t], args.out, batch_size=args.batch_size,
-                   limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot)
+                   limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
+                   seed=args.seed)
     print("\n".join(summary(doc)))
     print(f"wrote {args.out}")
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--limit", type=int, help="at most this many items per task")
     evaluate.add_argument("--num-fewshot", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
     evaluate.add_argument("--out", type=Path, required=True, help="results JSON")
