@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from quamba.loading import load
 from quamba.models.checkpoint import CONFIG_FILE, read_config, resolve_model_dir, weight_files
 from quamba.perplexity import DEFAULT_TEXT, evaluate_perplexity
 
+eval_logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "resources" / "tasks"
 DEFAULT_MAX_LENGTH = 2048  # HFLM's default context when the model names none; Mamba has no limit
@@ -93,6 +95,10 @@ class QuambaLM(TemplateLM):
         if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
             raise CheckpointError(f"{model_dir}: the tokenizer has neither an EOS nor a BOS token; "
                                   f"one is needed to score text that starts a document")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI asks for cuda by default; like its HFLM, run where we can
+            eval_logger.warning("device %s requested but CUDA is not available; using cpu", device)
+            device = "cpu"
         self.model = load(model_dir, device=device, dtype=dtype)
         self._device = self.model.lm_head.weight.device
         # Generation never picks a row past the tokenizer's vocabulary (mamba_ssm pads it to a multiple of 8).
