@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 from quamba.data import DEFAULT_CORPUS, load_tokenizer, token_windows
 from quamba.errors import ConfigError
-from quamba.hadamard import hadamard_transform
+from quamba.hadamard import ALLOWED, hadamard_transform, supported
 from quamba.io import package_versions, sha256_files
 from quamba.loading import load
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.lm import MambaLMHeadModel
 from quamba.observers import EMA_SIGMA, StreamHistogram, Moments, QuambaPercentile, Reservoir
+from quamba.reorder import check_reorderable, prepare_model, reorder_record, x_channel_absmax
 from quamba.stats import SCHEMA_VERSION, write_calibration
 from quamba.taps import Tap, named_taps, tap_layer
 
@@ -42,9 +43,16 @@ class CalibrationSettings:
     activation_samples: int = 10_000
     save_activations: bool = True
     mantissa_bits: int = 6  # stream histogram: 2^6 = 64 bins per octave
+    # Model transforms shared with GPTQ and assembly (quamba.reorder.prepare_model). Both are
+    # off by default, and a stats.json records them only when on, so existing files stay valid.
+    rotate_residual: bool = False  # calibrate the model with its residual stream Hadamard-rotated
+    reorder: bool = False  # Mamba2: Quamba2's head/channel reordering, planned from a first pass
+    head_clusters: int = 4  # reorder: clusters of heads per B/C group
+    channel_clusters: int = 4  # reorder: clusters of the head dim per head cluster
 
     def validate(self, n_layer: int) -> None:
-        for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "mantissa_bits"):
+        for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "mantissa_bits",
+                    "head_clusters", "channel_clusters"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
@@ -172,9 +180,18 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     if len(tokenizer) > config.padded_vocab_size:
         raise ConfigError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocabulary has {config.padded_vocab_size}; pair the model with its own tokenizer")
+    if settings.rotate_residual and not supported(config.d_model):
+        raise ConfigError(f"rotate_residual: d_model={config.d_model} has no Hadamard rotation; supported: {ALLOWED}")
+    if settings.reorder:
+        check_reorderable(config, settings.head_clusters, settings.channel_clusters)
     windows = token_windows(data or DEFAULT_CORPUS, tokenizer, settings.num_samples, settings.seq_len,
                             settings.seed)
-    model = load(model_dir, device=device)
+    model = prepare_model(load(model_dir, device=device), rotate_residual=settings.rotate_residual)
+    reorder = None
+    if settings.reorder:  # Quamba2: a first pass for x's ranges, then observers on the reordered model
+        absmax = x_channel_absmax(model, windows.ids, settings.batch_size)
+        reorder = reorder_record(model, absmax, settings.head_clusters, settings.channel_clusters)
+        prepare_model(model, reorder=reorder)
     stats, samples = calibrate(model, windows.ids, settings, progress=progress)
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -192,5 +209,9 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
         "versions": package_versions(),
         "taps": stats,
     }
+    if settings.rotate_residual:
+        doc["rotate_residual"] = True
+    if reorder is not None:
+        doc["reorder"] = reorder
     write_calibration(Path(out_dir), doc, samples if settings.save_activations else None)
     return doc

@@ -5,6 +5,13 @@ For each block: stream the Hessians of in_proj's input and of out_proj's (Hadama
 input over all calibration windows, quantize both weights, then run the block again with the
 quantized weights to produce the next block's inputs. GPTQ never reads activation scales,
 so its result depends on (model, w_bits, group size, seed, data) and serves every alpha.
+
+Options that change the model GPTQ sees (all off by default; gptq.json records them only when
+on, so default outputs are byte-identical to earlier versions): `rotate_residual` (the
+residual stream in the Hadamard basis), `reorder` (Quamba2's Mamba2 reordering, read from a
+stats.json, since out_proj's rotated input depends on the channel order), and `lm_head`
+(quantize lm_head last, from the final norm's outputs of the quantized blocks, as Quamba does).
+Assembly refuses stats.json and GPTQ dirs built with different options.
 """
 
 from __future__ import annotations
@@ -22,17 +29,20 @@ from quamba.data import TokenWindows, load_tokenizer, random_windows
 from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
 from quamba.gptq import GPTQ, QuantizedLinearWeight
-from quamba.io import atomic_dir, package_versions, sha256_files, write_json
+from quamba.hadamard import ALLOWED, supported
+from quamba.io import atomic_dir, package_versions, sha256_file, sha256_files, write_json
 from quamba.loading import load
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.lm import MambaLMHeadModel
 from quamba.quantizers import pack_int4, unpack_int4
+from quamba.reorder import check_reorderable, plan_sha256, prepare_model
 from quamba.rotation import rotate_out_projs
 from quamba.schemes import WEIGHT_GRANULARITY
 
 GPTQ_WEIGHTS = "gptq.safetensors"
 GPTQ_INFO = "gptq.json"
 ROUNDING = "half away from zero (CUDA roundf), on every path"
+OPTIONAL_SETTINGS = ("rotate_residual", "reorder", "lm_head")
 DEFAULT_GPTQ_DATA = Path(__file__).resolve().parents[1] / "resources" / "corpus" / "train.txt"
 
 
@@ -49,10 +59,21 @@ class GPTQSettings:
     act_order: bool = False
     blocksize: int = 128
     batch_size: int = 8
+    rotate_residual: bool = False  # GPTQ the model with its residual stream Hadamard-rotated
+    reorder: bool = False  # Mamba2: GPTQ the model reordered by the plan in a stats.json
+    lm_head: bool = False  # also quantize lm_head (Hessian from the final norm's outputs)
 
     @property
     def granularity(self) -> str:
         return WEIGHT_GRANULARITY[self.w_bits]
+
+    def record(self) -> dict:
+        """gptq.json's settings: the options added later appear only when on."""
+        record = {**asdict(self), "granularity": self.granularity}
+        for key in OPTIONAL_SETTINGS:
+            if not record[key]:
+                del record[key]
+        return record
 
     def validate(self) -> None:
         if self.w_bits not in WEIGHT_GRANULARITY:
@@ -77,8 +98,10 @@ def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:
 @torch.no_grad()
 def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings: GPTQSettings,
                         progress: bool = True) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
-    """Quantize in_proj and out_proj of every block; returns the weights and per-layer logs.
-    Works on a rotated copy; `model` itself is left unchanged."""
+    """Quantize in_proj and out_proj of every block (and lm_head with settings.lm_head); returns
+    the weights and per-layer logs. `model` must already be in the basis the quantized model
+    uses (`quamba.reorder.prepare_model`); GPTQ works on a copy with out_proj's input rotated,
+    and `model` itself is left unchanged."""
     settings.validate()
     model = rotate_out_projs(copy.deepcopy(model)).eval()
     linears = quantized_linears(model)
@@ -107,6 +130,15 @@ def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings
             linears[name].weight.copy_(result.dequantize().to(linears[name].weight.dtype))
             logs[name] = {"seconds": time.perf_counter() - start, "error": float(result.error)}
         residuals = [block(residual) for residual in residuals]  # next block sees quantized weights
+    if settings.lm_head:  # Quamba: after the blocks, on the final norm's outputs
+        start = time.perf_counter()
+        solver = GPTQ(model.lm_head.in_features)
+        for residual in residuals:
+            solver.add_batch(model.backbone.norm_f(residual).to(model.lm_head.weight.dtype))
+        results["lm_head"] = solver.quantize(model.lm_head.weight.float(), settings.w_bits, settings.granularity,
+                                             group_size=settings.group_size, percdamp=settings.percdamp,
+                                             blocksize=settings.blocksize, act_order=settings.act_order)
+        logs["lm_head"] = {"seconds": time.perf_counter() - start, "error": float(results["lm_head"].error)}
     return results, logs
 
 
@@ -148,23 +180,47 @@ def model_sha256(model_dir: Path) -> str:
     return sha256_files([Path(model_dir) / "config.json", *weight_files(Path(model_dir))])
 
 
+def _reorder_from_stats(stats_path: Path | None, model_dir: Path) -> tuple[dict, dict]:
+    """The reorder plan of a stats.json calibrated on this model with reordering on."""
+    from quamba.stats import read_stats
+
+    if stats_path is None:
+        raise ConfigError("reorder: GPTQ of a reordered model needs the stats.json whose plan it uses; "
+                          "give stats (calibrated with reorder on)")
+    stats = read_stats(stats_path)
+    if "reorder" not in stats:
+        raise ConfigError(f"stats: {stats_path} has no reorder plan; calibrate with reorder on")
+    if stats["model"]["sha256"] != model_sha256(model_dir):
+        raise ConfigError(f"stats: {stats_path} was calibrated on another model ({stats['model']['path']}), "
+                          f"not {model_dir}")
+    return stats["reorder"], {"stats": str(stats_path), "stats_sha256": sha256_file(Path(stats_path)),
+                              "plan_sha256": plan_sha256(stats["reorder"])}
+
+
 def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, data: str | Path | None = None,
-                   device: str | None = None, progress: bool = True) -> dict:
-    """`quamba gptq`: validated first, then sequential GPTQ, then the GPTQ dir written atomically."""
+                   device: str | None = None, progress: bool = True, stats: Path | None = None) -> dict:
+    """`quamba gptq`: validated first, then sequential GPTQ, then the GPTQ dir written atomically.
+    `stats`: the stats.json whose reorder plan to apply (only with settings.reorder)."""
     settings.validate()
     model_dir = resolve_model_dir(model_dir)
     config, _ = read_config(model_dir)
+    if settings.rotate_residual and not supported(config.d_model):
+        raise ConfigError(f"rotate_residual: d_model={config.d_model} has no Hadamard rotation; supported: {ALLOWED}")
+    reorder, reorder_info = None, None
+    if settings.reorder:
+        check_reorderable(config, 1, 1)
+        reorder, reorder_info = _reorder_from_stats(stats, model_dir)
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
     windows: TokenWindows = random_windows(data or DEFAULT_GPTQ_DATA, tokenizer, settings.nsamples,
                                            settings.seqlen, settings.seed)
-    model = load(model_dir, device=device, dtype=torch.float32)
+    model = prepare_model(load(model_dir, device=device, dtype=torch.float32), settings.rotate_residual, reorder)
     results, logs = gptq_quantize_model(model, windows.ids, settings, progress=progress)
     info = {
         "schema_version": 1, "kind": "quamba-gptq",
         "model": {"path": str(model_dir), "sha256": model_sha256(model_dir), "layer": config.layer},
-        "settings": {**asdict(settings), "granularity": settings.granularity},
+        "settings": settings.record(),
         "data": {"source": windows.source, "sha256": windows.source_sha256,
                  "tokens_sha256": windows.sha256, "selection": windows.selection},
         "hadamard": "out_proj input rotated, inverse fused into the weight before GPTQ",
@@ -172,5 +228,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, data:
         "layers": {name: {"error": round(log["error"], 6)} for name, log in logs.items()},
         "versions": package_versions(),
     }
+    if reorder_info is not None:
+        info["reorder"] = reorder_info
     save_gptq(Path(out_dir), results, info)
     return {"info": info, "seconds": {name: log["seconds"] for name, log in logs.items()}}

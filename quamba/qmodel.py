@@ -24,14 +24,16 @@ from quamba.errors import CheckpointError, ConfigError
 from quamba.gptq_model import ROUNDING, load_gptq, model_sha256, quantized_linears
 from quamba.hadamard import hadamard_transform
 from quamba.io import atomic_dir, package_versions, sha256_file, write_json
-from quamba.models.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, build_model, read_config
+from quamba.models.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, build_model, load_fp_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.quantizers import dequantize, expand_scales, pack_int4, quantize, unpack_int4
+from quamba.reorder import REORDER_TAP, ReorderPlan, check_reorderable, plan_sha256, prepare_model
 from quamba.schemes import get_scheme
 from quamba.stats import read_stats
-from quamba.taps import named_taps
+from quamba.taps import LM_HEAD_POINT, named_taps
 
 QUANT_CONFIG = "quant_config.json"
+X_GROUP_SCALES = "x_group_scales"  # model.safetensors key (per mixer) of x's per-channel reorder-cell scales
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
 
 
@@ -70,6 +72,26 @@ class QuantLinear(nn.Module):
         return F.linear(x_dq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def _check_transforms(config, stats: dict | None, gptq_info: dict, reorder: bool, rotate_residual: bool) -> None:
+    """Scales, GPTQ weights and the stored model must all come from the same transformed model."""
+    asked = {"rotate_residual": rotate_residual, "reorder": reorder}
+    for key, value in asked.items():
+        built = bool(gptq_info["settings"].get(key, False))
+        if built != value:
+            raise ConfigError(f"{key}: the GPTQ dir was built with {key}={built}, but quantize asks for {value}; "
+                              f"run calibration, GPTQ and quantize with the same {key}")
+        if stats is not None and bool(stats.get(key, False)) != value:
+            raise ConfigError(f"{key}: stats.json was calibrated with {key}={bool(stats.get(key, False))}, but "
+                              f"quantize asks for {value}; run calibration, GPTQ and quantize with the same {key}")
+    if reorder:
+        check_reorderable(config, 1, 1)
+        if stats is None:
+            raise ConfigError("stats: reorder needs the stats.json holding the reorder plan (calibrated with reorder on)")
+        if plan_sha256(stats["reorder"]) != gptq_info["reorder"]["plan_sha256"]:
+            raise ConfigError(f"stats: its reorder plan is not the one the GPTQ dir was built with "
+                              f"({gptq_info['reorder']['stats']}); use that stats.json")
+
+
 def _check_inputs(fp16_dir: Path, stats: dict | None, gptq_info: dict, scheme_name: str, alpha: float) -> None:
     """Everything that can be wrong with the inputs, before any work."""
     scheme = get_scheme(scheme_name)
@@ -95,27 +117,59 @@ def _check_inputs(fp16_dir: Path, stats: dict | None, gptq_info: dict, scheme_na
                               f"calibrate with it first")
 
 
+def _transformed_fp16_tensors(fp16_dir: Path, rotate_residual: bool, reorder: dict | None) -> tuple[dict, object]:
+    """The FP16 weights of the model in the basis calibration and GPTQ saw, and its config."""
+    model = prepare_model(load_fp_model(fp16_dir, dtype=torch.float32), rotate_residual, reorder)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight")
+    return tensors, model.config
+
+
+def _x_group_scales(plan_record: dict) -> torch.Tensor:
+    """Quamba2's grouped min/max scales of x, one per channel (d_inner,) of the reordered layout."""
+    cell_scales = torch.tensor([max(v, 1e-5 * 127) / 127 for v in plan_record["group_absmax_after"]],
+                               dtype=torch.float32)  # (cells,)
+    return cell_scales[ReorderPlan.from_record(plan_record).cell_of_channel()]  # (d_inner,)
+
+
 def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_name: str,
-                       alpha: float, stats_path: Path | None = None) -> dict:
-    """`quamba quantize`: FP16 dir + GPTQ dir (+ stats.json) -> a self-describing quantized dir."""
+                       alpha: float, stats_path: Path | None = None, reorder: bool = False,
+                       rotate_residual: bool = False) -> dict:
+    """`quamba quantize`: FP16 dir + GPTQ dir (+ stats.json) -> a self-describing quantized dir.
+
+    reorder (Mamba2) and rotate_residual must match how stats.json and the GPTQ dir were made;
+    both default to off, which gives byte-identical output to the versions before them. With
+    reorder and 8-bit activations, x (the SSM input) gets one scale per reorder cell (Quamba2's
+    grouped min/max) instead of one per tensor. A GPTQ dir holding lm_head quantizes it too.
+    """
     fp16_dir, out_dir = Path(fp16_dir), Path(out_dir)
     config, _ = read_config(fp16_dir)
     stats = read_stats(stats_path) if stats_path is not None else None
     gptq_layers, gptq_info = load_gptq(gptq_dir)
     _check_inputs(fp16_dir, stats, gptq_info, scheme_name, alpha)
+    _check_transforms(config, stats, gptq_info, reorder, rotate_residual)
     scheme = get_scheme(scheme_name)
 
-    tensors = {k: v.to(torch.float16) for k, v in load_file(fp16_dir / SAFETENSORS_FILE).items()}
+    if reorder or rotate_residual:
+        tensors, config = _transformed_fp16_tensors(fp16_dir, rotate_residual, stats["reorder"] if reorder else None)
+    else:
+        tensors = {k: v.to(torch.float16) for k, v in load_file(fp16_dir / SAFETENSORS_FILE).items()}
     for name, entry in gptq_layers.items():
-        tensors.pop(f"{name}.weight")
+        tensors.pop(f"{name}.weight", None)  # a tied lm_head has no weight of its own
         q = entry["qweight"]
         tensors[f"{name}.qweight"] = pack_int4(q) if scheme.w_bits == 4 else q.to(torch.int8)
         tensors[f"{name}.scales"] = entry["scales"].float()
-    act_scales = {}
+    act_scales, group_scales = {}, {}
     if scheme.needs_stats:
         key = alpha_key(alpha)
         act_scales = {tap: entry["alphas"][key]["scale"] for tap, entry in stats["taps"].items()
-                      if not tap.startswith("lm_head")}
+                      if not tap.startswith("lm_head") or (tap == LM_HEAD_POINT and "lm_head" in gptq_layers)}
+        if reorder:
+            for layer, plan_record in stats["reorder"]["layers"].items():
+                tensors[f"backbone.layers.{int(layer.removeprefix('layer_'))}.mixer.{X_GROUP_SCALES}"] = _x_group_scales(plan_record)
+                group_scales[f"{layer}.{REORDER_TAP}"] = [max(v, 1e-5 * 127) / 127
+                                                          for v in plan_record["group_absmax_after"]]
     quant_config = {
         "schema_version": 1, "kind": "quamba-quantized", "scheme": scheme.name,
         "w_bits": scheme.w_bits, "a_bits": scheme.a_bits, "weight_granularity": scheme.weight_granularity,
@@ -125,10 +179,23 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "quantized_linears": sorted(gptq_layers),
         "activation_scales": act_scales,
     }
+    if rotate_residual:
+        quant_config["rotate_residual"] = True
+        quant_config["hadamard"] += ("; residual stream rotated: embedding and lm_head (untied, norm_f fused) "
+                                     "rotated, block norms fused into in_proj, out_proj writes the rotated basis")
+    if reorder:
+        quant_config["reorder"] = {"head_clusters": stats["reorder"]["head_clusters"],
+                                   "channel_clusters": stats["reorder"]["channel_clusters"],
+                                   "plan_sha256": plan_sha256(stats["reorder"])}
+        if group_scales:
+            quant_config["group_activation_scales"] = group_scales
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / SAFETENSORS_FILE,
                   metadata={"format": "quamba-quantized"})
-        shutil.copy(fp16_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+        if rotate_residual:  # lm_head is untied now
+            write_json(tmp / CONFIG_FILE, config.to_state_spaces())
+        else:
+            shutil.copy(fp16_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         for tokenizer_file in fp16_dir.glob("tokenizer*"):
             shutil.copy(tokenizer_file, tmp / tokenizer_file.name)
         write_json(tmp / QUANT_CONFIG, quant_config)
@@ -160,6 +227,7 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
         tensors = load_file(model_dir / SAFETENSORS_FILE)
     except Exception as err:
         raise CheckpointError(f"{model_dir}: unreadable quantized model ({err})") from err
+    group_scales = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith(f".{X_GROUP_SCALES}")]}
     integer = {k.rpartition(".")[0]: {} for k in tensors if k.endswith(".qweight")}
     for name in integer:
         for field in ("qweight", "scales"):
@@ -185,7 +253,16 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
                 qweight, integer[name]["scales"], quant_config["w_bits"],
                 None if bias is None else bias.detach().clone(),
                 act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=kind == "out_proj"))
+    if "lm_head" in integer:  # its input quantized inside QuantLinear, so its tap stays identity
+        qweight = integer["lm_head"]["qweight"]
+        model.lm_head = QuantLinear(unpack_int4(qweight) if quant_config["w_bits"] == 4 else qweight,
+                                    integer["lm_head"]["scales"], quant_config["w_bits"], None,
+                                    act_scales.get(LM_HEAD_POINT), rotate_input=False)
     for tap_name, tap in named_taps(model).items():
-        if tap.point not in LINEAR_INPUT_TAPS.values():
+        if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
             tap.scale = act_scales.get(tap_name)
+    for i, block in enumerate(model.backbone.layers):
+        scales = group_scales.get(f"backbone.layers.{i}.mixer.{X_GROUP_SCALES}")
+        if scales is not None:  # Quamba2: x quantized per reorder cell
+            block.mixer.taps.by_key[REORDER_TAP.replace(":", "__")].scale = scales.float()
     return model.to(device=device, dtype=dtype).eval()

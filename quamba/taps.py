@@ -45,6 +45,8 @@ ROTATED_POINTS = frozenset({"out_proj:input"})
 class Tap(nn.Module):
     """A named point: identity in the FP model; with `scale` set, static symmetric int8
     fake-quantization (quantize, then dequantize) as the quantized model computes it.
+    `scale` is one float (per tensor) or a tensor of one scale per channel of the last dim
+    (Quamba2's grouped scales of x after reordering).
     `rotated`: quantizers see Hadamard-rotated values here (applied by the Linear after it)."""
 
     def __init__(self, point: str):
@@ -52,17 +54,22 @@ class Tap(nn.Module):
         self.point = point
         self.rotated = point in ROTATED_POINTS
         self.percentile = point in PERCENTILE_POINTS
-        self.scale: float | None = None
+        self.scale: float | torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return x
         from quamba.quantizers import fake_quantize  # the FP path never needs it
 
-        return fake_quantize(x, self.scale, 8)
+        scale = self.scale.to(x.device) if isinstance(self.scale, torch.Tensor) else self.scale
+        return fake_quantize(x, scale, 8)
 
     def extra_repr(self) -> str:
-        return self.point if self.scale is None else f"{self.point}, int8 scale={self.scale:.4g}"
+        if self.scale is None:
+            return self.point
+        if isinstance(self.scale, torch.Tensor):
+            return f"{self.point}, int8 scales per channel ({self.scale.numel()})"
+        return f"{self.point}, int8 scale={self.scale:.4g}"
 
 
 class Taps(nn.Module):
