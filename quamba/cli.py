@@ -22,9 +22,17 @@ def _calibrate(args: argparse.Namespace) -> None:
     settings = CalibrationSettings(
         num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         alphas=tuple(args.alphas), activation_layers=tuple(args.activation_layers),
-        activation_samples=args.activation_samples, save_activations=args.save_activations)
+        activation_samples=args.activation_samples, save_activations=args.save_activations,
+        rotate_residual=args.rotate_residual, reorder=args.reorder, head_clusters=args.head_clusters,
+        channel_clusters=args.channel_clusters)
     calibrate_model_dir(args.model_dir, args.out, settings, data=args.data, device=args.device)
     print(f"wrote {args.out / 'stats.json'}" + (" and activations.npz" if args.save_activations else ""))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from quamba.compare import render
+
+    print(render(args.results, args.task, args.metric, args.schemes.split(",") if args.schemes else None))
 
 
 def _view(args: argparse.Namespace) -> None:
@@ -37,15 +45,17 @@ def _gptq(args: argparse.Namespace) -> None:
     from quamba.gptq_model import GPTQSettings, gptq_model_dir
 
     settings = GPTQSettings(w_bits=args.w_bits, group_size=args.group_size, percdamp=args.percdamp,
-                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order)
-    result = gptq_model_dir(args.fp16_dir, args.out, settings, data=args.data, device=args.device)
+                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order,
+                            rotate_residual=args.rotate_residual, reorder=args.reorder, lm_head=args.lm_head)
+    result = gptq_model_dir(args.fp16_dir, args.out, settings, data=args.data, device=args.device, stats=args.stats)
     print(f"wrote {args.out} in {sum(result['seconds'].values()):.1f} s of GPTQ")
 
 
 def _quantize(args: argparse.Namespace) -> None:
     from quamba.qmodel import quantize_model_dir
 
-    quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, args.alpha, args.stats)
+    quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, args.alpha, args.stats,
+                       reorder=args.reorder, rotate_residual=args.rotate_residual)
     print(f"wrote {args.out}")
 
 
@@ -86,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--activation-samples", type=int, default=defaults.activation_samples,
                            help="values sampled uniformly per tap from the whole stream")
     calibrate.add_argument("--data", help="text file (.txt, .jsonl) or hub dataset id (default: the shipped corpus)")
+    calibrate.add_argument("--rotate-residual", action="store_true",
+                           help="Hadamard-rotate the residual stream first (must match across calibrate, gptq, quantize)")
+    calibrate.add_argument("--reorder", action="store_true",
+                           help="Mamba2: Quamba2's head/channel reordering, planned from a first pass over the data")
+    calibrate.add_argument("--head-clusters", type=int, default=defaults.head_clusters,
+                           help="reorder: head clusters per B/C group")
+    calibrate.add_argument("--channel-clusters", type=int, default=defaults.channel_clusters,
+                           help="reorder: channel clusters per head cluster")
     calibrate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     calibrate.add_argument("--out", type=Path, required=True, help="output directory")
     calibrate.set_defaults(run=_calibrate)
@@ -99,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--group-size", type=int, default=128)
     gptq.add_argument("--percdamp", type=float, default=0.01)
     gptq.add_argument("--act-order", action="store_true")
+    gptq.add_argument("--rotate-residual", action="store_true",
+                      help="Hadamard-rotate the residual stream first (must match across calibrate, gptq, quantize)")
+    gptq.add_argument("--reorder", action="store_true", help="Mamba2: GPTQ the model reordered by --stats' plan")
+    gptq.add_argument("--stats", type=Path, help="stats.json calibrated with --reorder (needed by --reorder)")
+    gptq.add_argument("--lm-head", action="store_true", help="also quantize lm_head (Quamba's last GPTQ step)")
     gptq.add_argument("--data", help="text file or hub dataset id, e.g. wikitext:wikitext-2-raw-v1 "
                                      "(default: the shipped corpus)")
     gptq.add_argument("--device", help="cpu or cuda (default: cuda when present)")
@@ -111,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--gptq", type=Path, required=True, help="GPTQ output dir of the same model")
     quantize.add_argument("--scheme", required=True, help="w8a8, w4a8 or w4a16")
     quantize.add_argument("--alpha", type=float, default=0.9995, help="percentile alpha (must be in stats.json)")
+    quantize.add_argument("--reorder", action="store_true",
+                          help="Mamba2: stats and GPTQ were built with --reorder; x gets a scale per reorder cell")
+    quantize.add_argument("--rotate-residual", action="store_true",
+                          help="Hadamard-rotate the residual stream first (must match across calibrate, gptq, quantize)")
     quantize.add_argument("--out", type=Path, required=True)
     quantize.set_defaults(run=_quantize)
 
@@ -132,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--filter", help="only taps whose name contains this text")
     view.add_argument("--compare", help="a second stats.json to set beside the first")
     view.set_defaults(run=_view)
+
+    compare = commands.add_parser(
+        "compare", help="model x scheme x alpha: a task's metric mean +- std over seeds, delta to FP16, SSM-input clipping")
+    compare.add_argument("results", type=Path, nargs="?", default=Path("results"), help="a study's results/ dir")
+    compare.add_argument("--task", help="task to compare (default: the first in alphabetical order)")
+    compare.add_argument("--metric", help="metric of that task (default: acc, else perplexity, else the first)")
+    compare.add_argument("--schemes", help="comma-separated schemes to show (default: all)")
+    compare.set_defaults(run=_compare)
     return parser
 
 
