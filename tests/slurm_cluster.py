@@ -207,6 +207,8 @@ class SlurmCluster:
             # Connections to slurmdbd take their munge socket from here, not from AuthInfo.
             f"AccountingStoragePass={self.munge_socket}\n"
             "AccountingStorageEnforce=associations\nJobCompType=jobcomp/none\n"
+            # sacct then shows each job's --comment, where the plugin names the rule and wildcards.
+            "AccountingStoreFlags=job_comment\n"
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={NODE_MEMORY_MB} State=UNKNOWN\n"
             f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n")
 
