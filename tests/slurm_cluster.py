@@ -83,8 +83,9 @@ class SlurmCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """os.environ plus SLURM_CONF: what every client (sbatch, sacct, snakemake) needs."""
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        """os.environ plus SLURM_CONF and the srun shim: what every client (sbatch, sacct, snakemake) needs."""
+        return {**os.environ, "SLURM_CONF": str(self.conf),
+                "PATH": f"{self.root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         """A client command against this cluster."""
@@ -97,9 +98,10 @@ class SlurmCluster:
         if missing:
             raise ClusterUnavailable(f"not installed: {', '.join(missing)} "
                                      "(apt-get install slurm-wlm slurmdbd munge mariadb-server)")
-        for sub in ("etc", "log", "munge", "mysql", "state", "spool", "run"):
+        for sub in ("bin", "etc", "log", "munge", "mysql", "state", "spool", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
+        self._write_srun_shim()
         try:
             self._start_munge()
             self._start_mariadb()
@@ -115,6 +117,15 @@ class SlurmCluster:
             self.stop()
             raise
         return self
+
+    def _write_srun_shim(self) -> None:
+        """An srun that finds this cluster: inside a job, snakemake-executor-plugin-slurm-jobstep
+        (0.6.1) drops every SLURM_* variable but the job's identity before its nested srun,
+        SLURM_CONF included, so srun falls back to /etc/slurm and DNS SRV and finds nothing. A site
+        cluster has /etc/slurm/slurm.conf (or configless slurmd) and does not notice."""
+        shim = self.root / "bin" / "srun"
+        shim.write_text(f"#!/bin/sh\nSLURM_CONF={self.conf} exec {shutil.which('srun')} \"$@\"\n")
+        os.chmod(shim, 0o755)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.logs / f"{name}.out", "w")
