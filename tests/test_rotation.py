@@ -59,3 +59,21 @@ def test_d_model_without_a_hadamard_matrix_is_refused_naming_it():
     model = random_model(MambaConfig(d_model=36, n_layer=1, vocab_size=50))
     with pytest.raises(ConfigError, match="rotate_residual: d_model=36"):
         rotate_residual(model)
+
+
+REAL_D_MODELS = (768, 1024, 1536, 2048, 2560, 4096)  # mamba/mamba2 130m ... 2.8b, mamba2-8b
+
+
+def test_every_real_d_model_has_a_rotation():
+    from quamba.hadamard import supported
+
+    assert all(supported(d) for d in REAL_D_MODELS)
+
+
+def test_rotation_at_mamba_130m_width_leaves_the_logits_unchanged():
+    model = random_model(MambaConfig(d_model=768, n_layer=1, vocab_size=64, d_state=4))  # 768 = 12 * 64
+    ids = IDS[:1, :8]
+    with torch.no_grad():
+        before = model(ids).logits
+        after = rotate_residual(model)(ids).logits
+    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
