@@ -4,18 +4,23 @@
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/calibrate.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
     input:
-        expand("results/{model}/fp16/model", model=MODELS),
         expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
-        expand("results/{model}/{scheme}/pa{alpha}/seed{seed}/model", model=MODELS, scheme=SCHEMES,
-               alpha=ALPHAS, seed=SEEDS),
-        expand("results/{model}/fp16/eval/{task}.json", model=MODELS, task=config["tasks"]),
+        expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=EVAL_TASKS),
+        expand(f"{SUMMARY}/{{table}}.csv", table=SUMMARY_TABLES),
+        f"{SUMMARY}/plots/accuracy_vs_alpha.png",
+        f"{SUMMARY}/plots/clipping_ranges.png",
+        expand(f"{SUMMARY}/plots/{{model}}_activations.png", model=MODELS),
     default_target: True

@@ -50,6 +50,13 @@ def _check_sources():
 _check_sources()
 
 
+# A variant of a model: its FP16 checkpoint or one quantized run (the results/ tree's second level).
+VARIANT_PATTERN = "fp16|(?:{})/pa(?:{})/seed\\d+".format(
+    "|".join(SCHEMES), "|".join(re.escape(a) for a in ALPHAS))
+QUANTIZED_VARIANTS = [f"{scheme}/pa{alpha}/seed{seed}" for scheme in SCHEMES for alpha in ALPHAS for seed in SEEDS]
+VARIANTS = ["fp16", *QUANTIZED_VARIANTS]
+
+
 wildcard_constraints:
     model="|".join(MODELS),
     calib="|".join(CALIBRATIONS),

@@ -1,5 +1,6 @@
-# Evaluation: one job per (model, variant, task). A job reads only its model dir, so adding a task
-# runs only that task's jobs, and a rebuilt model reruns only its own evaluations.
+# Evaluation: one job per (model, variant, task), where variant is fp16 or a quantized run
+# {scheme}/pa{alpha}/seed{seed}. A job reads only its model dir, so adding a task runs only that
+# task's jobs, and a rebuilt model reruns only its own evaluations.
 import re
 
 from quamba.errors import QuambaError
@@ -25,7 +26,7 @@ rule evaluate:
     output:
         "results/{model}/{variant}/eval/{task}.json",
     wildcard_constraints:
-        variant="fp16",
+        variant=VARIANT_PATTERN,
         task="|".join(re.escape(t) for t in EVAL_TASKS),
     params:
         batch_size=config["eval"]["batch_size"],
@@ -34,7 +35,7 @@ rule evaluate:
         "logs/{model}/{variant}/eval/{task}.log",
     benchmark:
         "benchmarks/{model}/{variant}/eval/{task}.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=120,

@@ -1,0 +1,75 @@
+"""`quamba compare`: the user's four-run comparison, from the results/ tree.
+
+One row per (model, scheme, alpha): the accuracy of a task as mean +- std over seeds (n seeds),
+its delta to FP16, and what the alpha did to the SSM input (mean clipped share and range
+reduction over every layer's SSM-input tap). The user's note compared mamba-130m and
+mamba2-2.7b at alpha 0.9995 and 1.0, W8A8, on lambada_openai; here any study's grid shows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from quamba.errors import ConfigError
+from quamba.summary import accuracy_table, aggregate_table, alpha_label, clipping_table, discover, ssm_input_clipping
+
+DEFAULT_METRICS = ("acc", "perplexity")  # the first of these a task reports is compared
+
+
+def pick_metric(accuracy: pd.DataFrame, task: str, metric: str | None) -> str:
+    available = sorted(accuracy.loc[accuracy.task == task, "metric"].unique())
+    if metric is not None:
+        if metric not in available:
+            raise ConfigError(f"compare: --metric {metric!r} is not reported by {task}; allowed: {available}")
+        return metric
+    for name in DEFAULT_METRICS:
+        if name in available:
+            return name
+    return available[0]
+
+
+def compare_table(results_dir: Path, task: str | None = None, metric: str | None = None,
+                  schemes: list[str] | None = None) -> tuple[pd.DataFrame, str, str]:
+    """The comparison as a frame of display strings, and the task and metric it shows."""
+    evals, stats = discover(results_dir)
+    accuracy = accuracy_table(evals)
+    if accuracy.empty:
+        raise ConfigError(f"{results_dir}: no eval results yet; run the study first (snakemake --cores N)")
+    tasks = sorted(accuracy.task.unique())
+    task = task or tasks[0]
+    if task not in tasks:
+        raise ConfigError(f"compare: --task {task!r} has no results; allowed: {tasks}")
+    metric = pick_metric(accuracy, task, metric)
+    aggregate = aggregate_table(accuracy[(accuracy.task == task) & (accuracy.metric == metric)])
+    if schemes:
+        unknown = sorted(set(schemes) - set(aggregate.scheme))
+        if unknown:
+            raise ConfigError(f"compare: --schemes {unknown} have no results; allowed: {sorted(set(aggregate.scheme))}")
+        aggregate = aggregate[aggregate.scheme.isin([*schemes, "fp16"])]
+    clipping = clipping_table(stats)
+    rows = []
+    for row in aggregate.itertuples():
+        fp16 = row.scheme == "fp16"
+        clip = {"clipped_fraction": math.nan, "range_reduction": math.nan}
+        if not fp16 and not clipping.empty:
+            clip = ssm_input_clipping(clipping, row.model, row.alpha)
+        spread = "" if math.isnan(row.std) else f" +- {row.std:.4f}"
+        rows.append({"model": row.model, "scheme": row.scheme, "alpha": alpha_label(None if fp16 else row.alpha),
+                     f"{task} {metric}": f"{row.mean:.4f}{spread} (n={row.n})",
+                     "delta fp16": "" if fp16 else f"{row.delta_fp16:+.4f}",
+                     "SSM input clipped": "" if math.isnan(clip["clipped_fraction"])
+                     else f"{100 * clip['clipped_fraction']:.4f}%",
+                     "range reduction": "" if math.isnan(clip["range_reduction"])
+                     else f"{100 * clip['range_reduction']:.1f}%"})
+    return pd.DataFrame(rows), task, metric
+
+
+def render(results_dir: Path, task: str | None = None, metric: str | None = None,
+           schemes: list[str] | None = None) -> str:
+    frame, task, metric = compare_table(results_dir, task, metric, schemes)
+    title = (f"{task} {metric}: mean +- std over seeds; SSM input clipping averaged over layers "
+             f"(from {Path(results_dir)})")
+    return title + "\n" + frame.to_string(index=False)
