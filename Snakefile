@@ -1,7 +1,11 @@
 # quamba-flow: FP16 checkpoint -> calibration statistics -> GPTQ models -> lm-eval -> report.
 # The DAG and the results/ tree are described in README.md; the logic lives in quamba/.
 
-configfile: "config.yaml"
+# The default study, unless --configfile names others (to layer on top of it, name both:
+# --configfile config.yaml my.yaml); a study file is then complete on its own.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "report/workflow.rst"

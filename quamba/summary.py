@@ -178,9 +178,10 @@ def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path
 
 # -- files ---------------------------------------------------------------------------------------
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """CSV written atomically with a fixed float format, so equal tables give equal bytes."""
+    """CSV written atomically; floats as their shortest round-trip repr, so the file holds exactly
+    the numbers of the eval JSONs and equal tables give equal bytes."""
     with atomic_path(Path(path)) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.10g", lineterminator="\n")
+        frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
 def write_summary(results_dir: Path, eval_files: Sequence[Path], stats_files: Sequence[Path],

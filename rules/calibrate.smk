@@ -10,6 +10,7 @@ rule calibrate:
         activations="results/{model}/calib/{calib}/activations.npz",
     params:
         settings=lambda wc: calibration_setting(wc.calib),
+        device=DEVICE,
     log:
         "logs/{model}/calib/{calib}/calibrate.log",
     benchmark:
@@ -18,6 +19,6 @@ rule calibrate:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=0,
+        gpu=GPUS,
     script:
         "../scripts/calibrate.py"

@@ -31,6 +31,7 @@ rule evaluate:
     params:
         batch_size=config["eval"]["batch_size"],
         limit=config["eval"]["limit"],
+        device=DEVICE,
     log:
         "logs/{model}/{variant}/eval/{task}.log",
     benchmark:
@@ -39,6 +40,6 @@ rule evaluate:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=0,
+        gpu=GPUS,
     script:
         "../scripts/evaluate.py"

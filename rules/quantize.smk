@@ -9,6 +9,7 @@ rule gptq:
         directory("results/{model}/gptq/w{bits}/seed{seed}"),
     params:
         settings=config["gptq"],
+        device=DEVICE,
     log:
         "logs/{model}/gptq/w{bits}/seed{seed}/gptq.log",
     benchmark:
@@ -17,7 +18,7 @@ rule gptq:
     resources:
         mem_mb=16000,
         runtime=240,
-        gpu=0,
+        gpu=GPUS,
     script:
         "../scripts/gptq.py"
 

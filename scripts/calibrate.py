@@ -18,5 +18,5 @@ with job_log(snakemake.log[0]) as log:  # noqa: F821
     data = setting.get("data")
     log.info("calibrating %s with %s (data: %s)", snakemake.input.model, settings, data or "shipped corpus")  # noqa: F821
     doc = calibrate_model_dir(Path(snakemake.input.model), Path(snakemake.output.stats).parent,  # noqa: F821
-                              settings, data=data, progress=False)
+                              settings, data=data, device=snakemake.params.device, progress=False)  # noqa: F821
     log.info("wrote %d taps; data tokens sha256 %s", len(doc["taps"]), doc["data"]["tokens_sha256"])

@@ -16,6 +16,6 @@ with job_log(snakemake.log[0]) as log:  # noqa: F821
                             act_order=setting["act_order"])
     log.info("GPTQ of %s with %s (data: %s)", snakemake.input.model, settings, setting.get("data") or "shipped corpus")  # noqa: F821
     result = gptq_model_dir(Path(snakemake.input.model), Path(snakemake.output[0]), settings,  # noqa: F821
-                            data=setting.get("data"), progress=False)
+                            data=setting.get("data"), device=snakemake.params.device, progress=False)  # noqa: F821
     for name, seconds in result["seconds"].items():
         log.info("%s: %.2f s, error %.4g", name, seconds, result["info"]["layers"][name]["error"])

@@ -1,74 +1,243 @@
-"""The Snakemake workflow: config validated at the door, FP16 normalization runs and is cached."""
+"""The Snakemake workflow end to end on a tiny study: outputs, summaries, caching, interruption.
+
+One real run (module fixture `ran_study`) feeds every test here; the caching tests edit the config
+and compare the dry-run job list with exactly the jobs the edit must cause. The run is killed
+and resumed last, since it changes the outputs.
+"""
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 import quamba
 from conftest import REPO, random_model
+from quamba.models import MambaConfig
 from quamba.stats import read_stats
 from test_checkpoint import write_state_spaces
-from quamba.models import MambaConfig
+
+TINY = {
+    "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2, "alphas": [0.999, 0.9995, 1.0],
+                               "activation_layers": [0, 1], "activation_samples": 100}},
+    "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999], "seeds": [0, 1]},
+    "gptq": {"nsamples": 4, "seqlen": 32},
+    "tasks": ["quamba_mc", "perplexity"],
+    "eval": {"limit": 5},
+}
+SUMMARY = ["results/summary/runs.csv", "results/summary/accuracy.csv", "results/summary/aggregate.csv",
+           "results/summary/clipping.csv", "results/summary/plots/accuracy_vs_alpha.png",
+           "results/summary/plots/clipping_ranges.png"]
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(workdir), "--cores", "2", *args]
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
 
 
-@pytest.fixture
-def study(tmp_path):
-    """A workdir with a config naming one random state-spaces checkpoint."""
-    source = write_state_spaces(random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=4096)), tmp_path / "ckpt")
-    config = {"models": {"tiny": {"source": str(source),
-                                  "tokenizer": str(REPO / "resources" / "tokenizer")}},
-              "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2,
-                                         "alphas": [0.999, 1.0], "activation_layers": [0, 1],
-                                         "activation_samples": 100}},
-              "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999],
-                               "seeds": [0, 1]},
-              "gptq": {"nsamples": 4, "seqlen": 32},
-              "tasks": ["quamba_mc", "perplexity"], "eval": {"limit": 5}}
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
-    return tmp_path
+def planned(workdir: Path, config: dict) -> set[str]:
+    """The outputs a run with `config` would (re)build, from Snakemake's dry run (nothing runs)."""
+    from snakemake.api import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings, SnakemakeApi
+    from snakemake.settings.types import Quietness
+
+    path = workdir / f"plan-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    updated: list[str] = []
+    cwd = Path.cwd()
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            workflow = api.workflow(resource_settings=ResourceSettings(cores=2), snakefile=REPO / "Snakefile",
+                                    config_settings=ConfigSettings(configfiles=[path]), workdir=workdir)
+            workflow.dag(DAGSettings()).execute_workflow(executor="dryrun", updated_files=updated)
+    finally:
+        os.chdir(cwd)
+        path.unlink()
+    return set(updated)
 
 
-def test_study_normalizes_and_calibrates_then_caches(study):
-    run = snakemake(study, "--configfile", "study.yaml")
+def tiny_config(source: Path, **changes) -> dict:
+    config = json.loads(json.dumps(TINY))  # a deep copy
+    config["models"] = {"tiny": {"source": str(source), "tokenizer": str(REPO / "resources" / "tokenizer")}}
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def ran_study(tmp_path_factory):
+    """A workdir where the tiny study (one random model, 2 schemes x 1 alpha x 2 seeds) has run."""
+    workdir = tmp_path_factory.mktemp("study")
+    source = write_state_spaces(random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=4096)), workdir / "ckpt")
+    (workdir / "study.yaml").write_text(yaml.safe_dump(tiny_config(source)))
+    run = snakemake(workdir, "--configfile", "study.yaml")
     assert run.returncode == 0, run.stderr
-    out = study / "results" / "tiny" / "fp16" / "model"
+    return workdir, source
+
+
+def test_study_outputs_exist_and_parse(ran_study):
+    workdir, _ = ran_study
+    out = workdir / "results" / "tiny" / "fp16" / "model"
     assert json.loads((out / "source.json").read_text())["format"] == "state-spaces"
     assert quamba.load(out, device="cpu").config.d_model == 32
-    for log in ("fp16/normalize.log", "calib/quick/calibrate.log"):
-        assert (study / "logs" / "tiny" / log).is_file()
-    assert (study / "benchmarks" / "tiny" / "fp16" / "normalize.tsv").is_file()
-    stats = read_stats(study / "results" / "tiny" / "calib" / "quick" / "stats.json")
-    assert stats["num_samples"] == 4 and stats["alphas"] == [0.999, 1.0]
+    for log in ("fp16/normalize.log", "calib/quick/calibrate.log", "gptq/w4/seed1/gptq.log",
+                "w8a8/pa0.999/seed0/eval/quamba_mc.log"):
+        assert (workdir / "logs" / "tiny" / log).is_file()
+    assert (workdir / "benchmarks" / "tiny" / "fp16" / "normalize.tsv").is_file()
+    stats = read_stats(workdir / "results" / "tiny" / "calib" / "quick" / "stats.json")
+    assert stats["num_samples"] == 4 and stats["alphas"] == [0.999, 0.9995, 1.0]
     assert stats["seed"] == 0 and stats["activation_layers"] == [0, 1]  # seed: the schema's default
-    with np.load(study / "results" / "tiny" / "calib" / "quick" / "activations.npz") as npz:
+    with np.load(workdir / "results" / "tiny" / "calib" / "quick" / "activations.npz") as npz:
         assert "layer_0.x_proj:input" in npz.files
     for bits in (8, 4):
         for seed in (0, 1):
-            assert (study / "results" / "tiny" / "gptq" / f"w{bits}" / f"seed{seed}" / "gptq.safetensors").is_file()
+            assert (workdir / "results" / "tiny" / "gptq" / f"w{bits}" / f"seed{seed}" / "gptq.safetensors").is_file()
     for scheme in ("w8a8", "w4a16"):
         for seed in (0, 1):
-            model_dir = study / "results" / "tiny" / scheme / "pa0.999" / f"seed{seed}" / "model"
-            quant_config = json.loads((model_dir / "quant_config.json").read_text())
+            variant = workdir / "results" / "tiny" / scheme / "pa0.999" / f"seed{seed}"
+            quant_config = json.loads((variant / "model" / "quant_config.json").read_text())
             assert (quant_config["scheme"], quant_config["alpha"], quant_config["seed"]) == (scheme, 0.999, seed)
-            assert quamba.load(model_dir, device="cpu").config.n_layer == 2
-    for task in ("quamba_mc", "perplexity"):
-        result = json.loads((study / "results" / "tiny" / "fp16" / "eval" / f"{task}.json").read_text())
-        assert task in result["results"]
-    again = snakemake(study, "--configfile", "study.yaml", "-n")
-    assert "Nothing to be done" in again.stdout + again.stderr
+            assert quamba.load(variant / "model", device="cpu").config.n_layer == 2
+            for task in ("quamba_mc", "perplexity"):
+                result = json.loads((variant / "eval" / f"{task}.json").read_text())
+                assert result["model"]["quant_config"]["scheme"] == scheme and task in result["results"]
+    for path in SUMMARY + ["results/summary/plots/tiny_activations.png"]:
+        assert (workdir / path).stat().st_size > 0, path
+    assert (workdir / "results" / "summary" / "plots" / "accuracy_vs_alpha.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_numbers_equal_the_eval_jsons(ran_study):
+    workdir, _ = ran_study
+    summary = workdir / "results" / "summary"
+    accuracy = pd.read_csv(summary / "accuracy.csv")
+    runs = pd.read_csv(summary / "runs.csv")
+    assert len(runs) == 4 and set(runs.scheme) == {"w8a8", "w4a16"} and set(runs.seed) == {0, 1}
+    checked = 0
+    for row in runs.itertuples():
+        eval_dir = workdir / row.eval_dir
+        mc = json.loads((eval_dir / "quamba_mc.json").read_text())["results"]["quamba_mc"]
+        ppl = json.loads((eval_dir / "perplexity.json").read_text())["results"]["perplexity"]
+        assert runs.loc[row.Index, "quamba_mc:acc"] == pytest.approx(mc["acc,none"], abs=1e-9)
+        assert runs.loc[row.Index, "perplexity:perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-9)
+        tidy = accuracy[(accuracy.variant == f"{row.scheme}/pa0.999/seed{row.seed}") & (accuracy.task == "quamba_mc")
+                        & (accuracy.metric == "acc")]
+        assert tidy.value.item() == pytest.approx(mc["acc,none"], abs=1e-9)
+        assert tidy.stderr.item() == pytest.approx(mc["acc_stderr,none"], abs=1e-9)
+        checked += 1
+    assert checked == 4
+    aggregate = pd.read_csv(summary / "aggregate.csv")
+    w8a8 = aggregate[(aggregate.scheme == "w8a8") & (aggregate.task == "perplexity") & (aggregate.metric == "perplexity")]
+    values = runs[runs.scheme == "w8a8"]["perplexity:perplexity"]
+    fp16 = accuracy[(accuracy.scheme == "fp16") & (accuracy.metric == "perplexity")].value.item()
+    assert w8a8.n.item() == 2 and w8a8["mean"].item() == pytest.approx(values.mean(), rel=1e-9)
+    assert w8a8["std"].item() == pytest.approx(values.std(ddof=1), rel=1e-9)
+    assert w8a8.delta_fp16.item() == pytest.approx(values.mean() - fp16, rel=1e-9)
+    half = 12.706204736 * values.std(ddof=1) / math.sqrt(2)  # Student t, 1 degree of freedom, 97.5%
+    assert w8a8.ci95_high.item() == pytest.approx(values.mean() + half, rel=1e-6)
+    clipping = pd.read_csv(summary / "clipping.csv")
+    stats = read_stats(workdir / "results" / "tiny" / "calib" / "quick" / "stats.json")
+    row = clipping[(clipping.tap == "layer_1.x_proj:input") & (clipping.alpha == 0.999)]
+    assert row.clipped_fraction.item() == pytest.approx(
+        stats["taps"]["layer_1.x_proj:input"]["alphas"]["0.999"]["clipped_fraction"], abs=1e-12)
+
+
+def test_compare_prints_the_seed_spread(ran_study, capsys):
+    workdir, _ = ran_study
+    from quamba.cli import main
+
+    assert main(["compare", str(workdir / "results"), "--task", "perplexity"]) == 0
+    table = capsys.readouterr().out
+    assert "perplexity perplexity" in table and "(n=2)" in table and "fp16" in table and "w4a16" in table
+    assert main(["compare", str(workdir / "results"), "--task", "nope"]) == 2
+    assert "--task 'nope' has no results; allowed: ['perplexity', 'quamba_mc']" in capsys.readouterr().err
+
+
+def variant_outputs(scheme: str, alpha: str, seed: int, tasks=("quamba_mc", "perplexity")) -> set[str]:
+    variant = f"results/tiny/{scheme}/pa{alpha}/seed{seed}"
+    return {f"{variant}/model", *(f"{variant}/eval/{task}.json" for task in tasks)}
+
+
+def test_second_run_has_nothing_to_do(ran_study):
+    workdir, source = ran_study
+    assert planned(workdir, tiny_config(source)) == set()
+
+
+def test_changing_an_alpha_reruns_only_its_assembly_and_evals(ran_study):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, quantization__alphas=[0.9995]))
+    expected = set(SUMMARY)
+    for scheme in ("w8a8", "w4a16"):
+        for seed in (0, 1):
+            expected |= variant_outputs(scheme, "0.9995", seed)
+    assert plan == expected  # no calibration, no GPTQ, no FP16 evaluation
+
+
+def test_adding_a_seed_adds_only_that_seeds_jobs(ran_study):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, quantization__seeds=[0, 1, 2]))
+    expected = {*SUMMARY, "results/tiny/gptq/w8/seed2", "results/tiny/gptq/w4/seed2",
+                *variant_outputs("w8a8", "0.999", 2), *variant_outputs("w4a16", "0.999", 2)}
+    assert plan == expected
+
+
+def test_changing_the_calibration_sample_count_reruns_calibration_and_what_reads_it(ran_study):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, calibrations__quick__samples=6))
+    expected = {*SUMMARY, "results/tiny/calib/quick/stats.json", "results/tiny/calib/quick/activations.npz",
+                "results/summary/plots/tiny_activations.png"}
+    for scheme in ("w8a8", "w4a16"):  # every quantized dir carries the stats it was built from
+        for seed in (0, 1):
+            expected |= variant_outputs(scheme, "0.999", seed)
+    assert plan == expected  # GPTQ and the FP16 model and its evals stay
+
+
+def test_adding_a_task_runs_only_the_new_evals(ran_study):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, tasks=["quamba_mc", "perplexity", "quamba_cloze"]))
+    variants = ["fp16"] + [f"{s}/pa0.999/seed{seed}" for s in ("w8a8", "w4a16") for seed in (0, 1)]
+    assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/quamba_cloze.json" for v in variants)}
+
+
+def test_killed_run_leaves_no_corrupt_output_and_resumes(ran_study):
+    """SIGKILL the whole run while a new seed's GPTQ works; nothing half-written stays under a
+    final name, and the rerun builds exactly what is missing."""
+    workdir, source = ran_study
+    (workdir / "more.yaml").write_text(yaml.safe_dump(tiny_config(source, quantization__seeds=[0, 1, 3])))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "1", "--configfile", "more.yaml"]
+    run = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    log = workdir / "logs" / "tiny" / "gptq" / "w4" / "seed3" / "gptq.log"
+    log_w8 = workdir / "logs" / "tiny" / "gptq" / "w8" / "seed3" / "gptq.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() or log_w8.exists()) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    for bits in (4, 8):
+        gptq = workdir / "results" / "tiny" / "gptq" / f"w{bits}" / "seed3"
+        assert not gptq.exists() or (gptq / "gptq.safetensors").is_file()  # absent or whole, never partial
+    assert snakemake(workdir, "--configfile", "more.yaml", "--unlock").returncode == 0  # the killed run's lock
+    resumed = snakemake(workdir, "--configfile", "more.yaml", "--rerun-incomplete")
+    assert resumed.returncode == 0, resumed.stderr
+    for scheme in ("w8a8", "w4a16"):
+        model_dir = workdir / "results" / "tiny" / scheme / "pa0.999" / "seed3" / "model"
+        assert quamba.load(model_dir, device="cpu").config.n_layer == 2
+    assert len(pd.read_csv(workdir / "results" / "summary" / "runs.csv")) == 6
+    assert planned(workdir, tiny_config(source, quantization__seeds=[0, 1, 3])) == set()
 
 
 @pytest.mark.parametrize("models, message", [
@@ -86,20 +255,37 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, messag
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("calibration, message", [
-    ({"alphas": [0.9995, 1.5]}, "1.5 is greater than the maximum of 1"),
-    ({"samples": 0}, "0 is less than the minimum of 1"),
-    ({"sample": 8}, "'sample' was unexpected"),
-    ({"alphas": [1.0]}, "quantization.alphas: ['0.999'] not in calibrations.quick.alphas"),
+@pytest.mark.parametrize("changes, message", [
+    ({"calibrations__quick__alphas": [0.9995, 1.5]}, "1.5 is greater than the maximum of 1"),
+    ({"calibrations__quick__samples": 0}, "0 is less than the minimum of 1"),
+    ({"calibrations__quick": {"sample": 8}}, "'sample' was unexpected"),
+    ({"calibrations__quick": {"alphas": [1.0]}}, "quantization.alphas: ['0.999'] not in calibrations.quick.alphas"),
+    ({"quantization__schemes": ["w8a4"]}, "'w8a4' is not one of ['w8a8', 'w4a8', 'w4a16']"),
+    ({"quantization__seeds": [-1]}, "-1 is less than the minimum of 0"),
+    ({"device": "tpu"}, "'tpu' is not one of ['cpu', 'cuda']"),
+    ({"tasks": ["quamba_mcc"]}, "task 'quamba_mcc': unknown"),
+    ({"eval": {"batch_size": 0}}, "0 is less than the minimum of 1"),
 ])
-def test_bad_calibration_setting_fails_before_any_job(study, calibration, message):
-    config = yaml.safe_load((study / "study.yaml").read_text())
-    config["calibrations"] = {"quick": calibration}
-    (study / "bad.yaml").write_text(yaml.safe_dump(config))
-    run = snakemake(study, "--configfile", "bad.yaml")
+def test_bad_study_setting_fails_before_any_job(tmp_path, changes, message):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, **changes)))
+    run = snakemake(tmp_path, "--configfile", "bad.yaml")
     assert run.returncode != 0
     assert message in run.stdout + run.stderr
-    assert not (study / "results").exists()
+    assert not (tmp_path / "results").exists()
+
+
+def test_paper_study_dry_run_lists_the_expected_jobs(tmp_path):
+    """configs/paper.yaml needs the hub and a GPU; its DAG is checked without running anything."""
+    run = snakemake(tmp_path, "--configfile", str(REPO / "configs" / "paper.yaml"), "-n", "--quiet", "rules")
+    assert run.returncode == 0, run.stderr
+    counts = {}
+    for line in (run.stdout + run.stderr).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    # 2 models; 1 calibration; w8a8 -> GPTQ at 8 bits x 3 seeds; 2 alphas x 3 seeds; fp16 + 6 variants x 1 task
+    assert counts == {"normalize_fp16": 2, "calibrate": 2, "gptq": 6, "assemble": 12, "evaluate": 14,
+                      "summarize": 1, "plot_summary": 1, "plot_activations": 2, "all": 1, "total": 41}
 
 
 @pytest.mark.slow
@@ -107,10 +293,17 @@ def test_default_study_runs_from_a_clean_checkout(tmp_path):
     """`snakemake --cores 2` on config.yaml, in a workdir laid out like a fresh clone."""
     (tmp_path / "resources").symlink_to(REPO / "resources")
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    started = time.monotonic()
     run = snakemake(tmp_path)
+    print(f"default study: {time.monotonic() - started:.0f} s")
     assert run.returncode == 0, run.stderr
     config = yaml.safe_load((REPO / "config.yaml").read_text())
+    runs = pd.read_csv(tmp_path / "results" / "summary" / "runs.csv")
+    q = config["quantization"]
+    assert len(runs) == len(config["models"]) * len(q["schemes"]) * len(q["alphas"]) * len(q["seeds"])
     for model in config["models"]:
         assert (tmp_path / "results" / model / "fp16" / "model" / "model.safetensors").is_file()
         for calib in config["calibrations"]:
             read_stats(tmp_path / "results" / model / "calib" / calib / "stats.json")
+        for task in config["tasks"]:
+            json.loads((tmp_path / "results" / model / "fp16" / "eval" / f"{task}.json").read_text())
