@@ -14,7 +14,14 @@ from pathlib import Path
 import pandas as pd
 
 from quamba.errors import ConfigError
-from quamba.summary import accuracy_table, aggregate_table, alpha_label, clipping_table, discover, ssm_input_clipping
+from quamba.summary import (
+    accuracy_table,
+    aggregate_table,
+    alpha_label,
+    clipping_table,
+    discover,
+    ssm_input_clipping,
+)
 
 DEFAULT_METRICS = ("acc", "perplexity")  # the first of these a task reports is compared
 

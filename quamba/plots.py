@@ -14,13 +14,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from quamba.io import atomic_path  # noqa: E402
-from quamba.stats import read_stats  # noqa: E402
-from quamba.summary import SSM_INPUT_POINTS, alpha_label  # noqa: E402
+from quamba.io import atomic_path
+from quamba.stats import read_stats
+from quamba.summary import SSM_INPUT_POINTS, alpha_label
 
 MAIN_METRICS = ("acc", "perplexity")  # the metric plotted per task: the first it reports
 
@@ -34,7 +34,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def _main_metric(rows: pd.DataFrame) -> str:
     metrics = set(rows.metric)
-    return next((m for m in MAIN_METRICS if m in metrics), sorted(metrics)[0])
+    return next((m for m in MAIN_METRICS if m in metrics), min(metrics))
 
 
 def accuracy_vs_alpha(accuracy: pd.DataFrame, out: Path) -> None:
