@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import quamba
 from conftest import REPO
 from quamba.data import load_tokenizer
+from quamba.eval import QuambaLM, task_manager
 
 MODELS = REPO / "resources" / "models"
 
@@ -38,3 +39,26 @@ def test_demo_models_are_small_fp16_safetensors():
     for name in ("mamba1-demo", "mamba2-demo"):
         source = json.loads((MODELS / name / "source.json").read_text())
         assert source["dtype"] == "float16"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two threads contending with other jobs ran
+    this evaluation 5-15x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["mamba1-demo", "mamba2-demo"])
+def test_demo_model_beats_chance_on_quamba_mc_by_several_standard_errors(name, one_thread):
+    from lm_eval.evaluator import simple_evaluate
+
+    lm = QuambaLM(MODELS / name, batch_size=8, device="cpu", progress=False)
+    run = simple_evaluate(model=lm, tasks=["quamba_mc"], task_manager=task_manager(["quamba_mc"]), limit=200)
+    scores = run["results"]["quamba_mc"]
+    chance = 0.25  # four choices; context-free baselines score it too (test_resources.py)
+    # Over the first 200 items (all 500): mamba1-demo acc 0.470 (0.420), mamba2-demo 0.565 (0.478), stderr ~0.035.
+    assert scores["acc,none"] > chance + 4 * scores["acc_stderr,none"], scores
+    assert scores["acc_norm,none"] > chance + 2 * scores["acc_norm_stderr,none"], scores

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +16,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RESOURCES = REPO / "resources"
 SPLITS = ("train", "valid", "test")
-# Item counts of the shipped task data; resources/README.md states the same.
-EXPECTED_ITEMS = {"quamba_cloze": 500, "quamba_mc": 343}
+# Item counts and sizes of the shipped task data; resources/README.md states the same.
+EXPECTED_ITEMS = {"quamba_cloze": 500, "quamba_mc": 500}
+EXPECTED_BYTES = {"quamba_cloze": 451_518, "quamba_mc": 174_120}
 
 
 def read_documents(split: str) -> list[str]:
@@ -109,6 +114,19 @@ def test_tasks_load_from_another_cwd_with_expected_item_counts(tasks):
         assert len(list(task.test_docs())) == EXPECTED_ITEMS[name] == len(read_jsonl(name)), name
 
 
+def test_task_data_has_the_documented_size():
+    for name, size in EXPECTED_BYTES.items():
+        assert (RESOURCES / "tasks" / "data" / f"{name}.jsonl").stat().st_size == size, name
+
+
+def test_task_data_rebuilds_byte_identical(tmp_path):
+    subprocess.run([sys.executable, str(RESOURCES / "build" / "make_tasks.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in EXPECTED_ITEMS:
+        shipped = (RESOURCES / "tasks" / "data" / f"{name}.jsonl").read_bytes()
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == shipped, name
+
+
 def test_cloze_targets_are_one_word_right_after_the_context(tasks):
     task = tasks["quamba_cloze"]
     for doc in task.test_docs():
@@ -133,6 +151,37 @@ def test_mc_items_have_four_distinct_choices_and_gold_in_range(tasks):
         assert len(choices) == 4 and len(set(choices)) == 4, choices
         assert isinstance(gold, int) and 0 <= gold < 4
         assert task.doc_to_text(doc) and all(c and not c[0].isspace() for c in choices)
+
+
+def test_mc_choices_share_token_count_case_and_final_character(tokenizer):
+    for doc in read_jsonl("quamba_mc"):
+        choices = doc["choices"]
+        assert len({len(tokenizer.encode(" " + c)) for c in choices}) == 1, choices
+        assert len({c[0].islower() for c in choices}) == 1 and len({c[-1] for c in choices}) == 1, choices
+
+
+def test_mc_context_free_baselines_stay_at_chance(tokenizer):
+    """Neither a unigram model of the training split nor the choices' lengths find the true ending:
+    what is left for a model is how each ending continues its context."""
+    counts = collections.Counter(tokenizer.encode((RESOURCES / "corpus" / "train.txt").read_text(encoding="utf-8")))
+    total = sum(counts.values()) + len(tokenizer)
+
+    def unigram(choice: str) -> float:
+        return sum(math.log((counts[t] + 1) / total) for t in tokenizer.encode(" " + choice))
+
+    def hit_rate(score) -> float:
+        """Accuracy of picking the top score, a tie shared among the tied choices."""
+        rate = 0.0
+        for doc in docs:
+            scores = [score(c) for c in doc["choices"]]
+            best = [i for i, s in enumerate(scores) if s == max(scores)]
+            rate += (doc["label"] in best) / len(best)
+        return rate / len(docs)
+
+    docs = read_jsonl("quamba_mc")
+    for name, score in {"unigram": unigram, "unigram per character": lambda c: unigram(c) / len(c),
+                        "longest": len, "shortest": lambda c: -len(c)}.items():
+        assert hit_rate(score) < 0.29, name  # chance: 0.25; 500 items give a standard error of 0.019
 
 
 def test_task_text_comes_from_the_test_split_only():

@@ -6,8 +6,9 @@ access and whose text no model saw in training, so both tasks are cut from
 
 * ``quamba_cloze`` (LAMBADA-style): a passage of whole sentences from one
   document, 60-150 words, whose last word must be predicted.
-* ``quamba_mc``: the opening of a paragraph and four candidate next sentences,
-  the true one and three from other documents of similar length.
+* ``quamba_mc``: a paragraph up to the middle of a sentence and four candidate
+  endings, the true one and three endings of sentences from other documents with
+  as many tokens.
 
 Items are chosen with a seeded ``random.Random``, so a rebuild from the same
 corpus gives byte-identical JSONL files in ``resources/tasks/data/``.
@@ -23,6 +24,8 @@ import os
 import random
 import re
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 # A sentence ends at . ! or ? (maybe inside a closing quote) followed by a
@@ -86,31 +89,57 @@ def cloze_items(documents: list[list[str]], count: int, min_words: int, max_word
     return items
 
 
-def mc_items(documents: list[list[str]], count: int, rng: random.Random) -> list[dict]:
-    """Next-sentence items: the paragraph so far, the true next sentence and 3 distractors."""
-    def complete(sentence: str) -> bool:
-        return len(sentence.split()) >= 4 and sentence.rstrip("\"')”’").endswith((".", "!", "?"))
+def sentence_endings(documents: list[list[str]], min_words: int, max_words: int,
+                     rng: random.Random) -> list[tuple[int, str, str]]:
+    """(document index, context, ending) for every complete sentence of min-max words.
 
-    pool = []  # (document index, sentence) for distractors
-    candidates = []
+    The sentence is cut after 40-60% of its words (at least 2 words before the cut and 3
+    after); the context is the paragraph up to the cut, the ending is the rest."""
+    endings = []
     for doc_index, paragraphs in enumerate(documents):
         for paragraph in paragraphs:
             sentences = split_sentences(paragraph)
-            pool.extend((doc_index, s) for s in sentences if complete(s))
-            for position in range(1, len(sentences)):
-                if complete(sentences[position]):
-                    candidates.append((doc_index, " ".join(sentences[:position]), sentences[position]))
-    chosen = sorted(rng.sample(range(len(candidates)), min(count, len(candidates))))
+            for position, sentence in enumerate(sentences):
+                words = sentence.split()
+                if not (min_words <= len(words) <= max_words
+                        and sentence.rstrip("\"')”’").endswith((".", "!", "?"))):
+                    continue
+                low = max(2, int(0.4 * len(words)))
+                cut = rng.randint(low, max(low, min(int(0.6 * len(words)), len(words) - 3)))
+                context = " ".join(sentences[:position] + words[:cut])
+                endings.append((doc_index, context, " ".join(words[cut:])))
+    return endings
+
+
+def mc_items(documents: list[list[str]], count: int, tokenizer: Tokenizer, rng: random.Random,
+             min_words: int = 6, max_words: int = 40) -> list[dict]:
+    """Sentence-ending items: a paragraph up to the middle of a sentence, the true ending and
+    three endings of sentences from other documents.
+
+    Why this form: a model of ~1M parameters barely links one sentence to the next, so a
+    choice among whole next sentences measures mostly which sentence is more probable on
+    its own. Here every choice is the second half of a real sentence, so each is fluent text
+    of the same kind; what tells the true one apart is how it continues the half sentence
+    (grammar at the cut) and the paragraph (topic, repeated words). Distractors have exactly
+    as many tokens as the true ending, the same first-letter case and the same final
+    character, so neither length nor such a surface cue gives the answer away (a tolerance
+    on the length would leave the true ending as the middle one, itself a cue)."""
+    endings = sentence_endings(documents, min_words, max_words, rng)
+    tokens = [len(tokenizer.encode(" " + ending).ids) for _, _, ending in endings]
+
+    def distractors(index: int) -> list[str]:
+        doc_index, _, gold = endings[index]
+        similar = {ending for (d, _, ending), n in zip(endings, tokens)
+                   if d != doc_index and ending != gold and n == tokens[index]
+                   and ending[0].islower() == gold[0].islower() and ending[-1] == gold[-1]}
+        return sorted(similar)
+
+    usable = [i for i in range(len(endings)) if len(distractors(i)) >= 3]
+    chosen = sorted(rng.sample(usable, min(count, len(usable))))
     items = []
     for number, index in enumerate(chosen):
-        doc_index, context, gold = candidates[index]
-        length = len(gold.split())
-        # Same length band and same capitalisation, so neither gives the answer away.
-        similar = sorted({s for d, s in pool if d != doc_index and s != gold
-                          and s[0].isupper() == gold[0].isupper()
-                          and length / 2 <= len(s.split()) <= length * 2})
-        assert len(similar) >= 3, f"too few distractors for {gold!r}"
-        choices = rng.sample(similar, 3)
+        _, context, gold = endings[index]
+        choices = rng.sample(distractors(index), 3)
         label = rng.randrange(4)
         choices.insert(label, gold)
         items.append({"id": f"quamba_mc-{number:04d}", "context": context,
@@ -131,6 +160,8 @@ def write_jsonl(path: Path, items: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=REPO / "resources" / "corpus" / "test.txt")
+    parser.add_argument("--tokenizer", type=Path, default=REPO / "resources" / "tokenizer" / "tokenizer.json",
+                        help="counts tokens to match the lengths of quamba_mc's choices")
     parser.add_argument("--out", type=Path, default=REPO / "resources" / "tasks" / "data")
     parser.add_argument("--cloze-items", type=int, default=500)
     parser.add_argument("--mc-items", type=int, default=500)
@@ -142,7 +173,7 @@ def main() -> None:
     documents = read_documents(args.corpus)
     cloze = cloze_items(documents, args.cloze_items, args.min_words, args.max_words,
                         random.Random(args.seed))
-    mc = mc_items(documents, args.mc_items, random.Random(args.seed + 1))
+    mc = mc_items(documents, args.mc_items, Tokenizer.from_file(str(args.tokenizer)), random.Random(args.seed + 1))
     for name, items, wanted in (("quamba_cloze", cloze, args.cloze_items), ("quamba_mc", mc, args.mc_items)):
         write_jsonl(args.out / f"{name}.jsonl", items)
         note = "" if len(items) == wanted else f" (only {len(items)} candidates in the corpus)"
