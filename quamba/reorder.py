@@ -236,3 +236,10 @@ def prepare_model(model: nn.Module, rotate_residual: bool = False, reorder: dict
     if reorder is not None:
         reorder_model(model, reorder)
     return model
+
+
+def reorders(model_dir, requested: bool) -> bool:
+    """A study's `reorder` applies to its Mamba2 models; Mamba1 models of the same study go without."""
+    from quamba.models.checkpoint import read_config
+
+    return requested and read_config(model_dir)[0].layer == "Mamba2"

@@ -10,6 +10,7 @@ rule calibrate:
         activations="results/{model}/calib/{calib}/activations.npz",
     params:
         settings=lambda wc: calibration_setting(wc.calib),
+        transforms=TRANSFORMS,
         device=DEVICE,
     log:
         "logs/{model}/calib/{calib}/calibrate.log",

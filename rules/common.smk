@@ -18,6 +18,7 @@ SCHEMES = QUANTIZATION["schemes"]
 ALPHAS = [alpha_key(a) for a in QUANTIZATION["alphas"]]
 SEEDS = [str(s) for s in QUANTIZATION["seeds"]]
 SCHEME_BITS = {name: get_scheme(name).w_bits for name in SCHEMES}
+TRANSFORMS = config["transforms"]
 DEVICE = config["device"]
 GPUS = 1 if DEVICE == "cuda" else 0  # resources: gpu of the jobs that run the model
 

@@ -2,13 +2,24 @@
 # per (scheme, alpha, seed) from the FP16 weights, the GPTQ weights and the calibration stats.
 
 
+def gptq_stats(wildcards):
+    """With reorder on, GPTQ runs on the reordered model, whose plan is in the calibration's stats."""
+    return {"stats": study_stats(wildcards)} if TRANSFORMS["reorder"] else {}
+
+
+def study_stats(wildcards):
+    return f"results/{wildcards.model}/calib/{QUANTIZATION['calibration']}/stats.json"
+
+
 rule gptq:
     input:
+        unpack(gptq_stats),
         model="results/{model}/fp16/model",
     output:
         directory("results/{model}/gptq/w{bits}/seed{seed}"),
     params:
         settings=config["gptq"],
+        transforms=TRANSFORMS,
         device=DEVICE,
     log:
         "logs/{model}/gptq/w{bits}/seed{seed}/gptq.log",
@@ -26,10 +37,12 @@ rule gptq:
 rule assemble:
     input:
         model="results/{model}/fp16/model",
-        stats=lambda wc: f"results/{wc.model}/calib/{config['quantization']['calibration']}/stats.json",
+        stats=study_stats,
         gptq=lambda wc: f"results/{wc.model}/gptq/w{SCHEME_BITS[wc.scheme]}/seed{wc.seed}",
     output:
         directory("results/{model}/{scheme}/pa{alpha}/seed{seed}/model"),
+    params:
+        transforms=TRANSFORMS,
     log:
         "logs/{model}/{scheme}/pa{alpha}/seed{seed}/assemble.log",
     benchmark:

@@ -240,6 +240,32 @@ def test_killed_run_leaves_no_corrupt_output_and_resumes(ran_study):
     assert planned(workdir, tiny_config(source, quantization__seeds=[0, 1, 3])) == set()
 
 
+def test_study_with_every_transform_on(tmp_path):
+    """rotate_residual + reorder + lm_head GPTQ through the workflow: a Mamba2 model reorders, the
+    Mamba1 model of the same study goes without, and every quantized dir records what it got."""
+    models = {}
+    for name, layer in (("m1", "Mamba1"), ("m2", "Mamba2")):
+        config = MambaConfig(d_model=32, n_layer=2, vocab_size=4096, layer=layer,
+                             **({"headdim": 16, "d_state": 16} if layer == "Mamba2" else {}))
+        source = write_state_spaces(random_model(config), tmp_path / name)
+        models[name] = {"source": str(source), "tokenizer": str(REPO / "resources" / "tokenizer")}
+    config = tiny_config(tmp_path, quantization__schemes=["w8a8"], quantization__seeds=[0], tasks=["perplexity"],
+                         transforms={"rotate_residual": True, "reorder": True, "head_clusters": 2,
+                                     "channel_clusters": 2}, gptq__lm_head=True)
+    config["models"] = models
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, "--configfile", "study.yaml")
+    assert run.returncode == 0, run.stderr
+    for name in models:
+        model_dir = tmp_path / "results" / name / "w8a8" / "pa0.999" / "seed0" / "model"
+        quant_config = json.loads((model_dir / "quant_config.json").read_text())
+        assert quant_config["rotate_residual"] is True and "lm_head" in quant_config["quantized_linears"]
+        assert ("reorder" in quant_config) == (name == "m2")
+        ppl = json.loads((model_dir.parent / "eval" / "perplexity.json").read_text())["results"]["perplexity"]
+        fp16 = json.loads((tmp_path / "results" / name / "fp16" / "eval" / "perplexity.json").read_text())
+        assert ppl["perplexity"] == pytest.approx(fp16["results"]["perplexity"]["perplexity"], rel=0.05)
+
+
 @pytest.mark.parametrize("models, message", [
     ({"tiny": {"sorce": "x"}}, "'sorce' was unexpected"),
     ({"tiny": {"source": "/no/such/dir"}}, "models.tiny.source: /no/such/dir: no such model directory"),
