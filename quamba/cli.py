@@ -64,7 +64,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     doc = evaluate(args.model_dir, [t for t in args.tasks.split(",") if t], args.out, batch_size=args.batch_size,
                    limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
-                   seed=args.seed)
+                   seed=args.seed, perplexity_tokens=args.perplexity_tokens)
     print("\n".join(summary(doc)))
     print(f"wrote {args.out}")
 
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated lm-eval tasks, e.g. quamba_cloze,quamba_mc,lambada_openai,perplexity")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--limit", type=int, help="at most this many items per task")
+    evaluate.add_argument("--perplexity-tokens", type=int, help="perplexity: score only the first this many tokens")
     evaluate.add_argument("--num-fewshot", type=int, default=0)
     evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")

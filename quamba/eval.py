@@ -334,7 +334,8 @@ def plain_json(value: Any) -> Any:
 
 def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size: int = 8,
              limit: int | None = None, device: str | None = None, dtype: str | None = None,
-             num_fewshot: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+             num_fewshot: int = 0, seed: int = 0, progress: bool = True,
+             perplexity_tokens: int | None = None) -> dict[str, Any]:
     """Run `tasks` on a model dir and write one JSON to `out` (atomically); returns its content.
 
     tasks: lm-eval task/group/tag names (the offline quamba_cloze and quamba_mc included), and
@@ -345,6 +346,8 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     batch_size = positive_int("batch_size", batch_size)
     if limit is not None:
         limit = positive_int("limit", limit)
+    if perplexity_tokens is not None:
+        perplexity_tokens = positive_int("perplexity_tokens", perplexity_tokens)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ConfigError(f"num_fewshot: {num_fewshot!r} is not allowed; expected an integer >= 0")
     names, perplexity_files, manager = split_tasks(list(tasks))
@@ -367,7 +370,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
             sections[key].update(output.get(key) or {})
     for data in perplexity_files:
         name = PERPLEXITY_TASK if data is None else f"{PERPLEXITY_TASK}:{data}"
-        scores, config = evaluate_perplexity(lm, data or DEFAULT_TEXT, limit=limit)
+        scores, config = evaluate_perplexity(lm, data or DEFAULT_TEXT, limit=limit, max_tokens=perplexity_tokens)
         sections["results"][name] = scores
         sections["configs"][name] = config
         sections["versions"][name] = config["version"]

@@ -34,11 +34,13 @@ def _shown(path: Path) -> str:
 
 
 def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: int | None = None,
-                        stride: int | None = None, limit: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                        stride: int | None = None, limit: int | None = None,
+                        max_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(scores, settings) of `lm` on `data` (.txt: documents separated by blank lines; .jsonl: a
     `text` field per line). seq_len defaults to the adapter's max_length; limit keeps the first
-    documents. nll is the total in nats; perplexity = exp(nll / tokens), word_perplexity =
-    exp(nll / whitespace-separated words)."""
+    documents; max_tokens then keeps the first tokens of those, cutting the last document kept
+    (words and bytes then count its scored part). nll is the total in nats; perplexity =
+    exp(nll / tokens), word_perplexity = exp(nll / whitespace-separated words)."""
     seq_len = seq_len or lm.max_length
     stride = stride or seq_len
     if not 1 <= stride <= seq_len <= lm.max_length:
@@ -48,10 +50,22 @@ def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: 
         raise ConfigError(f"perplexity: {data} is not a file; expected a .txt or .jsonl file")
     documents, digest = read_documents(data)
     documents = [text.strip() for text in documents]  # the blank lines between them are the file's format
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"perplexity: max_tokens={max_tokens} is not allowed; expected an integer >= 1 or None")
     scored = documents[:limit] if limit is not None else documents
+    encoded, budget = [], max_tokens
+    for i, text in enumerate(scored):
+        ids = lm.tok_encode(text)
+        if budget is not None and len(ids) >= budget:
+            ids = ids[:budget]
+            scored = [*scored[:i], lm.tok_decode(ids)]
+            encoded.append(ids)
+            break
+        encoded.append(ids)
+        budget = None if budget is None else budget - len(ids)
     windows = []
-    for text in scored:
-        pairs = get_rolling_token_windows(lm.tok_encode(text), prefix_token=lm.prefix_token_id,
+    for ids in encoded:
+        pairs = get_rolling_token_windows(ids, prefix_token=lm.prefix_token_id,
                                           max_seq_len=seq_len, context_len=seq_len - stride + 1)
         windows += [(None, context, target) for context, target in map(make_disjoint_window, pairs)]
     nll = -math.fsum(logprob for logprob, _ in lm._loglikelihood_tokens(windows))
@@ -62,6 +76,7 @@ def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: 
               "perplexity": math.exp(nll / tokens), "word_perplexity": math.exp(nll / words),
               "bits_per_byte": nll / size / math.log(2)}
     settings = {"data": _shown(Path(data)), "data_sha256": digest, "seq_len": seq_len, "stride": stride,
-                "documents": len(documents), "documents_scored": len(scored), "windows": len(windows),
+                "documents": len(documents), "documents_scored": len(scored), "max_tokens": max_tokens,
+                "windows": len(windows),
                 "version": VERSION}
     return scores, settings

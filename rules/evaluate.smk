@@ -20,6 +20,22 @@ def _check_tasks():
 _check_tasks()
 
 
+def task_limit(task):
+    """eval.limit: one number for every task, or a mapping task -> number."""
+    limit = config["eval"]["limit"]
+    return limit.get(task) if isinstance(limit, dict) else limit
+
+
+def _check_limits():
+    limit = config["eval"]["limit"]
+    unknown = sorted(set(limit) - set(EVAL_TASKS)) if isinstance(limit, dict) else []
+    if unknown:
+        raise ValueError(f"config: eval.limit: {unknown} are not in tasks {EVAL_TASKS}")
+
+
+_check_limits()
+
+
 rule evaluate:
     input:
         model="results/{model}/{variant}/model",
@@ -30,7 +46,8 @@ rule evaluate:
         task="|".join(re.escape(t) for t in EVAL_TASKS),
     params:
         batch_size=config["eval"]["batch_size"],
-        limit=config["eval"]["limit"],
+        limit=lambda wc: task_limit(wc.task),
+        perplexity_tokens=config["eval"]["perplexity_tokens"],
         device=DEVICE,
     log:
         "logs/{model}/{variant}/eval/{task}.log",

@@ -13,6 +13,7 @@ with job_log(snakemake.log[0]) as log:  # noqa: F821
     log.info("evaluating %s on %s (batch size %s, limit %s)", snakemake.input.model, task,  # noqa: F821
              params.batch_size, params.limit)
     doc = evaluate(Path(snakemake.input.model), [task], Path(snakemake.output[0]),  # noqa: F821
-                   batch_size=params.batch_size, limit=params.limit, device=params.device, progress=False)
+                   batch_size=params.batch_size, limit=params.limit, device=params.device, progress=False,
+                   perplexity_tokens=params.perplexity_tokens)
     for line in summary(doc):
         log.info(line)

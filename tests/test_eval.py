@@ -210,6 +210,23 @@ def test_perplexity_equals_a_plain_forward(tmp_path, ours):
     assert strided["tokens"] == tokens and strided["nll"] != pytest.approx(nll, rel=1e-9)
 
 
+def test_perplexity_max_tokens_scores_the_first_tokens_only(tmp_path, ours):
+    first = " ".join(["The first document is long enough to be cut by the token budget."] * 6)
+    (tmp_path / "held_out.txt").write_text(f"A short one.\n\n{first}\n\nA third, never scored.\n")
+    short = len(ours.tok_encode("A short one."))
+    budget = short + 20
+    scores, settings = evaluate_perplexity(ours, tmp_path / "held_out.txt", seq_len=32, max_tokens=budget)
+    assert scores["tokens"] == budget and settings["documents_scored"] == 2 and settings["max_tokens"] == budget
+    cut = ours.tok_decode(ours.tok_encode(first)[:20])
+    (tmp_path / "cut.txt").write_text(f"A short one.\n\n{cut}\n")
+    whole, _ = evaluate_perplexity(ours, tmp_path / "cut.txt", seq_len=32)
+    assert scores["nll"] == pytest.approx(whole["nll"], rel=1e-9) and scores["words"] == whole["words"]
+    everything, _ = evaluate_perplexity(ours, tmp_path / "held_out.txt", seq_len=32, max_tokens=10**6)
+    assert everything["tokens"] > budget
+    with pytest.raises(ConfigError, match="max_tokens=0 is not allowed"):
+        evaluate_perplexity(ours, tmp_path / "held_out.txt", max_tokens=0)
+
+
 def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_path, model_dir):
     runs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in runs:
