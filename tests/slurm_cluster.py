@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 BINARIES = ("munged", "mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "slurmctld", "slurmd",
             "sbatch", "srun", "scancel", "squeue", "sinfo", "sacct", "sacctmgr", "scontrol")
@@ -93,7 +94,7 @@ class SlurmCluster:
 
     # -- bring-up -------------------------------------------------------------------------------
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> Self:
         missing = missing_binaries()
         if missing:
             raise ClusterUnavailable(f"not installed: {', '.join(missing)} "
@@ -128,9 +129,9 @@ class SlurmCluster:
         os.chmod(shim, 0o755)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        log = open(self.logs / f"{name}.out", "w")
-        self._procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+        with open(self.logs / f"{name}.out", "w") as log:  # the daemon keeps its own copy of the fd
+            self._procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
 
     def _wait(self, what: str, ready, daemon: str) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -163,7 +164,7 @@ class SlurmCluster:
         datadir = self.root / "mysql"
         install = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={datadir}",
                                   f"--user={self.user}", "--auth-root-authentication-method=socket",
-                                  "--skip-test-db"], capture_output=True, text=True)
+                                  "--skip-test-db"], capture_output=True, text=True, check=False)
         if install.returncode != 0:
             raise ClusterUnavailable(f"mariadb-install-db failed:\n{install.stdout[-2000:]}{install.stderr[-2000:]}")
         self._spawn("mariadbd", ["mariadbd", "--no-defaults", f"--datadir={datadir}", f"--user={self.user}",
@@ -255,7 +256,7 @@ class SlurmCluster:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

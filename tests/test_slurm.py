@@ -7,7 +7,6 @@ tests/README.md has the recipe and how to run it by hand.
 """
 
 import hashlib
-import json
 import os
 import re
 import signal
@@ -21,11 +20,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from conftest import REPO, random_model
-from quamba.models import MambaConfig
 from slurm_cluster import ClusterUnavailable, SlurmCluster
 from test_checkpoint import write_state_spaces
+
+from quamba.models import MambaConfig
 
 SACCT_FIELDS = ("JobIDRaw", "Comment", "State", "ReqMem", "Timelimit", "ReqCPUS", "ReqTRES")
 RUN_TIMEOUT_S = 900
@@ -147,7 +146,7 @@ def snakemake_cmd(workdir: Path, study: Path, *args: str) -> list[str]:
 def snakemake(workdir: Path, study: Path, *args: str, env=None, timeout=RUN_TIMEOUT_S):
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(snakemake_cmd(workdir, study, *args), cwd=workdir, capture_output=True, text=True,
-                          env={**(env or os.environ), "HF_HUB_OFFLINE": "1"}, timeout=timeout)
+                          env={**(env or os.environ), "HF_HUB_OFFLINE": "1"}, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
