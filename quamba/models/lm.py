@@ -49,7 +49,10 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config: MambaConfig):
         super().__init__()
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        # Zeros until reset_parameters() or a checkpoint fills it: nn.Embedding's own normal_ init
+        # would, under the meta device that checkpoint loading builds on, import torch._dynamo (1 s).
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model,
+                                      _weight=torch.zeros(config.padded_vocab_size, config.d_model))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_epsilon)
 
