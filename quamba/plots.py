@@ -28,7 +28,7 @@ MAIN_METRICS = ("acc", "perplexity")  # the metric plotted per task: the first i
 def _save(fig: plt.Figure, path: Path) -> None:
     """PNG written atomically; fixed metadata so equal data gives equal bytes."""
     with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -40,7 +40,7 @@ def _main_metric(rows: pd.DataFrame) -> str:
 def accuracy_vs_alpha(accuracy: pd.DataFrame, out: Path) -> None:
     models, tasks = sorted(accuracy.model.unique()), sorted(accuracy.task.unique())
     fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(models)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     alphas = sorted(a for a in accuracy.alpha.dropna().unique())
     schemes = sorted(s for s in accuracy.scheme.unique() if s != "fp16")
     for i, model in enumerate(models):
@@ -75,7 +75,7 @@ def accuracy_vs_alpha(accuracy: pd.DataFrame, out: Path) -> None:
 def clipping_ranges(clipping: pd.DataFrame, out: Path) -> None:
     ssm = clipping[clipping.tap.str.split(".").str[-1].isin(SSM_INPUT_POINTS)]
     models = sorted(ssm.model.unique()) or ["(no SSM-input taps)"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False, layout="constrained")
     for ax, model in zip(axes[0], models):
         rows = ssm[ssm.model == model]
         if rows.empty:
@@ -103,7 +103,7 @@ def activation_histograms(stats_path: Path, npz_path: Path, out: Path, layers: i
         taps = [t for t in npz.files if t.split(".")[-1] in SSM_INPUT_POINTS and t in stats["taps"]]
         taps = sorted(taps, key=lambda t: int(t.split(".")[0].removeprefix("layer_")))[:layers]
         samples = {t: npz[t].astype(np.float64).ravel() for t in taps}
-    fig, axes = plt.subplots(1, max(len(taps), 1), figsize=(4.2 * max(len(taps), 1), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(taps), 1), figsize=(4.2 * max(len(taps), 1), 3.2), squeeze=False, layout="constrained")
     for ax, tap in zip(axes[0], taps):
         values = samples[tap]
         ax.hist(values, bins=120, color="0.55", log=True)

@@ -21,5 +21,7 @@ rule calibrate:
         mem_mb=8000,
         runtime=120,
         gpu=GPUS,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/calibrate.py"

@@ -7,6 +7,7 @@ from snakemake.utils import validate
 from quamba.calibration import alpha_key
 from quamba.errors import QuambaError
 from quamba.models.checkpoint import check_source
+from quamba.eval import split_tasks
 from quamba.schemes import get_scheme
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
@@ -19,6 +20,7 @@ ALPHAS = [alpha_key(a) for a in QUANTIZATION["alphas"]]
 SEEDS = [str(s) for s in QUANTIZATION["seeds"]]
 SCHEME_BITS = {name: get_scheme(name).w_bits for name in SCHEMES}
 TRANSFORMS = config["transforms"]
+CONDA_ENV = "../envs/quamba.yaml"  # used only with --software-deployment-method conda
 DEVICE = config["device"]
 GPUS = 1 if DEVICE == "cuda" else 0  # resources: gpu of the jobs that run the model
 
@@ -89,3 +91,44 @@ def local_model_files(wildcards):
     if not source.is_dir():
         return []
     return sorted(str(p) for p in source.iterdir() if p.is_file())
+
+
+def gptq_stats(wildcards):
+    """With reorder on, GPTQ runs on the reordered model, whose plan is in the calibration's stats."""
+    return {"stats": study_stats(wildcards)} if TRANSFORMS["reorder"] else {}
+
+
+def study_stats(wildcards):
+    return f"results/{wildcards.model}/calib/{QUANTIZATION['calibration']}/stats.json"
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+EVAL_TASKS = config["tasks"]
+
+
+def _check_tasks():
+    """Every task is known to lm-eval (or is perplexity[:FILE]), so a typo fails before any job runs."""
+    try:
+        split_tasks(EVAL_TASKS)
+    except QuambaError as err:
+        raise ValueError(f"config: tasks: {err}") from None
+
+
+_check_tasks()
+
+
+def task_limit(task):
+    """eval.limit: one number for every task, or a mapping task -> number."""
+    limit = config["eval"]["limit"]
+    return limit.get(task) if isinstance(limit, dict) else limit
+
+
+def _check_limits():
+    limit = config["eval"]["limit"]
+    unknown = sorted(set(limit) - set(EVAL_TASKS)) if isinstance(limit, dict) else []
+    if unknown:
+        raise ValueError(f"config: eval.limit: {unknown} are not in tasks {EVAL_TASKS}")
+
+
+_check_limits()

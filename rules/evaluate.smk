@@ -1,39 +1,6 @@
 # Evaluation: one job per (model, variant, task), where variant is fp16 or a quantized run
 # {scheme}/pa{alpha}/seed{seed}. A job reads only its model dir, so adding a task runs only that
 # task's jobs, and a rebuilt model reruns only its own evaluations.
-import re
-
-from quamba.errors import QuambaError
-from quamba.eval import split_tasks
-
-EVAL_TASKS = config["tasks"]
-
-
-def _check_tasks():
-    """Every task is known to lm-eval (or is perplexity[:FILE]), so a typo fails before any job runs."""
-    try:
-        split_tasks(EVAL_TASKS)
-    except QuambaError as err:
-        raise ValueError(f"config: tasks: {err}") from None
-
-
-_check_tasks()
-
-
-def task_limit(task):
-    """eval.limit: one number for every task, or a mapping task -> number."""
-    limit = config["eval"]["limit"]
-    return limit.get(task) if isinstance(limit, dict) else limit
-
-
-def _check_limits():
-    limit = config["eval"]["limit"]
-    unknown = sorted(set(limit) - set(EVAL_TASKS)) if isinstance(limit, dict) else []
-    if unknown:
-        raise ValueError(f"config: eval.limit: {unknown} are not in tasks {EVAL_TASKS}")
-
-
-_check_limits()
 
 
 rule evaluate:
@@ -58,5 +25,7 @@ rule evaluate:
         mem_mb=8000,
         runtime=120,
         gpu=GPUS,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/evaluate.py"

@@ -17,5 +17,7 @@ rule normalize_fp16:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/normalize.py"

@@ -2,15 +2,6 @@
 # per (scheme, alpha, seed) from the FP16 weights, the GPTQ weights and the calibration stats.
 
 
-def gptq_stats(wildcards):
-    """With reorder on, GPTQ runs on the reordered model, whose plan is in the calibration's stats."""
-    return {"stats": study_stats(wildcards)} if TRANSFORMS["reorder"] else {}
-
-
-def study_stats(wildcards):
-    return f"results/{wildcards.model}/calib/{QUANTIZATION['calibration']}/stats.json"
-
-
 rule gptq:
     input:
         unpack(gptq_stats),
@@ -30,6 +21,8 @@ rule gptq:
         mem_mb=16000,
         runtime=240,
         gpu=GPUS,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/gptq.py"
 
@@ -51,5 +44,7 @@ rule assemble:
     resources:
         mem_mb=8000,
         runtime=30,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/assemble.py"

@@ -29,6 +29,8 @@ rule summarize:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/summarize.py"
 
@@ -50,6 +52,8 @@ rule plot_summary:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/plot_summary.py"
 
@@ -69,5 +73,7 @@ rule plot_activations:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/plot_activations.py"

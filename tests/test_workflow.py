@@ -211,6 +211,21 @@ def test_adding_a_task_runs_only_the_new_evals(ran_study):
     assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/quamba_cloze.json" for v in variants)}
 
 
+def test_report_bundles_the_tables_and_plots(ran_study):
+    workdir, _ = ran_study
+    run = snakemake(workdir, "--configfile", "study.yaml", "--report", "results/report.html")
+    assert run.returncode == 0, run.stderr
+    html = (workdir / "results" / "report.html").read_text()
+    for name in ("runs.csv", "aggregate.csv", "clipping.csv", "accuracy_vs_alpha.png", "clipping_ranges.png",
+                 "tiny_activations.png"):
+        assert name in html, name
+
+
+def test_lint_has_no_findings():
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0 and "Lints for" not in run.stdout + run.stderr, run.stdout + run.stderr
+
+
 def test_killed_run_leaves_no_corrupt_output_and_resumes(ran_study):
     """SIGKILL the whole run while a new seed's GPTQ works; nothing half-written stays under a
     final name, and the rerun builds exactly what is missing."""
