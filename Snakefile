@@ -22,7 +22,7 @@ include: "rules/report.smk"
 rule all:
     input:
         expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
-        expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=EVAL_TASKS),
+        expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
         expand(f"{SUMMARY}/{{table}}.csv", table=SUMMARY_TABLES),
         f"{SUMMARY}/plots/accuracy_vs_alpha.png",
         f"{SUMMARY}/plots/clipping_ranges.png",

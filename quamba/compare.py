@@ -20,7 +20,8 @@ from quamba.summary import (
     alpha_label,
     clipping_table,
     discover,
-    ssm_input_clipping,
+    run_files,
+    run_ssm_input_clipping,
 )
 
 DEFAULT_METRICS = ("acc", "perplexity")  # the first of these a task reports is compared
@@ -61,8 +62,11 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
     for row in aggregate.itertuples():
         fp16 = row.scheme == "fp16"
         clip = {"clipped_fraction": math.nan, "range_reduction": math.nan}
-        if not fp16 and not clipping.empty:
-            clip = ssm_input_clipping(clipping, row.model, row.alpha)
+        if not fp16:  # the calibration this (model, scheme, alpha)'s runs were built from
+            runs = accuracy[(accuracy.model == row.model) & (accuracy.scheme == row.scheme)
+                            & (accuracy.alpha == row.alpha)]
+            quant, _, calib = run_files(results_dir, row.model, runs.variant.iloc[0])
+            clip = run_ssm_input_clipping(clipping, quant, calib, row.model)
         spread = "" if math.isnan(row.std) else f" +- {row.std:.4f}"
         rows.append({"model": row.model, "scheme": row.scheme, "alpha": alpha_label(None if fp16 else row.alpha),
                      f"{task} {metric}": f"{row.mean:.4f}{spread} (n={row.n})",

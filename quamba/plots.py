@@ -72,7 +72,10 @@ def accuracy_vs_alpha(accuracy: pd.DataFrame, out: Path) -> None:
     _save(fig, out)
 
 
-def clipping_ranges(clipping: pd.DataFrame, out: Path) -> None:
+def clipping_ranges(clipping: pd.DataFrame, out: Path, calib: str | None = None) -> None:
+    """calib: the calibration setting to show (default: all rows, which must then be one setting)."""
+    if calib is not None:
+        clipping = clipping[clipping.calib == calib]
     ssm = clipping[clipping.tap.str.split(".").str[-1].isin(SSM_INPUT_POINTS)]
     models = sorted(ssm.model.unique()) or ["(no SSM-input taps)"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False, layout="constrained")

@@ -149,6 +149,24 @@ def ssm_input_clipping(clipping: pd.DataFrame, model: str, alpha: float, first_l
     return {"clipped_fraction": float(rows.clipped_fraction.mean()), "range_reduction": float(rows.range_reduction.mean())}
 
 
+def run_files(results_dir: Path, model: str, variant: str) -> tuple[dict, dict, str | None]:
+    """A quantized run's quant_config, provenance and the calibration setting it was built from."""
+    model_dir = Path(results_dir) / model / variant / "model"
+    quant = json.loads((model_dir / "quant_config.json").read_text())
+    provenance = json.loads((model_dir / "provenance.json").read_text())
+    stats = provenance.get("stats") or {}
+    return quant, provenance, Path(stats["path"]).parent.name if stats.get("path") else None
+
+
+def run_ssm_input_clipping(clipping: pd.DataFrame, quant: dict, calib: str | None, model: str,
+                           first_layers: int | None = None) -> dict:
+    """What the run's alpha did to its SSM input. With Quamba2's reordering, x is quantized with
+    grouped min/max scales that alpha does not set, so there is nothing to report (NaN)."""
+    if "reorder" in quant or calib is None:
+        return {"clipped_fraction": math.nan, "range_reduction": math.nan}
+    return ssm_input_clipping(clipping[clipping.calib == calib], model, quant["alpha"], first_layers)
+
+
 def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path) -> pd.DataFrame:
     """One row per quantized run: config, clipping of the first layers' SSM input, every metric
     as a `task:metric` column, and the files it came from."""
@@ -156,16 +174,14 @@ def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path
     quantized = accuracy[accuracy.scheme != "fp16"]
     for (model, variant), group in quantized.groupby(["model", "variant"], sort=True):
         model_dir = Path(results_dir) / model / variant / "model"
-        quant = json.loads((model_dir / "quant_config.json").read_text())
-        provenance = json.loads((model_dir / "provenance.json").read_text())
+        quant, provenance, calib = run_files(results_dir, model, variant)
         gptq = quant["gptq"]["settings"]
         stats = provenance.get("stats") or {}
-        calib = Path(stats["path"]).parent.name if stats.get("path") else None
         row = {"model": model, "scheme": quant["scheme"], "alpha": quant["alpha"], "seed": quant["seed"],
                "w_bits": quant["w_bits"], "a_bits": quant["a_bits"], "group_size": quant["group_size"],
                "calib": calib, "gptq_nsamples": gptq.get("nsamples"), "gptq_seqlen": gptq.get("seqlen"),
                "gptq_data": quant["gptq"]["data"].get("source") if isinstance(quant["gptq"]["data"], dict) else None}
-        clip = ssm_input_clipping(clipping[clipping.calib == calib], model, quant["alpha"], FIRST_LAYERS)
+        clip = run_ssm_input_clipping(clipping, quant, calib, model, FIRST_LAYERS)
         row.update({f"ssm_input_{k}_first{FIRST_LAYERS}": v for k, v in clip.items()})
         for metric in group.itertuples():
             row[f"{metric.task}:{metric.metric}"] = metric.value

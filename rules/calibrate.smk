@@ -10,7 +10,7 @@ rule calibrate:
         activations="results/{model}/calib/{calib}/activations.npz",
     params:
         settings=lambda wc: calibration_setting(wc.calib),
-        transforms=TRANSFORMS,
+        transforms=effective_transforms(),
         device=DEVICE,
     log:
         "logs/{model}/calib/{calib}/calibrate.log",

@@ -105,6 +105,17 @@ def study_stats(wildcards):
 # -- evaluation ------------------------------------------------------------------------------
 
 EVAL_TASKS = config["tasks"]
+REPO_DIR = Path(workflow.basedir)
+OFFLINE_TASKS = REPO_DIR / "resources" / "tasks"
+PERPLEXITY_TEXT = REPO_DIR / "resources" / "corpus" / "test.txt"
+
+
+def task_key(task):
+    """A task as a file name: perplexity:path/to/x.txt -> perplexity_path_to_x.txt."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", task)
+
+
+TASK_BY_KEY = {task_key(task): task for task in EVAL_TASKS}
 
 
 def _check_tasks():
@@ -113,15 +124,37 @@ def _check_tasks():
         split_tasks(EVAL_TASKS)
     except QuambaError as err:
         raise ValueError(f"config: tasks: {err}") from None
+    if len(TASK_BY_KEY) < len(EVAL_TASKS):
+        raise ValueError(f"config: tasks: {EVAL_TASKS} name two tasks that share a file name")
 
 
 _check_tasks()
+
+
+def is_perplexity(task):
+    return task == "perplexity" or task.startswith("perplexity:")
+
+
+def task_files(wildcards):
+    """The data a task reads, so a rebuilt task or text reruns its evaluations."""
+    task = TASK_BY_KEY[wildcards.task]
+    if is_perplexity(task):
+        return [task.partition(":")[2] or str(PERPLEXITY_TEXT)]
+    if (OFFLINE_TASKS / f"{task}.yaml").is_file():
+        return [str(OFFLINE_TASKS / f"{task}.yaml"), str(OFFLINE_TASKS / "data" / f"{task}.jsonl"),
+                str(OFFLINE_TASKS / "offline_data.py")]
+    return []  # an lm-eval task: its data comes from the hub into lm-eval's cache
 
 
 def task_limit(task):
     """eval.limit: one number for every task, or a mapping task -> number."""
     limit = config["eval"]["limit"]
     return limit.get(task) if isinstance(limit, dict) else limit
+
+
+def perplexity_tokens(task):
+    """Only perplexity jobs read eval.perplexity_tokens, so only they rerun when it changes."""
+    return config["eval"]["perplexity_tokens"] if is_perplexity(task) else None
 
 
 def _check_limits():
@@ -132,3 +165,10 @@ def _check_limits():
 
 
 _check_limits()
+
+
+def effective_transforms():
+    """The transform settings that matter: the cluster counts only when reordering."""
+    if TRANSFORMS["reorder"]:
+        return dict(TRANSFORMS)
+    return {"rotate_residual": TRANSFORMS["rotate_residual"], "reorder": False}

@@ -1,20 +1,23 @@
 # Evaluation: one job per (model, variant, task), where variant is fp16 or a quantized run
-# {scheme}/pa{alpha}/seed{seed}. A job reads only its model dir, so adding a task runs only that
-# task's jobs, and a rebuilt model reruns only its own evaluations.
+# {scheme}/pa{alpha}/seed{seed}; {task} is the task as a file name (task_key). A job reads only its
+# model dir and its task's data, so adding a task runs only that task's jobs, and a rebuilt model
+# reruns only its own evaluations.
 
 
 rule evaluate:
     input:
+        task_files,
         model="results/{model}/{variant}/model",
     output:
         "results/{model}/{variant}/eval/{task}.json",
     wildcard_constraints:
         variant=VARIANT_PATTERN,
-        task="|".join(re.escape(t) for t in EVAL_TASKS),
+        task="|".join(re.escape(key) for key in TASK_BY_KEY),
     params:
+        task=lambda wc: TASK_BY_KEY[wc.task],
         batch_size=config["eval"]["batch_size"],
-        limit=lambda wc: task_limit(wc.task),
-        perplexity_tokens=config["eval"]["perplexity_tokens"],
+        limit=lambda wc: task_limit(TASK_BY_KEY[wc.task]),
+        perplexity_tokens=lambda wc: perplexity_tokens(TASK_BY_KEY[wc.task]),
         device=DEVICE,
     log:
         "logs/{model}/{variant}/eval/{task}.log",

@@ -10,7 +10,7 @@ rule gptq:
         directory("results/{model}/gptq/w{bits}/seed{seed}"),
     params:
         settings=config["gptq"],
-        transforms=TRANSFORMS,
+        transforms=effective_transforms(),
         device=DEVICE,
     log:
         "logs/{model}/gptq/w{bits}/seed{seed}/gptq.log",
@@ -35,7 +35,7 @@ rule assemble:
     output:
         directory("results/{model}/{scheme}/pa{alpha}/seed{seed}/model"),
     params:
-        transforms=TRANSFORMS,
+        transforms=effective_transforms(),
     log:
         "logs/{model}/{scheme}/pa{alpha}/seed{seed}/assemble.log",
     benchmark:

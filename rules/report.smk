@@ -13,7 +13,7 @@ localrules:
 
 rule summarize:
     input:
-        evals=expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=EVAL_TASKS),
+        evals=expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
         stats=expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
         models=expand("results/{model}/{variant}/model", model=MODELS, variant=QUANTIZED_VARIANTS),
     output:
@@ -44,6 +44,8 @@ rule plot_summary:
                         caption="../report/accuracy_vs_alpha.rst"),
         ranges=report(f"{SUMMARY}/plots/clipping_ranges.png", category="Plots",
                       caption="../report/clipping_ranges.rst"),
+    params:
+        calib=STUDY_CALIBRATION,
     log:
         "logs/summary/plot_summary.log",
     benchmark:

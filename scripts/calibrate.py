@@ -18,7 +18,7 @@ with job_log(snakemake.log[0]) as log:  # noqa: F821
         activation_samples=setting["activation_samples"], save_activations=True,
         rotate_residual=transforms["rotate_residual"],
         reorder=reorders(snakemake.input.model, transforms["reorder"]),  # noqa: F821
-        head_clusters=transforms["head_clusters"], channel_clusters=transforms["channel_clusters"])
+        **{key: transforms[key] for key in ("head_clusters", "channel_clusters") if key in transforms})
     data = setting.get("data")
     log.info("calibrating %s with %s (data: %s)", snakemake.input.model, settings, data or "shipped corpus")  # noqa: F821
     doc = calibrate_model_dir(Path(snakemake.input.model), Path(snakemake.output.stats).parent,  # noqa: F821

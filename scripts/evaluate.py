@@ -9,7 +9,8 @@ from quamba.logs import job_log
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821
-    task, params = snakemake.wildcards.task, snakemake.params  # noqa: F821
+    params = snakemake.params  # noqa: F821
+    task = params.task
     log.info("evaluating %s on %s (batch size %s, limit %s)", snakemake.input.model, task,  # noqa: F821
              params.batch_size, params.limit)
     doc = evaluate(Path(snakemake.input.model), [task], Path(snakemake.output[0]),  # noqa: F821

@@ -211,6 +211,22 @@ def test_adding_a_task_runs_only_the_new_evals(ran_study):
     assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/quamba_cloze.json" for v in variants)}
 
 
+def test_changing_the_perplexity_budget_reruns_only_perplexity(ran_study):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, eval={"limit": 5, "perplexity_tokens": 64}))
+    variants = ["fp16"] + [f"{s}/pa0.999/seed{seed}" for s in ("w8a8", "w4a16") for seed in (0, 1)]
+    assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/perplexity.json" for v in variants)}
+
+
+def test_a_perplexity_file_task_gets_a_flat_file_name(ran_study):
+    workdir, source = ran_study
+    text = REPO / "resources" / "corpus" / "valid.txt"
+    plan = planned(workdir, tiny_config(source, tasks=["quamba_mc", "perplexity", f"perplexity:{text}"]))
+    key = "perplexity_" + str(text).strip("/").replace("/", "_")
+    assert f"results/tiny/fp16/eval/{key}.json" in plan
+    assert all(path.count("/") == 4 for path in plan if path.startswith("results/tiny/fp16/eval/"))
+
+
 def test_report_bundles_the_tables_and_plots(ran_study):
     workdir, _ = ran_study
     run = snakemake(workdir, "--configfile", "study.yaml", "--report", "results/report.html")
@@ -240,8 +256,10 @@ def test_killed_run_leaves_no_corrupt_output_and_resumes(ran_study):
     deadline = time.monotonic() + 300
     while not (log.exists() or log_w8.exists()) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert run.poll() is None, "the run ended before it could be killed"
     os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    assert run.wait() == -signal.SIGKILL
+    assert planned(workdir, tiny_config(source, quantization__seeds=[0, 1, 3]))  # work was left undone
     for bits in (4, 8):
         gptq = workdir / "results" / "tiny" / "gptq" / f"w{bits}" / "seed3"
         assert not gptq.exists() or (gptq / "gptq.safetensors").is_file()  # absent or whole, never partial
