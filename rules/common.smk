@@ -6,8 +6,8 @@ from snakemake.utils import validate
 
 from quamba.calibration import alpha_key
 from quamba.errors import QuambaError
-from quamba.models.checkpoint import check_source
 from quamba.eval import split_tasks
+from quamba.models.checkpoint import check_source
 from quamba.schemes import get_scheme
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)

@@ -18,6 +18,17 @@ def relative_diff(a, b):
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
+def cuda_vs_cpu(model_dir) -> float:
+    """Relative logit difference of a quantized dir on CUDA (kernels, fp32) against the CPU reference."""
+    import quamba
+
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cpu = quamba.load(model_dir, device="cpu")(ids).logits
+        gpu = quamba.load(model_dir, device="cuda", dtype=torch.float32)(ids.cuda()).logits
+    return relative_diff(gpu, cpu)
+
+
 def test_int8_gemm_equals_the_reference_quant_linear():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(512, 256, generator=g)
@@ -39,7 +50,6 @@ def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
     from quamba.qmodel import quantize_model_dir
-    import quamba
 
     fp16 = save_fp16(random_model(MambaConfig(d_model=256, n_layer=2, vocab_size=4096)), tmp_path / "fp16",
                      REPO / "resources" / "tokenizer")
@@ -48,11 +58,7 @@ def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
     bits = 8 if scheme == "w8a8" else 4
     gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=bits, nsamples=8, seqlen=128), device="cpu", progress=False)
     quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", scheme, 0.9995, tmp_path / "calib" / "stats.json")
-    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        cpu = quamba.load(tmp_path / "q", device="cpu")(ids).logits
-        gpu = quamba.load(tmp_path / "q", device="cuda", dtype=torch.float32)(ids.cuda()).logits
-    diff = relative_diff(gpu, cpu)
+    diff = cuda_vs_cpu(tmp_path / "q")
     print(f"\n{scheme}: CUDA (kernels, fp32) vs CPU reference logits, relative diff {diff:.2e}")
     assert diff <= 2e-2
 
@@ -80,7 +86,6 @@ def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
     from quamba.qmodel import quantize_model_dir
-    import quamba
 
     config = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2, chunk_size=64)
     fp16 = save_fp16(random_model(config), tmp_path / "fp16", REPO / "resources" / "tokenizer")
@@ -90,11 +95,7 @@ def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
     gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=8, nsamples=8, seqlen=128, rotate_residual=True,
                    reorder=True, lm_head=True), device="cpu", progress=False, stats=stats)
     quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", "w8a8", 0.99999, stats, reorder=True, rotate_residual=True)
-    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        cpu = quamba.load(tmp_path / "q", device="cpu")(ids).logits
-        gpu = quamba.load(tmp_path / "q", device="cuda", dtype=torch.float32)(ids.cuda()).logits
-    diff = relative_diff(gpu, cpu)
+    diff = cuda_vs_cpu(tmp_path / "q")
     print(f"\nw8a8, rotated + reordered + int8 lm_head: CUDA vs CPU reference logits, relative diff {diff:.2e}")
     # 1.95e-2 on an H100: besides the block taps, lm_head's int8 input sits right before the logits,
     # so each rounding flip between the kernels and the reference shows there undamped.
