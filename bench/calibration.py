@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from quamba.calibration import CalibrationSettings, calibrate
-from quamba.models import MambaLMHeadModel
-from quamba.taps import named_taps
 from bench.forward import SIZES
+from quamba.models import MambaLMHeadModel
+from quamba.models.taps import named_taps
+from quamba.stages.calibrate import CalibrationSettings, calibrate
 
 
 def timed(fn) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
-from quamba.eval import QuambaLM
+from quamba.lm_eval_model import QuambaLM
 from quamba.models import MambaConfig, MambaLMHeadModel
 from quamba.models.checkpoint import save_fp16
 

@@ -20,11 +20,11 @@ import torch
 
 import quamba
 from bench.forward import SIZES, seconds_per_forward
-from quamba.calibration import CalibrationSettings, calibrate_model_dir
-from quamba.gptq_model import GPTQSettings, gptq_model_dir
 from quamba.models import MambaLMHeadModel
 from quamba.models.checkpoint import save_fp16
-from quamba.qmodel import quantize_model_dir
+from quamba.stages.assemble import quantize_model_dir
+from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
+from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "tokenizer"
 

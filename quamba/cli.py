@@ -17,7 +17,7 @@ def _normalize(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from quamba.calibration import CalibrationSettings, calibrate_model_dir
+    from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
 
     settings = CalibrationSettings(
         num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -30,19 +30,19 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from quamba.compare import render
+    from quamba.report.compare import render
 
     print(render(args.results, args.task, args.metric, args.schemes.split(",") if args.schemes else None))
 
 
 def _view(args: argparse.Namespace) -> None:
-    from quamba.view import render
+    from quamba.report.view import render
 
     print(render(args.stats, args.filter, args.compare))
 
 
 def _gptq(args: argparse.Namespace) -> None:
-    from quamba.gptq_model import GPTQSettings, gptq_model_dir
+    from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
     settings = GPTQSettings(w_bits=args.w_bits, group_size=args.group_size, percdamp=args.percdamp,
                             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order,
@@ -52,7 +52,7 @@ def _gptq(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from quamba.qmodel import quantize_model_dir
+    from quamba.stages.assemble import quantize_model_dir
 
     quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, args.alpha, args.stats,
                        reorder=args.reorder, rotate_residual=args.rotate_residual)
@@ -60,7 +60,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from quamba.eval import evaluate, summary
+    from quamba.stages.evaluate import evaluate, summary
 
     doc = evaluate(args.model_dir, [t for t in args.tasks.split(",") if t], args.out, batch_size=args.batch_size,
                    limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibration_defaults():
-    from quamba.calibration import CalibrationSettings
+    from quamba.stages.calibrate import CalibrationSettings
 
     return CalibrationSettings()
 

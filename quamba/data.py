@@ -16,10 +16,7 @@ import torch
 
 from quamba.errors import ConfigError
 from quamba.io import sha256_file
-
-RESOURCES = Path(__file__).resolve().parents[1] / "resources"
-DEFAULT_CORPUS = RESOURCES / "corpus" / "train.txt"
-DEFAULT_TOKENIZER = RESOURCES / "tokenizer"
+from quamba.shipped import DEFAULT_TOKENIZER, shown
 
 
 @dataclass(frozen=True)
@@ -104,15 +101,8 @@ def token_windows(source: str | Path, tokenizer, num_samples: int, seq_len: int,
     pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
     selection = (f"documents joined with end-of-text, cut into {available} consecutive windows of "
                  f"{seq_len} tokens, {num_samples} picked by torch.randperm(seed={seed})")
-    return TokenWindows(windows[pick], _label(source), digest, selection)
+    return TokenWindows(windows[pick], shown(source), digest, selection)
 
-
-def _label(source: str | Path) -> str:
-    """Shipped files by their repo-relative path, so stats.json does not depend on the clone's location."""
-    path = Path(source).resolve()
-    if path.is_relative_to(RESOURCES.parent):
-        return str(path.relative_to(RESOURCES.parent))
-    return str(source)
 
 
 def random_windows(source: str | Path, tokenizer, num_samples: int, seq_len: int, seed: int,
@@ -131,4 +121,4 @@ def random_windows(source: str | Path, tokenizer, num_samples: int, seq_len: int
     ids = stream[starts[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
     selection = (f"documents joined with blank lines, {num_samples} windows of {seq_len} tokens at "
                  f"offsets from torch.randint(seed={seed})")
-    return TokenWindows(ids, _label(source), digest, selection)
+    return TokenWindows(ids, shown(source), digest, selection)

@@ -7,8 +7,9 @@ ours; this runs the same CLI after `import quamba`:
         --tasks quamba_cloze --include_path resources/tasks
 """
 
-import quamba  # noqa: F401  registers the model name "quamba"
 from lm_eval.__main__ import cli_evaluate
+
+import quamba  # noqa: F401  registers the model name "quamba"
 
 if __name__ == "__main__":
     cli_evaluate()

@@ -18,22 +18,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from quamba.data import read_documents
 from quamba.errors import ConfigError
+from quamba.shipped import HELD_OUT_TEXT, shown
 
 if TYPE_CHECKING:
-    from quamba.eval import QuambaLM
+    from quamba.lm_eval_model import QuambaLM
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = REPO / "resources" / "corpus" / "test.txt"
 VERSION = 1
 
 
-def _shown(path: Path) -> str:
-    """A shipped file by its repo-relative path, so results do not depend on the clone's location."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
-
-def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: int | None = None,
+def evaluate_perplexity(lm: QuambaLM, data: str | Path = HELD_OUT_TEXT, seq_len: int | None = None,
                         stride: int | None = None, limit: int | None = None,
                         max_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(scores, settings) of `lm` on `data` (.txt: documents separated by blank lines; .jsonl: a
@@ -75,7 +69,7 @@ def evaluate_perplexity(lm: QuambaLM, data: str | Path = DEFAULT_TEXT, seq_len: 
     scores = {"nll": nll, "tokens": tokens, "words": words, "bytes": size,
               "perplexity": math.exp(nll / tokens), "word_perplexity": math.exp(nll / words),
               "bits_per_byte": nll / size / math.log(2)}
-    settings = {"data": _shown(Path(data)), "data_sha256": digest, "seq_len": seq_len, "stride": stride,
+    settings = {"data": shown(data), "data_sha256": digest, "seq_len": seq_len, "stride": stride,
                 "documents": len(documents), "documents_scored": len(scored), "max_tokens": max_tokens,
                 "windows": len(windows),
                 "version": VERSION}

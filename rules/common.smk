@@ -4,9 +4,9 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from quamba.calibration import alpha_key
+from quamba.formats.layout import alpha_key
 from quamba.errors import QuambaError
-from quamba.eval import split_tasks
+from quamba.stages.evaluate import split_tasks
 from quamba.models.checkpoint import check_source
 from quamba.schemes import get_scheme
 

@@ -1,10 +1,10 @@
-"""Snakemake wrapper: assemble one quantized model dir (see quamba.qmodel.quantize_model_dir)."""
+"""Snakemake wrapper: assemble one quantized model dir (see quamba.stages.assemble.quantize_model_dir)."""
 
 from pathlib import Path
 
 from quamba.logs import job_log
-from quamba.qmodel import quantize_model_dir
-from quamba.reorder import reorders
+from quamba.stages.assemble import quantize_model_dir
+from quamba.transforms.reorder import reorders
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     wc, transforms = snakemake.wildcards, snakemake.params.transforms  # noqa: F821

@@ -1,12 +1,12 @@
-"""Snakemake wrapper: one calibration pass (see quamba.calibration.calibrate_model_dir)."""
+"""Snakemake wrapper: one calibration pass (see quamba.stages.calibrate.calibrate_model_dir)."""
 
 from pathlib import Path
 
 import torch
 
-from quamba.calibration import CalibrationSettings, calibrate_model_dir
 from quamba.logs import job_log
-from quamba.reorder import reorders
+from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
+from quamba.transforms.reorder import reorders
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821

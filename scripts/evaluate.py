@@ -1,11 +1,11 @@
-"""Snakemake wrapper: one task (lm-eval or held-out perplexity) on one model dir (see quamba.eval.evaluate)."""
+"""Snakemake wrapper: one task (lm-eval or held-out perplexity) on one model dir (see quamba.stages.evaluate.evaluate)."""
 
 from pathlib import Path
 
 import torch
 
-from quamba.eval import evaluate, summary
 from quamba.logs import job_log
+from quamba.stages.evaluate import evaluate, summary
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821

@@ -1,12 +1,12 @@
-"""Snakemake wrapper: GPTQ of one model at one w_bits and seed (see quamba.gptq_model)."""
+"""Snakemake wrapper: GPTQ of one model at one w_bits and seed (see quamba.stages.gptq)."""
 
 from pathlib import Path
 
 import torch
 
-from quamba.gptq_model import GPTQSettings, gptq_model_dir
 from quamba.logs import job_log
-from quamba.reorder import reorders
+from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+from quamba.transforms.reorder import reorders
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821

@@ -1,7 +1,7 @@
-"""Snakemake wrapper: SSM-input activation histograms with the clipping thresholds (see quamba.plots)."""
+"""Snakemake wrapper: SSM-input activation histograms with the clipping thresholds (see quamba.report.plots)."""
 
 from quamba.logs import job_log
-from quamba.plots import activation_histograms
+from quamba.report.plots import activation_histograms
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     activation_histograms(snakemake.input.stats, snakemake.input.activations, snakemake.output[0])  # noqa: F821

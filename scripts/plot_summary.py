@@ -1,9 +1,9 @@
-"""Snakemake wrapper: accuracy vs alpha and clipping ranges from the summary tables (see quamba.plots)."""
+"""Snakemake wrapper: accuracy vs alpha and clipping ranges from the summary tables (see quamba.report.plots)."""
 
 import pandas as pd
 
 from quamba.logs import job_log
-from quamba.plots import accuracy_vs_alpha, clipping_ranges
+from quamba.report.plots import accuracy_vs_alpha, clipping_ranges
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     accuracy_vs_alpha(pd.read_csv(snakemake.input.accuracy), snakemake.output.accuracy)  # noqa: F821

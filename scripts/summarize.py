@@ -1,9 +1,9 @@
-"""Snakemake wrapper: the study's CSV tables from the per-run files (see quamba.summary)."""
+"""Snakemake wrapper: the study's CSV tables from the per-run files (see quamba.stages.summarize)."""
 
 from pathlib import Path
 
 from quamba.logs import job_log
-from quamba.summary import write_summary
+from quamba.stages.summarize import write_summary
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     out_dir = Path(snakemake.output.runs).parent  # noqa: F821

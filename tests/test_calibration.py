@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, random_model
-from quamba.calibration import CalibrationSettings, alpha_key, calibrate, calibrate_model_dir
+
 from quamba.errors import CheckpointError, ConfigError
-from quamba.hadamard import hadamard_transform
+from quamba.formats.layout import alpha_key
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import save_fp16
-from quamba.taps import named_taps
+from quamba.models.taps import named_taps
+from quamba.numerics.hadamard import hadamard_transform
+from quamba.stages.calibrate import CalibrationSettings, calibrate, calibrate_model_dir
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 MODELS = {

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import random_model
 from safetensors.torch import save_file
+from test_models import CONFIGS, to_transformers
 
 import quamba
-from conftest import random_model
 from quamba.errors import CheckpointError
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import normalize, read_config, resolve_model_dir
-from test_models import CONFIGS, to_transformers
 
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 

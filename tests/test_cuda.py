@@ -6,8 +6,8 @@ Skipped without a GPU or without the `cuda` extra. Run on a GPU box with
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from quamba.models import MambaConfig, kernels, ops
 
 pytestmark = [

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-
 from conftest import REPO, random_model
-from quamba.qmodel import QuantLinear
-from quamba.quantizers import quantize, weight_scales
+
+from quamba.models.quantized import QuantLinear
+from quamba.numerics.quantizers import quantize, weight_scales
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -45,11 +45,11 @@ def test_int8_gemm_equals_the_reference_quant_linear():
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a16"])
 def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
-    from quamba.calibration import CalibrationSettings, calibrate_model_dir
-    from quamba.gptq_model import GPTQSettings, gptq_model_dir
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
-    from quamba.qmodel import quantize_model_dir
+    from quamba.stages.assemble import quantize_model_dir
+    from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
+    from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
     fp16 = save_fp16(random_model(MambaConfig(d_model=256, n_layer=2, vocab_size=4096)), tmp_path / "fp16",
                      REPO / "resources" / "tokenizer")
@@ -64,9 +64,9 @@ def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
 
 
 def test_gptq_on_cuda_is_bit_identical_run_to_run(tmp_path):
-    from quamba.gptq_model import GPTQSettings, gptq_model_dir
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
+    from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
     fp16 = save_fp16(random_model(MambaConfig(d_model=256, n_layer=2, vocab_size=4096)), tmp_path / "fp16",
                      REPO / "resources" / "tokenizer")
@@ -81,11 +81,11 @@ def test_gptq_on_cuda_is_bit_identical_run_to_run(tmp_path):
 
 def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
     """Residual rotation, Mamba2 reordering (per-cell x scales) and an int8 lm_head on the fast path."""
-    from quamba.calibration import CalibrationSettings, calibrate_model_dir
-    from quamba.gptq_model import GPTQSettings, gptq_model_dir
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
-    from quamba.qmodel import quantize_model_dir
+    from quamba.stages.assemble import quantize_model_dir
+    from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
+    from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
     config = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2, chunk_size=64)
     fp16 = save_fp16(random_model(config), tmp_path / "fp16", REPO / "resources" / "tokenizer")

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 import quamba
-from conftest import REPO
 from quamba.data import load_tokenizer
-from quamba.eval import QuambaLM, task_manager
+from quamba.lm_eval_model import QuambaLM
+from quamba.stages.evaluate import task_manager
 
 MODELS = REPO / "resources" / "models"
 

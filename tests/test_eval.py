@@ -7,18 +7,20 @@ import shutil
 
 import pytest
 import torch
+from conftest import REPO, random_model
 from lm_eval.api.instance import Instance
 from lm_eval.evaluator import simple_evaluate
-
-import quamba.eval as qeval
-from conftest import REPO, random_model
-from quamba.errors import CheckpointError, ConfigError
-from quamba.eval import QuambaLM, evaluate, task_manager
-from quamba.io import sha256_files
-from quamba.models import MambaConfig
-from quamba.perplexity import evaluate_perplexity
 from test_checkpoint import write_state_spaces
 from test_models import to_transformers
+
+import quamba.lm_eval_model
+import quamba.stages.evaluate as qeval
+from quamba.errors import CheckpointError, ConfigError
+from quamba.io import sha256_files
+from quamba.lm_eval_model import QuambaLM
+from quamba.models import MambaConfig
+from quamba.perplexity import evaluate_perplexity
+from quamba.stages.evaluate import evaluate, task_manager
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 TASK_DATA = REPO / "resources" / "tasks" / "data"
@@ -268,7 +270,7 @@ def test_bad_input_fails_before_any_model_work_and_writes_nothing(tmp_path, mode
                                                                  message):
     (tmp_path / "no_config").mkdir()
     shutil.copytree(model_dir, tmp_path / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
-    monkeypatch.setattr(qeval, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(quamba.lm_eval_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     args = {"model_dir": model_dir, "tasks": ["quamba_mc"], "batch_size": 8, "limit": None} | change
     if isinstance(args["model_dir"], str):
         args["model_dir"] = tmp_path / args["model_dir"]

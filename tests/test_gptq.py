@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from quamba.gptq import GPTQ, QuantizedLinearWeight, rtn
-from quamba.quantizers import qrange
+from quamba.numerics.gptq import GPTQ, QuantizedLinearWeight, rtn
+from quamba.numerics.quantizers import qrange
 
 IN_FEATURES, OUT_FEATURES, ROWS = 256, 192, 2048
 SETTINGS = [(4, "group"), (8, "tensor"), (4, "channel")]  # (bits, granularity)

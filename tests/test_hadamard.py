@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quamba.hadamard import hadamard_matrix, hadamard_transform, rotation, supported
+from quamba.numerics.hadamard import hadamard_matrix, hadamard_transform, rotation, supported
 
 SIZES = [1, 2, 4, 8, 12, 20, 24, 28, 40, 64, 96, 160, 224, 256, 320, 1536, 2560, 5120]
 # Each base order m in {12, 20, 28, 40} with several powers of two, plus plain powers of two.

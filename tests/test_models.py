@@ -3,8 +3,8 @@
 import pytest
 import torch
 import transformers
-
 from conftest import random_model
+
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import _to_state_spaces_keys
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quamba.observers import StreamHistogram, Moments, QuambaPercentile, Reservoir, abs_quantiles
+from quamba.numerics.observers import Moments, QuambaPercentile, Reservoir, StreamHistogram, abs_quantiles
 
 
 def batches(seed=0, n=5):

@@ -6,17 +6,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import REPO, random_model
 from safetensors.torch import load_file
 
 import quamba
-from conftest import REPO, random_model
-from quamba.calibration import CalibrationSettings, calibrate_model_dir
 from quamba.errors import ConfigError
-from quamba.gptq_model import GPTQSettings, gptq_model_dir, model_sha256
 from quamba.models import MambaConfig
-from quamba.models.checkpoint import save_fp16
-from quamba.qmodel import quantize_model_dir
-from quamba.rotation import rotate_out_projs
+from quamba.models.checkpoint import model_sha256, save_fp16
+from quamba.stages.assemble import quantize_model_dir
+from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
+from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+from quamba.transforms.rotation import rotate_out_projs
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 GPTQ = dict(nsamples=6, seqlen=64, batch_size=3)
@@ -156,7 +156,7 @@ def test_unsupported_gptq_bits_fail_before_any_work(built, tmp_path, corpus):
 def test_w8a8_demo_model_stays_within_five_percent_of_fp16_perplexity(name, tmp_path):
     """The acceptance bar of the quantization issue, on the shipped, trained models."""
     from quamba.data import load_tokenizer
-    from quamba.calibration import QUAMBA_DEFAULT_ALPHA
+    from quamba.stages.calibrate import QUAMBA_DEFAULT_ALPHA
 
     fp16 = REPO / "resources" / "models" / name
     alpha = QUAMBA_DEFAULT_ALPHA[quamba.load(fp16, device="cpu").config.layer]

@@ -5,18 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import REPO, random_model
 from safetensors.torch import load_file
 
 import quamba
-from conftest import REPO, random_model
-from quamba.calibration import CalibrationSettings, calibrate_model_dir
 from quamba.errors import ConfigError
-from quamba.gptq import rtn
-from quamba.gptq_model import GPTQSettings, gptq_model_dir, gptq_quantize_model
+from quamba.formats.stats import read_stats
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import save_fp16
-from quamba.qmodel import quantize_model_dir
-from quamba.stats import read_stats
+from quamba.numerics.gptq import rtn
+from quamba.stages.assemble import quantize_model_dir
+from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
+from quamba.stages.gptq import GPTQSettings, gptq_model_dir, gptq_quantize_model
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 MAMBA2 = MambaConfig(d_model=64, n_layer=2, vocab_size=4096, layer="Mamba2", d_state=16, headdim=16, ngroups=2,

@@ -3,8 +3,18 @@
 import pytest
 import torch
 
-from quamba.quantizers import (WEIGHT_SCALE_FLOOR, dequantize, expand_scales, fake_quantize, pack_int4, qrange,
-                               quantize, round_half_away, unpack_int4, weight_scales)
+from quamba.numerics.quantizers import (
+    WEIGHT_SCALE_FLOOR,
+    dequantize,
+    expand_scales,
+    fake_quantize,
+    pack_int4,
+    qrange,
+    quantize,
+    round_half_away,
+    unpack_int4,
+    weight_scales,
+)
 
 
 def test_round_half_away_sends_ties_away_from_zero():

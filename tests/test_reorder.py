@@ -4,13 +4,21 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from quamba.errors import ConfigError
 from quamba.models import MambaConfig
-from quamba.reorder import (ReorderPlan, check_reorderable, cluster_sorted, plan_reorder, reorder_mixer,
-                            reorder_record, reorder_model, x_channel_absmax)
-from quamba.rotation import rotate_out_projs, rotate_residual
+from quamba.transforms.reorder import (
+    ReorderPlan,
+    check_reorderable,
+    cluster_sorted,
+    plan_reorder,
+    reorder_mixer,
+    reorder_model,
+    reorder_record,
+    x_channel_absmax,
+)
+from quamba.transforms.rotation import rotate_out_projs, rotate_residual
 
 CONFIG = MambaConfig(d_model=64, n_layer=2, vocab_size=101, layer="Mamba2", d_state=8, headdim=8, ngroups=2,
                      chunk_size=8, bias=True, tie_embeddings=False)  # 16 heads, 8 per B/C group

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import random_model
+
 from quamba.errors import ConfigError
 from quamba.models import MambaConfig
-from quamba.rotation import rotate_out_projs, rotate_residual
+from quamba.transforms.rotation import rotate_out_projs, rotate_residual
 
 CONFIGS = {  # d_model 48 = 12 * 4, 40 = 20 * 2, 56 = 28 * 2, 64 = 2^6
     "mamba1-tied-padded": MambaConfig(d_model=48, n_layer=2, vocab_size=100, pad_vocab_size_multiple=16),
@@ -65,7 +65,7 @@ REAL_D_MODELS = (768, 1024, 1536, 2048, 2560, 4096)  # mamba/mamba2 130m ... 2.8
 
 
 def test_every_real_d_model_has_a_rotation():
-    from quamba.hadamard import supported
+    from quamba.numerics.hadamard import supported
 
     assert all(supported(d) for d in REAL_D_MODELS)
 

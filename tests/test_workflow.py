@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO, random_model
+from test_checkpoint import write_state_spaces
 
 import quamba
-from conftest import REPO, random_model
+from quamba.formats.stats import read_stats
 from quamba.models import MambaConfig
-from quamba.stats import read_stats
-from test_checkpoint import write_state_spaces
 
 TINY = {
     "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2, "alphas": [0.999, 0.9995, 1.0],

@@ -94,6 +94,11 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no weights; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {TORCH_BIN_FILE}")
 
 
+def model_sha256(model_dir: Path) -> str:
+    """The one hash of a model dir: config.json and its weight files, by name and content."""
+    return sha256_files([Path(model_dir) / "config.json", *weight_files(Path(model_dir))])
+
+
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):

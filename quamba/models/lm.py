@@ -16,7 +16,7 @@ from quamba.models import ops
 from quamba.models.config import MambaConfig
 from quamba.models.mamba1 import Mamba1Mixer
 from quamba.models.mamba2 import Mamba2Mixer
-from quamba.taps import LM_HEAD_POINT, Tap
+from quamba.models.taps import LM_HEAD_POINT, Tap
 
 
 class RMSNorm(nn.Module):

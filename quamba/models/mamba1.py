@@ -10,7 +10,7 @@ from torch import nn
 
 from quamba.models.config import MambaConfig
 from quamba.models.kernels import backend_for
-from quamba.taps import MAMBA1_POINTS, Taps
+from quamba.models.taps import MAMBA1_POINTS, Taps
 
 
 class Mamba1Mixer(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 from quamba.models import ops
 from quamba.models.config import MambaConfig
 from quamba.models.kernels import backend_for
-from quamba.taps import MAMBA2_POINTS, Taps
+from quamba.models.taps import MAMBA2_POINTS, Taps
 
 
 class GatedRMSNorm(nn.Module):

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from quamba.formats.stats import read_stats
 from quamba.io import atomic_path
-from quamba.stats import read_stats
-from quamba.summary import SSM_INPUT_POINTS, alpha_label
+from quamba.stages.summarize import SSM_INPUT_POINTS, alpha_label
 
 MAIN_METRICS = ("acc", "perplexity")  # the metric plotted per task: the first it reports
 

@@ -229,7 +229,7 @@ def prepare_model(model: nn.Module, rotate_residual: bool = False, reorder: dict
     Calibration, GPTQ and assembly all call this with the same options, so activation scales,
     GPTQ weights and the stored fp16 weights describe one and the same model. The two commute.
     """
-    from quamba.rotation import rotate_residual as rotate
+    from quamba.transforms.rotation import rotate_residual as rotate
 
     if rotate_residual:
         rotate(model)

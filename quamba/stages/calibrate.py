@@ -15,17 +15,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from quamba.data import DEFAULT_CORPUS, load_tokenizer, token_windows
+from quamba.data import load_tokenizer, token_windows
 from quamba.errors import ConfigError
-from quamba.hadamard import ALLOWED, hadamard_transform, supported
-from quamba.io import package_versions, sha256_files
-from quamba.loading import load
-from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
+from quamba.formats.layout import alpha_key
+from quamba.formats.stats import SCHEMA_VERSION, write_calibration
+from quamba.io import package_versions
+from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
-from quamba.observers import EMA_SIGMA, StreamHistogram, Moments, QuambaPercentile, Reservoir
-from quamba.reorder import check_reorderable, prepare_model, reorder_record, x_channel_absmax
-from quamba.stats import SCHEMA_VERSION, write_calibration
-from quamba.taps import Tap, named_taps, tap_layer
+from quamba.models.load import load
+from quamba.models.taps import Tap, named_taps, tap_layer
+from quamba.numerics.hadamard import ALLOWED, hadamard_transform, supported
+from quamba.numerics.observers import EMA_SIGMA, Moments, QuambaPercentile, Reservoir, StreamHistogram
+from quamba.shipped import DEFAULT_CORPUS
+from quamba.transforms.reorder import check_reorderable, prepare_model, reorder_record, x_channel_absmax
 
 QUAMBA_DEFAULT_ALPHA = {"Mamba1": 0.9995, "Mamba2": 0.99999}  # Quamba1 / Quamba2 calibration
 
@@ -43,7 +45,7 @@ class CalibrationSettings:
     activation_samples: int = 10_000
     save_activations: bool = True
     mantissa_bits: int = 6  # stream histogram: 2^6 = 64 bins per octave
-    # Model transforms shared with GPTQ and assembly (quamba.reorder.prepare_model). Both are
+    # Model transforms shared with GPTQ and assembly (quamba.transforms.reorder.prepare_model). Both are
     # off by default, and a stats.json records them only when on, so existing files stay valid.
     rotate_residual: bool = False  # calibrate the model with its residual stream Hadamard-rotated
     reorder: bool = False  # Mamba2: Quamba2's head/channel reordering, planned from a first pass
@@ -66,10 +68,6 @@ class CalibrationSettings:
                 raise ConfigError(f"activation_layers: layer {layer} does not exist; the model has "
                                   f"layers 0..{n_layer - 1}")
 
-
-def alpha_key(alpha: float) -> str:
-    """How an alpha is written as a JSON key: Python's shortest repr, e.g. '0.9995', '1.0'."""
-    return repr(float(alpha))
 
 
 @dataclass
@@ -196,7 +194,7 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     doc = {
         "schema_version": SCHEMA_VERSION,
         "kind": "quamba-calibration-stats",
-        "model": {"path": str(model_dir), "sha256": sha256_files([model_dir / "config.json", *weight_files(model_dir)]),
+        "model": {"path": str(model_dir), "sha256": model_sha256(model_dir),
                   "layer": config.layer, "n_layer": config.n_layer},
         "data": {"source": windows.source, "sha256": windows.source_sha256,
                  "tokens_sha256": windows.sha256, "selection": windows.selection},

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from quamba.quantizers import (WEIGHT_SCALE_FLOOR, dequantize, expand_scales, group_width, qrange, quantize,
-                               weight_scales)
+from quamba.numerics.quantizers import (
+    WEIGHT_SCALE_FLOOR,
+    dequantize,
+    expand_scales,
+    group_width,
+    qrange,
+    quantize,
+    weight_scales,
+)
 
 SOLVE_DTYPE = torch.float32  # Quamba's dtype for the damped Cholesky and the column loop
 

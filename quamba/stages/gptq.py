@@ -22,28 +22,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quamba.data import TokenWindows, load_tokenizer, random_windows
 from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
-from quamba.gptq import GPTQ, QuantizedLinearWeight
-from quamba.hadamard import ALLOWED, supported
-from quamba.io import atomic_dir, package_versions, sha256_file, sha256_files, write_json
-from quamba.loading import load
-from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
+from quamba.formats.gptq_dir import save_gptq
+from quamba.io import package_versions, sha256_file
+from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
-from quamba.quantizers import pack_int4, unpack_int4
-from quamba.reorder import check_reorderable, plan_sha256, prepare_model
-from quamba.rotation import rotate_out_projs
+from quamba.models.load import load
+from quamba.models.quantized import quantized_linears
+from quamba.numerics.gptq import GPTQ, QuantizedLinearWeight
+from quamba.numerics.hadamard import ALLOWED, supported
 from quamba.schemes import WEIGHT_GRANULARITY
+from quamba.shipped import DEFAULT_CORPUS
+from quamba.transforms.reorder import check_reorderable, plan_sha256, prepare_model
+from quamba.transforms.rotation import rotate_out_projs
 
-GPTQ_WEIGHTS = "gptq.safetensors"
-GPTQ_INFO = "gptq.json"
 ROUNDING = "half away from zero (CUDA roundf), on every path"
 OPTIONAL_SETTINGS = ("rotate_residual", "reorder", "lm_head")
-DEFAULT_GPTQ_DATA = Path(__file__).resolve().parents[1] / "resources" / "corpus" / "train.txt"
 
 
 @dataclass(frozen=True)
@@ -85,22 +83,12 @@ class GPTQSettings:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
 
 
-def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:
-    """The Linears Quamba quantizes, by state-dict path: every block's in_proj and out_proj."""
-    linears = {}
-    for i, block in enumerate(model.backbone.layers):
-        out_proj = block.mixer.out_proj
-        linears[f"backbone.layers.{i}.mixer.in_proj"] = block.mixer.in_proj
-        linears[f"backbone.layers.{i}.mixer.out_proj"] = getattr(out_proj, "linear", out_proj)
-    return linears
-
-
 @torch.no_grad()
 def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings: GPTQSettings,
                         progress: bool = True) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
     """Quantize in_proj and out_proj of every block (and lm_head with settings.lm_head); returns
     the weights and per-layer logs. `model` must already be in the basis the quantized model
-    uses (`quamba.reorder.prepare_model`); GPTQ works on a copy with out_proj's input rotated,
+    uses (`quamba.transforms.reorder.prepare_model`); GPTQ works on a copy with out_proj's input rotated,
     and `model` itself is left unchanged."""
     settings.validate()
     model = rotate_out_projs(copy.deepcopy(model)).eval()
@@ -142,47 +130,9 @@ def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings
     return results, logs
 
 
-def save_gptq(out_dir: Path, results: dict[str, QuantizedLinearWeight], info: dict) -> None:
-    """gptq.safetensors (integer weights, int4 packed two per byte, and scales) + gptq.json."""
-    tensors = {}
-    for name, result in results.items():
-        q = result.q.to(torch.int8).cpu().contiguous()
-        tensors[f"{name}.qweight"] = pack_int4(q) if result.bits == 4 else q
-        tensors[f"{name}.scales"] = result.scales.float().cpu().contiguous()
-        if result.perm is not None:
-            tensors[f"{name}.perm"] = result.perm.cpu().contiguous()
-    with atomic_dir(Path(out_dir)) as tmp:
-        save_file(tensors, tmp / GPTQ_WEIGHTS, metadata={"format": "quamba-gptq"})
-        write_json(tmp / GPTQ_INFO, info)
-
-
-def load_gptq(gptq_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Integer weights (unpacked to int8 values) and scales by layer, and gptq.json."""
-    import json
-
-    gptq_dir = Path(gptq_dir)
-    for name in (GPTQ_WEIGHTS, GPTQ_INFO):
-        if not (gptq_dir / name).is_file():
-            raise ConfigError(f"{gptq_dir / name}: missing; not a GPTQ output dir")
-    info = json.loads((gptq_dir / GPTQ_INFO).read_text())
-    tensors = load_file(gptq_dir / GPTQ_WEIGHTS)
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        layer, _, field = key.rpartition(".")
-        layers.setdefault(layer, {})[field] = value
-    if info["settings"]["w_bits"] == 4:
-        for entry in layers.values():
-            entry["qweight"] = unpack_int4(entry["qweight"])
-    return layers, info
-
-
-def model_sha256(model_dir: Path) -> str:
-    return sha256_files([Path(model_dir) / "config.json", *weight_files(Path(model_dir))])
-
-
 def _reorder_from_stats(stats_path: Path | None, model_dir: Path) -> tuple[dict, dict]:
     """The reorder plan of a stats.json calibrated on this model with reordering on."""
-    from quamba.stats import read_stats
+    from quamba.formats.stats import read_stats
 
     if stats_path is None:
         raise ConfigError("reorder: GPTQ of a reordered model needs the stats.json whose plan it uses; "
@@ -213,7 +163,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, data:
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
-    windows: TokenWindows = random_windows(data or DEFAULT_GPTQ_DATA, tokenizer, settings.nsamples,
+    windows: TokenWindows = random_windows(data or DEFAULT_CORPUS, tokenizer, settings.nsamples,
                                            settings.seqlen, settings.seed)
     model = prepare_model(load(model_dir, device=device, dtype=torch.float32), settings.rotate_residual, reorder)
     results, logs = gptq_quantize_model(model, windows.ids, settings, progress=progress)

@@ -18,12 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from quamba.calibration import alpha_key
 from quamba.errors import ConfigError
-from quamba.eval import PERPLEXITY_METRICS, PERPLEXITY_TASK
+from quamba.formats.layout import alpha_key
+from quamba.formats.stats import read_stats
 from quamba.io import atomic_path
-from quamba.stats import read_stats
-from quamba.taps import tap_layer
+from quamba.models.taps import tap_layer
+from quamba.stages.evaluate import PERPLEXITY_METRICS, PERPLEXITY_TASK
 
 # Quamba clips the SSM input with its percentile observer; these taps say what alpha did.
 SSM_INPUT_POINTS = ("x_proj:input", "x_conv_out:input")
@@ -36,7 +36,7 @@ CLIPPING_COLUMNS = ["model", "calib", "tap", "layer", "observer", "alpha", "min"
 
 # -- reading one run -----------------------------------------------------------------------------
 def read_eval(path: Path) -> dict[str, Any]:
-    """An eval JSON written by quamba.eval.evaluate, with model and variant read from its place in
+    """An eval JSON written by quamba.stages.evaluate.evaluate, with model and variant read from its place in
     results/{model}/{variant}/eval/{task}.json (variant: fp16 or {scheme}/pa{alpha}/seed{seed})."""
     path = Path(path)
     doc = json.loads(path.read_text())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from quamba.errors import ConfigError
-from quamba.hadamard import ALLOWED, hadamard_transform, supported
+from quamba.numerics.hadamard import ALLOWED, hadamard_transform, supported
 
 
 class RotatedLinear(nn.Module):

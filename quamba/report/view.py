@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from quamba.stats import read_stats
+from quamba.formats.stats import read_stats
 
 
 def _alpha_columns(tap: dict, alpha: str) -> dict[str, float]:

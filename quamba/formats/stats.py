@@ -17,9 +17,10 @@ import yaml
 
 from quamba.errors import ConfigError
 from quamba.io import atomic_path
+from quamba.shipped import SCHEMAS
 
 SCHEMA_VERSION = 1
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "stats.schema.yaml"
+SCHEMA_PATH = SCHEMAS / "stats.schema.yaml"
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from quamba.errors import ConfigError
-from quamba.summary import (
+from quamba.stages.summarize import (
     accuracy_table,
     aggregate_table,
     alpha_label,

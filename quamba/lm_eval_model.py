@@ -1,19 +1,13 @@
-"""Evaluation through lm-eval: the `quamba` model adapter, and `evaluate`, which writes one results JSON.
+"""The lm-eval model `quamba`: any model dir `quamba.load` reads, scored by lm-eval.
 
 The adapter is thin on purpose: lm-eval builds the requests and computes every metric; the adapter
 only turns text into tokens the way lm-eval's own HFLM does, and tokens into log-probabilities.
-
-    from quamba.eval import evaluate
-    evaluate("results/mamba1-demo/fp16/model", ["quamba_mc"], Path("mc.json"))
-
-or, through lm-eval itself, `simple_evaluate(model="quamba", model_args="path=DIR,batch_size=8", ...)`
-once this module is imported (it registers the name).
+Through lm-eval itself: `simple_evaluate(model="quamba", model_args="path=DIR,batch_size=8", ...)`
+(`import quamba` registers the name).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -29,24 +23,13 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from quamba.errors import CheckpointError, ConfigError
-from quamba.io import package_versions, sha256_files, write_json
-from quamba.loading import load
-from quamba.models.checkpoint import CONFIG_FILE, read_config, resolve_model_dir, weight_files
-from quamba.perplexity import DEFAULT_TEXT, evaluate_perplexity
+from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
+from quamba.models.load import load
 
 eval_logger = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
-TASKS_DIR = REPO / "resources" / "tasks"
 DEFAULT_MAX_LENGTH = 2048  # HFLM's default context when the model names none; Mamba has no limit
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM's default
-PERPLEXITY_TASK = "perplexity"
-PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "bits_per_byte")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# lm-eval's output sections that describe the tasks and their scores; the rest (dates, git hash,
-# timings, model info, samples) would make two identical runs differ.
-LM_EVAL_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-                    "higher_is_better", "n-samples")
-SCHEMA_VERSION = 1
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -259,136 +242,3 @@ class QuambaLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
         return out
-
-
-# -- tasks ---------------------------------------------------------------------------------------
-def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any]:
-    """lm-eval task names, perplexity files (None: the default), and a TaskManager that knows the
-    names. Unknown names fail here, before any model work, naming the task and what is allowed."""
-    if not tasks:
-        raise ConfigError("tasks: empty; name at least one lm-eval task, quamba_offline, or perplexity")
-    if len(set(tasks)) < len(tasks):
-        raise ConfigError(f"tasks: {list(tasks)} names a task twice")
-    names, files = [], []
-    for task in tasks:
-        if task == PERPLEXITY_TASK or task.startswith(PERPLEXITY_TASK + ":"):
-            data = task.partition(":")[2]
-            if data and not Path(data).is_file():
-                raise ConfigError(f"task {task!r}: {data} is not a file; perplexity:FILE takes a .txt or .jsonl file")
-            files.append(Path(data) if data else None)
-        else:
-            names.append(task)
-    return names, files, task_manager(names)
-
-
-def task_manager(names: Sequence[str]):
-    """A TaskManager for `names`. Indexing lm-eval's ~15k bundled tasks takes seconds, so the
-    offline tasks alone are tried first."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    if all(name in manager.all_tasks for name in names):
-        return manager
-    manager = TaskManager(include_path=str(TASKS_DIR))
-    for name in names:
-        if name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
-            raise ConfigError(f"task {name!r}: unknown; allowed: an lm-eval task, group or tag name "
-                              f"(`lm-eval ls tasks`), the offline tasks quamba_cloze and quamba_mc "
-                              f"(tag quamba_offline), or perplexity[:FILE]"
-                              + (f"; did you mean {', '.join(close)}?" if close else ""))
-    return manager
-
-
-# -- results -------------------------------------------------------------------------------------
-def model_provenance(model_dir: Path, shown_as: str) -> dict[str, Any]:
-    """What was evaluated: the dir as named, hashes of its weights and tokenizer, its quantization."""
-    files = [model_dir / CONFIG_FILE, *weight_files(model_dir)]
-    tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    quant_config = model_dir / "quant_config.json"
-    return {"path": shown_as, "files": sorted(p.name for p in files), "sha256": sha256_files(files),
-            "tokenizer_sha256": sha256_files(tokenizer),
-            "quant_config": json.loads(quant_config.read_text()) if quant_config.is_file() else None}
-
-
-def plain_json(value: Any) -> Any:
-    """lm-eval's output as strict, stable JSON: NaN/inf become null, paths inside the repo
-    repo-relative (the file must not depend on the clone's location), callables their qualified
-    name (a repr would carry a memory address), anything else unknown its str()."""
-    if isinstance(value, dict):
-        return {str(k): plain_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_json(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, str) and value.startswith(f"{REPO}/"):
-        return value.removeprefix(f"{REPO}/")
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
-        return plain_json(value.item())
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
-    return str(value)
-
-
-def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size: int = 8,
-             limit: int | None = None, device: str | None = None, dtype: str | None = None,
-             num_fewshot: int = 0, seed: int = 0, progress: bool = True,
-             perplexity_tokens: int | None = None) -> dict[str, Any]:
-    """Run `tasks` on a model dir and write one JSON to `out` (atomically); returns its content.
-
-    tasks: lm-eval task/group/tag names (the offline quamba_cloze and quamba_mc included), and
-    `perplexity` or `perplexity:FILE` for held-out perplexity (quamba.perplexity). Every input is
-    checked before the model is loaded; a bad one raises ConfigError/CheckpointError and writes nothing.
-    The file holds no dates or timings, so a rerun on the same device gives the same bytes.
-    """
-    batch_size = positive_int("batch_size", batch_size)
-    if limit is not None:
-        limit = positive_int("limit", limit)
-    if perplexity_tokens is not None:
-        perplexity_tokens = positive_int("perplexity_tokens", perplexity_tokens)
-    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise ConfigError(f"num_fewshot: {num_fewshot!r} is not allowed; expected an integer >= 0")
-    names, perplexity_files, manager = split_tasks(list(tasks))
-    local_dir = check_model_dir(model_dir)
-    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "quamba-eval", "tasks": list(tasks),
-                           "model": model_provenance(local_dir, str(model_dir))}
-
-    lm = QuambaLM(local_dir, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
-    doc["settings"] = {"batch_size": batch_size, "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
-                       "max_length": lm.max_length, "device": lm.device.type,
-                       "dtype": str(lm.model.lm_head.weight.dtype).removeprefix("torch.")}
-    sections: dict[str, dict[str, Any]] = {key: {} for key in LM_EVAL_SECTIONS}
-    if names:
-        from lm_eval.evaluator import simple_evaluate
-
-        output = simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
-                                 limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                 torch_random_seed=seed, fewshot_random_seed=seed)
-        for key in LM_EVAL_SECTIONS:
-            sections[key].update(output.get(key) or {})
-    for data in perplexity_files:
-        name = PERPLEXITY_TASK if data is None else f"{PERPLEXITY_TASK}:{data}"
-        scores, config = evaluate_perplexity(lm, data or DEFAULT_TEXT, limit=limit, max_tokens=perplexity_tokens)
-        sections["results"][name] = scores
-        sections["configs"][name] = config
-        sections["versions"][name] = config["version"]
-        sections["n-samples"][name] = {"original": config["documents"], "effective": config["documents_scored"]}
-    doc.update({key: value for key, value in sections.items() if value})
-    doc["package_versions"] = package_versions()
-    doc = plain_json(doc)
-    write_json(out, doc)
-    return doc
-
-
-def summary(doc: dict[str, Any]) -> list[str]:
-    """One line per task and metric of an evaluation JSON, e.g. `quamba_mc  acc,none  0.4125`."""
-    lines = []
-    for task, metrics in sorted(doc.get("results", {}).items()):
-        for metric, value in sorted(metrics.items()):
-            shown = (metric in PERPLEXITY_METRICS if task.startswith(PERPLEXITY_TASK)
-                     else "," in metric and "_stderr," not in metric)
-            if shown and isinstance(value, (int, float)):
-                lines.append(f"{task:<24} {metric:<20} {value:.4f}")
-    return lines

@@ -33,7 +33,7 @@ def load(path_or_hub_id: str | Path, device: str | torch.device | None = None,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     model_dir = resolve_model_dir(path_or_hub_id)
-    from quamba.qmodel import is_quantized_dir, load_quantized  # imports the quantization stack
+    from quamba.models.quantized import is_quantized_dir, load_quantized  # imports the quantized modules
 
     if is_quantized_dir(model_dir):
         return load_quantized(model_dir, device=device, dtype=dtype)

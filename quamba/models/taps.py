@@ -59,7 +59,7 @@ class Tap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return x
-        from quamba.quantizers import fake_quantize  # the FP path never needs it
+        from quamba.numerics.quantizers import fake_quantize  # the FP path never needs it
 
         scale = self.scale.to(x.device) if isinstance(self.scale, torch.Tensor) else self.scale
         return fake_quantize(x, scale, 8)

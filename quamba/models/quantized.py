@@ -1,0 +1,126 @@
+"""The quantized model's modules and how a quantized dir is loaded into them.
+
+`QuantLinear` runs an integer weight: on CPU the reference (dequantize, then a float matmul), on
+CUDA int8 GEMMs (torch._int_mm) for w8a8 where shapes allow; taps fake-quantize activations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from quamba.errors import CheckpointError
+from quamba.models.checkpoint import SAFETENSORS_FILE, build_model, read_config
+from quamba.models.lm import MambaLMHeadModel
+from quamba.models.taps import LM_HEAD_POINT, named_taps
+from quamba.numerics.hadamard import hadamard_transform
+from quamba.numerics.quantizers import dequantize, expand_scales, quantize, unpack_int4
+
+REORDER_TAP = "x_conv_out:input"  # the SSM input x: per reorder cell scales under Quamba2's reordering
+QUANT_CONFIG = "quant_config.json"
+X_GROUP_SCALES = "x_group_scales"  # model.safetensors key (per mixer) of x's per-channel reorder-cell scales
+LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
+
+
+class QuantLinear(nn.Module):
+    """y = dequant(q) applied to x, with x Hadamard-rotated first (out_proj) and quantized to
+    int8 with a static scale (schemes with 8-bit activations). On CUDA, per-tensor int8 weights
+    with int8 activations run as an int8 GEMM (torch._int_mm) where its shape rules allow."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
+                 act_scale: float | None, rotate_input: bool):
+        super().__init__()
+        self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.to(torch.int8))  # (out, in) integer values
+        self.register_buffer("scales", scales.float())  # (out, groups) or (1, 1)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("weight", dequantize(self.qweight, expand_scales(self.scales, self.in_features)),
+                             persistent=False)  # the reference path's float weight
+
+    def _int8_gemm_ok(self, x2d: torch.Tensor) -> bool:
+        return (x2d.is_cuda and self.bits == 8 and self.act_scale is not None and self.scales.numel() == 1
+                and x2d.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotate_input:
+            x = hadamard_transform(x)
+        if self.act_scale is None:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x_q = quantize(x, self.act_scale, 8)  # (..., in) int8
+        x2d = x_q.reshape(-1, self.in_features)
+        if self._int8_gemm_ok(x2d):
+            acc = torch._int_mm(x2d, self.qweight.t())  # (m, out) int32, exact
+            y = (acc.float() * (self.act_scale * self.scales.float().item())).to(x.dtype).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        x_dq = dequantize(x_q, self.act_scale).to(x.dtype)
+        return F.linear(x_dq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:
+    """The Linears Quamba quantizes, by state-dict path: every block's in_proj and out_proj."""
+    linears = {}
+    for i, block in enumerate(model.backbone.layers):
+        out_proj = block.mixer.out_proj
+        linears[f"backbone.layers.{i}.mixer.in_proj"] = block.mixer.in_proj
+        linears[f"backbone.layers.{i}.mixer.out_proj"] = getattr(out_proj, "linear", out_proj)
+    return linears
+
+
+def is_quantized_dir(model_dir: Path) -> bool:
+    return (Path(model_dir) / QUANT_CONFIG).is_file()
+
+
+def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) -> MambaLMHeadModel:
+    """A runnable quantized model: QuantLinear for in_proj/out_proj, int8 fake-quant at the taps."""
+    model_dir = Path(model_dir)
+    config, _ = read_config(model_dir)
+    try:
+        quant_config = json.loads((model_dir / QUANT_CONFIG).read_text())
+        tensors = load_file(model_dir / SAFETENSORS_FILE)
+    except Exception as err:
+        raise CheckpointError(f"{model_dir}: unreadable quantized model ({err})") from err
+    group_scales = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith(f".{X_GROUP_SCALES}")]}
+    integer = {k.rpartition(".")[0]: {} for k in tensors if k.endswith(".qweight")}
+    for name in integer:
+        for field in ("qweight", "scales"):
+            integer[name][field] = tensors.pop(f"{name}.{field}")
+        tensors[f"{name}.weight"] = torch.zeros(1)  # placeholder, replaced below
+    with torch.device("meta"):
+        shapes = MambaLMHeadModel(config).state_dict()
+    for name in integer:
+        tensors[f"{name}.weight"] = torch.empty(shapes[f"{name}.weight"].shape, dtype=torch.float16)
+    model = build_model(config, tensors, source=str(model_dir))
+    act_scales = quant_config["activation_scales"]
+    linears = quantized_linears(model)
+    for i, block in enumerate(model.backbone.layers):
+        for kind in ("in_proj", "out_proj"):
+            name = f"backbone.layers.{i}.mixer.{kind}"
+            if name not in integer:
+                continue
+            qweight = integer[name]["qweight"]
+            if quant_config["w_bits"] == 4:
+                qweight = unpack_int4(qweight)
+            bias = linears[name].bias
+            setattr(block.mixer, kind, QuantLinear(
+                qweight, integer[name]["scales"], quant_config["w_bits"],
+                None if bias is None else bias.detach().clone(),
+                act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=kind == "out_proj"))
+    if "lm_head" in integer:  # its input quantized inside QuantLinear, so its tap stays identity
+        qweight = integer["lm_head"]["qweight"]
+        model.lm_head = QuantLinear(unpack_int4(qweight) if quant_config["w_bits"] == 4 else qweight,
+                                    integer["lm_head"]["scales"], quant_config["w_bits"], None,
+                                    act_scales.get(LM_HEAD_POINT), rotate_input=False)
+    for tap_name, tap in named_taps(model).items():
+        if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
+            tap.scale = act_scales.get(tap_name)
+    for i, block in enumerate(model.backbone.layers):
+        scales = group_scales.get(f"backbone.layers.{i}.mixer.{X_GROUP_SCALES}")
+        if scales is not None:  # Quamba2: x quantized per reorder cell
+            block.mixer.taps.by_key[REORDER_TAP.replace(":", "__")].scale = scales.float()
+    return model.to(device=device, dtype=dtype).eval()
