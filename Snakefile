@@ -21,10 +21,10 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
-        expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
-        expand(f"{SUMMARY}/{{table}}.csv", table=SUMMARY_TABLES),
-        f"{SUMMARY}/plots/accuracy_vs_alpha.png",
-        f"{SUMMARY}/plots/clipping_ranges.png",
-        expand(f"{SUMMARY}/plots/{{model}}_activations.png", model=MODELS),
+        expand(layout.STATS, model=MODELS, calib=CALIBRATIONS),
+        expand(layout.EVAL, model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
+        expand(layout.SUMMARY_TABLE, table=SUMMARY_TABLES),
+        layout.path(layout.SUMMARY_PLOT, plot="accuracy_vs_alpha"),
+        layout.path(layout.SUMMARY_PLOT, plot="clipping_ranges"),
+        expand(layout.SUMMARY_PLOT, plot=[f"{m}_activations" for m in MODELS]),
     default_target: True

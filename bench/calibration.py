@@ -1,6 +1,7 @@
-"""Calibration overhead: time of `calibrate` (all alphas, activation sampling on) divided by a
-plain forward over the same tokens, in one process; and a Quamba-style loop (batch 1,
-torch.quantile per percentile tap, min/max elsewhere) for comparison.
+"""Calibration overhead: time of `calibrate` (the alpha-free pass: tails at the percentile taps,
+histograms everywhere, activation sampling on) divided by a plain forward over the same tokens,
+in one process; and a Quamba-style loop (batch 1, torch.quantile per percentile tap, min/max
+elsewhere) for comparison.
 
     python bench/calibration.py                  # demo-sized random models, CPU
     python bench/calibration.py --size 130m      # real mamba-130m sizes (use a GPU)
@@ -17,7 +18,8 @@ import torch
 from bench.forward import SIZES
 from quamba.models import MambaLMHeadModel
 from quamba.models.taps import named_taps
-from quamba.stages.calibrate import CalibrationSettings, calibrate
+from quamba.recipe import Recipe
+from quamba.stages.calibrate import CalibrationSettings, calibrate, percentile_points
 
 
 def timed(fn) -> float:
@@ -40,9 +42,10 @@ def plain_forward(model: MambaLMHeadModel, windows: torch.Tensor, batch_size: in
 def quamba_style(model: MambaLMHeadModel, windows: torch.Tensor, alpha: float) -> None:
     """What Quamba's observers do per batch of 1: a quantile per percentile tap, abs max elsewhere."""
     state: dict[str, float] = {}
+    percentile = percentile_points(model.config.layer, Recipe())
 
     def observe(name, tap, out):
-        if tap.percentile:
+        if tap.point in percentile:
             t = torch.quantile(out.abs().flatten().float(), alpha).item()
             state[name] = t if name not in state else state[name] + 0.01 * (t - state[name])
         else:
@@ -74,17 +77,18 @@ def main() -> None:
         model = model.to(device=device, dtype=dtype).eval()
         windows = torch.randint(0, config.vocab_size, (args.samples, args.seq_len),
                                 generator=torch.Generator().manual_seed(0)).to(device)
-        settings = CalibrationSettings(num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                                       alphas=(0.999, 0.9995, 0.9999, 0.99999, 1.0))
+        settings = CalibrationSettings(num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+        packed = Recipe(calibration_data="packed")  # full windows stacked in batches
         plain_forward(model, windows[: args.batch_size], args.batch_size)  # warm-up
         forward_s = timed(lambda: plain_forward(model, windows, args.batch_size))
-        calibrate_s = timed(lambda: calibrate(model, windows, settings, progress=False))
+        calibrate_s = timed(lambda: calibrate(model, list(windows.split(args.batch_size)), settings, packed,
+                                              progress=False))
         forward_b1_s = timed(lambda: plain_forward(model, windows, 1))
         quamba_s = timed(lambda: quamba_style(model, windows, 0.9995))
         print(json.dumps({
             "model": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
-            "alphas": len(settings.alphas), "activation_layers": list(settings.activation_layers),
+            "min_alpha": settings.min_alpha, "activation_layers": list(settings.sampled_layers(config.n_layer)),
             "forward_s": round(forward_s, 3), "calibrate_s": round(calibrate_s, 3),
             "calibrate_over_forward": round(calibrate_s / forward_s, 2),
             "forward_batch1_s": round(forward_b1_s, 3), "quamba_style_batch1_s": round(quamba_s, 3),

@@ -22,9 +22,11 @@ import quamba
 from bench.forward import SIZES, seconds_per_forward
 from quamba.models import MambaLMHeadModel
 from quamba.models.checkpoint import save_fp16
+from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
 from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
 from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+from quamba.stages.scales import scales_file
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "tokenizer"
 
@@ -56,6 +58,7 @@ def main() -> None:
                            device=device, progress=False)
             calibrate_model_dir(fp16, tmp / "calib", CalibrationSettings(num_samples=8, seq_len=args.seqlen,
                                 save_activations=False), device=device, progress=False)
+            scales_file(tmp / "calib", 1.0, tmp / "scales.json")
             row = {"model": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
                    "tokens": args.nsamples * args.seqlen, "gptq_w8_total_s": round(gptq_s, 2),
                    "gptq_solve_s_per_layer": round(sum(result["seconds"].values()) / config.n_layer, 3),
@@ -64,7 +67,7 @@ def main() -> None:
             batch = ids[:16]
             base = seconds_per_forward(quamba.load(fp16, device=device, dtype=dtype), batch, 5)
             for scheme, gdir in (("w8a8", "w8"), ("w4a16", "w4")):
-                quantize_model_dir(fp16, tmp / scheme, tmp / gdir, scheme, 1.0, tmp / "calib" / "stats.json")
+                quantize_model_dir(fp16, tmp / scheme, tmp / gdir, scheme, Recipe(), tmp / "calib", tmp / "scales.json")
                 q = seconds_per_forward(quamba.load(tmp / scheme, device=device, dtype=dtype), batch, 5)
                 row[f"{scheme}_over_fp16_forward_time"] = round(q / base, 2)
                 row[f"{scheme}_size_ratio"] = json.loads((tmp / scheme / "provenance.json").read_text())["size_bytes"]["ratio"]

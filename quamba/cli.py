@@ -1,4 +1,8 @@
-"""The `quamba` command line: every stage of the study, usable without Snakemake."""
+"""The `quamba` command line: every stage of the study, usable without Snakemake.
+
+Defaults come from the settings dataclasses (CalibrationSettings, GPTQSettings, Recipe), so the
+command line and the library never disagree; `--help` shows them.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +20,29 @@ def _normalize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _recipe(args: argparse.Namespace):
+    """The Recipe of the options given; each one not given is Quamba's."""
+    from quamba.recipe import OPTIONS, Recipe
+
+    return Recipe(**{key: getattr(args, key) for key in OPTIONS if getattr(args, key, None) is not None})
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
 
     settings = CalibrationSettings(
         num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-        alphas=tuple(args.alphas), activation_layers=tuple(args.activation_layers),
-        activation_samples=args.activation_samples, save_activations=args.save_activations,
-        rotate_residual=args.rotate_residual, reorder=args.reorder, head_clusters=args.head_clusters,
-        channel_clusters=args.channel_clusters)
-    calibrate_model_dir(args.model_dir, args.out, settings, data=args.data, device=args.device)
-    print(f"wrote {args.out / 'stats.json'}" + (" and activations.npz" if args.save_activations else ""))
+        min_alpha=args.min_alpha, activation_layers=None if args.activation_layers is None else tuple(args.activation_layers),
+        activation_samples=args.activation_samples, save_activations=args.save_activations)
+    calibrate_model_dir(args.model_dir, args.out, settings, _recipe(args), data=args.data, device=args.device)
+    print(f"wrote {args.out}: stats.json, calibration.safetensors" + (", activations.npz" if args.save_activations else ""))
+
+
+def _scales(args: argparse.Namespace) -> None:
+    from quamba.stages.scales import scales_file
+
+    doc = scales_file(args.calib_dir, args.alpha, args.out, alpha_one=args.alpha_one or "quamba")
+    print(f"wrote {args.out} ({len(doc['taps'])} taps at alpha {doc['alpha']})")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -38,7 +54,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _view(args: argparse.Namespace) -> None:
     from quamba.report.view import render
 
-    print(render(args.stats, args.filter, args.compare))
+    print(render(args.calib, args.alphas, args.alpha_one or "quamba", args.filter, args.compare))
 
 
 def _gptq(args: argparse.Namespace) -> None:
@@ -46,16 +62,26 @@ def _gptq(args: argparse.Namespace) -> None:
 
     settings = GPTQSettings(w_bits=args.w_bits, group_size=args.group_size, percdamp=args.percdamp,
                             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order,
-                            rotate_residual=args.rotate_residual, reorder=args.reorder, lm_head=args.lm_head)
-    result = gptq_model_dir(args.fp16_dir, args.out, settings, data=args.data, device=args.device, stats=args.stats)
+                            lm_head=args.lm_head)
+    result = gptq_model_dir(args.fp16_dir, args.out, settings, _recipe(args), data=args.data, device=args.device,
+                            calib_dir=args.calib)
     print(f"wrote {args.out} in {sum(result['seconds'].values()):.1f} s of GPTQ")
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from quamba.stages.assemble import quantize_model_dir
+    import tempfile
 
-    quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, args.alpha, args.stats,
-                       reorder=args.reorder, rotate_residual=args.rotate_residual)
+    from quamba.stages.assemble import quantize_model_dir
+    from quamba.stages.scales import scales_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scales = args.scales
+        if scales is None and args.alpha is not None:  # derive this alpha's scales on the way
+            if args.calib is None:
+                raise QuambaError("quantize: --alpha needs --calib CALIB_DIR to derive the scales from")
+            scales = Path(tmp) / "scales.json"
+            scales_file(args.calib, args.alpha, scales, alpha_one=args.alpha_one or "quamba")
+        quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, _recipe(args), args.calib, scales)
     print(f"wrote {args.out}")
 
 
@@ -69,100 +95,134 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quamba", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_recipe_options(parser: argparse.ArgumentParser, stage: str) -> None:
+    """One flag per recipe option the stage reads; not given means Quamba's value."""
+    from quamba.recipe import OPTIONS
 
-    normalize = commands.add_parser(
-        "normalize", help="write a normalized FP16 checkpoint (safetensors, config, tokenizer, source.json)")
+    group = parser.add_argument_group("recipe options (each departs from Quamba's code; default: Quamba's value)")
+    for key, option in OPTIONS.items():
+        if stage not in option.stages:
+            continue
+        flag = "--" + key.replace("_", "-")
+        help_text = f"{option.option_does} (Quamba: {option.quamba!r})"
+        if option.allowed == (True, False) or option.allowed == (False, True):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif option.allowed is None:
+            group.add_argument(flag, type=int, default=None, help=help_text)
+        else:
+            group.add_argument(flag, choices=option.allowed, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quamba.recipe import OPTIONS
+    from quamba.stages.calibrate import CalibrationSettings
+    from quamba.stages.gptq import GPTQSettings
+
+    calib_defaults, gptq_defaults = CalibrationSettings(), GPTQSettings()
+    parser = argparse.ArgumentParser(prog="quamba", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = lambda name, **kw: commands.add_parser(  # noqa: E731
+        name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    normalize = command("normalize", help="write a normalized FP16 checkpoint (safetensors, config, tokenizer, source.json)")
     normalize.add_argument("source", help="local model dir (state-spaces or transformers format) or hub id")
     normalize.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the source)")
     normalize.add_argument("--out", type=Path, required=True, help="output directory")
     normalize.set_defaults(run=_normalize)
 
-    defaults = _calibration_defaults()
-    calibrate = commands.add_parser(
-        "calibrate", help="per-tap statistics for every percentile alpha from one pass (stats.json, activations.npz)")
+    calibrate = command("calibrate", help="one calibration pass: statistics that answer every alpha >= --min-alpha "
+                                          "(stats.json, calibration.safetensors, activations.npz)")
     calibrate.add_argument("model_dir", help="FP model dir or hub id")
-    calibrate.add_argument("--samples", type=int, default=defaults.num_samples, help="number of calibration windows")
-    calibrate.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window")
-    calibrate.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                           help="windows per forward (Quamba's percentile EMA depends on it; Quamba used 1)")
-    calibrate.add_argument("--alphas", type=float, nargs="+", default=list(defaults.alphas),
-                           help="percentile alphas in (0, 1]; 1.0 means no clipping")
-    calibrate.add_argument("--seed", type=int, default=defaults.seed, help="picks the windows and the activation sample")
+    calibrate.add_argument("--samples", type=int, default=calib_defaults.num_samples,
+                           help="calibration samples (Quamba: 512; the default study uses 32)")
+    calibrate.add_argument("--seq-len", type=int, default=calib_defaults.seq_len,
+                           help="tokens per sample: rows are truncated to it, packed windows have it")
+    calibrate.add_argument("--batch-size", type=int, default=calib_defaults.batch_size,
+                           help="samples per forward; Quamba's percentile EMA runs per forward (it used 1); "
+                                ">1 needs --calibration-data packed")
+    calibrate.add_argument("--min-alpha", type=float, default=calib_defaults.min_alpha,
+                           help="the lowest percentile alpha the stored tails can answer later")
+    calibrate.add_argument("--seed", type=int, default=calib_defaults.seed,
+                           help="seeds the activation sample (and the order with --calibration-order seeded)")
     calibrate.add_argument("--save-activations", action="store_true", help="also write activations.npz")
-    calibrate.add_argument("--activation-layers", type=int, nargs="+", default=list(defaults.activation_layers))
-    calibrate.add_argument("--activation-samples", type=int, default=defaults.activation_samples,
+    calibrate.add_argument("--activation-layers", type=int, nargs="+", default=None,
+                           help="layers sampled into activations.npz (default: the first min(3, n_layer))")
+    calibrate.add_argument("--activation-samples", type=int, default=calib_defaults.activation_samples,
                            help="values sampled uniformly per tap from the whole stream")
-    calibrate.add_argument("--data", help="text file (.txt, .jsonl) or hub dataset id (default: the shipped corpus)")
-    calibrate.add_argument("--rotate-residual", action="store_true",
-                           help="Hadamard-rotate the residual stream first (must match across calibrate, gptq, quantize)")
-    calibrate.add_argument("--reorder", action="store_true",
-                           help="Mamba2: Quamba2's head/channel reordering, planned from a first pass over the data")
-    calibrate.add_argument("--head-clusters", type=int, default=defaults.head_clusters,
-                           help="reorder: head clusters per B/C group")
-    calibrate.add_argument("--channel-clusters", type=int, default=defaults.channel_clusters,
-                           help="reorder: channel clusters per head cluster")
+    calibrate.add_argument("--data", help="text file (.txt, .jsonl) or hub dataset ID[:CONFIG][?data_files=...] "
+                                          "(default: the shipped corpus)")
     calibrate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     calibrate.add_argument("--out", type=Path, required=True, help="output directory")
+    add_recipe_options(calibrate, "calibrate")
     calibrate.set_defaults(run=_calibrate)
 
-    gptq = commands.add_parser("gptq", help="GPTQ weights of in_proj/out_proj (seeded sampling), shared by every alpha")
+    scales = command("scales", help="one alpha's thresholds per tap from a calibration dir (scales.json), in seconds")
+    scales.add_argument("calib_dir", type=Path, help="a calibration dir (stats.json + calibration.safetensors)")
+    scales.add_argument("--alpha", type=float, required=True, help="percentile alpha in [min_alpha, 1]")
+    scales.add_argument("--out", type=Path, required=True, help="scales.json to write")
+    add_recipe_options(scales, "scales")
+    scales.set_defaults(run=_scales)
+
+    view = command("view", help="a calibration dir as a table: per alpha the threshold, the stream percentile, "
+                                "the share clipped")
+    view.add_argument("calib", help="a calibration dir or its stats.json")
+    view.add_argument("--alphas", type=float, nargs="+", help="alphas to show (default: 0.9995 1.0)")
+    view.add_argument("--filter", help="only taps whose name contains this text")
+    view.add_argument("--compare", help="a second calibration dir to set beside the first")
+    add_recipe_options(view, "scales")
+    view.set_defaults(run=_view)
+
+    gptq = command("gptq", help="GPTQ weights of in_proj/out_proj (seeded sampling), shared by every alpha")
     gptq.add_argument("fp16_dir", help="FP16 model dir")
-    gptq.add_argument("--w-bits", type=int, default=4, help="4 (group-wise int4) or 8 (per-tensor int8)")
-    gptq.add_argument("--seed", type=int, default=0, help="draws the calibration windows")
-    gptq.add_argument("--nsamples", type=int, default=128, help="windows (Quamba: 128)")
-    gptq.add_argument("--seqlen", type=int, default=1024, help="tokens per window (Quamba: 1024)")
-    gptq.add_argument("--group-size", type=int, default=128)
-    gptq.add_argument("--percdamp", type=float, default=0.01)
-    gptq.add_argument("--act-order", action="store_true")
-    gptq.add_argument("--rotate-residual", action="store_true",
-                      help="Hadamard-rotate the residual stream first (must match across calibrate, gptq, quantize)")
-    gptq.add_argument("--reorder", action="store_true", help="Mamba2: GPTQ the model reordered by --stats' plan")
-    gptq.add_argument("--stats", type=Path, help="stats.json calibrated with --reorder (needed by --reorder)")
+    gptq.add_argument("--w-bits", type=int, default=gptq_defaults.w_bits,
+                      help="4 (group-wise int4) or 8 (per-tensor int8)")
+    gptq.add_argument("--seed", type=int, default=gptq_defaults.seed, help="draws the GPTQ windows")
+    gptq.add_argument("--nsamples", type=int, default=gptq_defaults.nsamples, help="windows (Quamba: 128)")
+    gptq.add_argument("--seqlen", type=int, default=gptq_defaults.seqlen, help="tokens per window (Quamba: 1024)")
+    gptq.add_argument("--group-size", type=int, default=gptq_defaults.group_size,
+                      help="input columns per int4 scale (Quamba: 128)")
+    gptq.add_argument("--percdamp", type=float, default=gptq_defaults.percdamp,
+                      help="damping added to the Hessian diagonal, as a share of its mean")
+    gptq.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    gptq.add_argument("--calib", type=Path, help="calibration dir whose reorder plan to use (with --reorder)")
     gptq.add_argument("--lm-head", action="store_true", help="also quantize lm_head (Quamba's last GPTQ step)")
     gptq.add_argument("--data", help="text file or hub dataset id, e.g. wikitext:wikitext-2-raw-v1 "
                                      "(default: the shipped corpus)")
     gptq.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    gptq.add_argument("--out", type=Path, required=True)
+    gptq.add_argument("--out", type=Path, required=True, help="output directory")
+    add_recipe_options(gptq, "gptq")
     gptq.set_defaults(run=_gptq)
 
-    quantize = commands.add_parser("quantize", help="assemble a quantized model dir from FP16 + GPTQ + stats")
+    quantize = command("quantize", help="assemble a quantized model dir from FP16 + GPTQ + one alpha's scales")
     quantize.add_argument("fp16_dir", type=Path, help="FP16 model dir")
-    quantize.add_argument("--stats", type=Path, help="stats.json (needed by schemes with 8-bit activations)")
     quantize.add_argument("--gptq", type=Path, required=True, help="GPTQ output dir of the same model")
-    quantize.add_argument("--scheme", required=True, help="w8a8, w4a8 or w4a16")
-    quantize.add_argument("--alpha", type=float, default=0.9995, help="percentile alpha (must be in stats.json)")
-    quantize.add_argument("--reorder", action="store_true",
-                          help="Mamba2: stats and GPTQ were built with --reorder; x gets a scale per reorder cell")
-    quantize.add_argument("--rotate-residual", action="store_true",
-                          help="Hadamard-rotate the residual stream first (must match across calibrate, gptq, quantize)")
-    quantize.add_argument("--out", type=Path, required=True)
+    quantize.add_argument("--scheme", required=True, choices=["w8a8", "w4a8", "w4a16"], help="quantization scheme")
+    quantize.add_argument("--calib", type=Path, help="calibration dir (needed by w8a8/w4a8 and by --reorder)")
+    quantize.add_argument("--scales", type=Path, help="one alpha's scales.json (from `quamba scales`)")
+    quantize.add_argument("--alpha", type=float, help="or: derive the scales at this alpha from --calib on the way")
+    quantize.add_argument("--out", type=Path, required=True, help="output directory")
+    add_recipe_options(quantize, "assemble")
+    quantize.add_argument("--alpha-one", choices=OPTIONS["alpha_one"].allowed, default=None,
+                          help=f"with --alpha 1.0: {OPTIONS['alpha_one'].option_does}")
     quantize.set_defaults(run=_quantize)
 
-    evaluate = commands.add_parser("eval", help="lm-eval tasks (and held-out perplexity) on any model dir")
+    evaluate = command("eval", help="lm-eval tasks (and held-out perplexity) on any model dir")
     evaluate.add_argument("model_dir", help="FP16 or quantized model dir, or hub id")
     evaluate.add_argument("--tasks", required=True,
                           help="comma-separated lm-eval tasks, e.g. quamba_cloze,quamba_mc,lambada_openai,perplexity")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--limit", type=int, help="at most this many items per task")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="requests per forward")
+    evaluate.add_argument("--limit", type=int, help="at most this many items per task (default: all)")
     evaluate.add_argument("--perplexity-tokens", type=int, help="perplexity: score only the first this many tokens")
-    evaluate.add_argument("--num-fewshot", type=int, default=0)
+    evaluate.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per item")
     evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
-    evaluate.add_argument("--out", type=Path, required=True, help="results JSON")
+    evaluate.add_argument("--out", type=Path, required=True, help="results JSON to write")
     evaluate.set_defaults(run=_eval)
 
-    view = commands.add_parser("view", help="print a stats.json as a table, alphas side by side")
-    view.add_argument("stats", help="stats.json")
-    view.add_argument("--filter", help="only taps whose name contains this text")
-    view.add_argument("--compare", help="a second stats.json to set beside the first")
-    view.set_defaults(run=_view)
-
-    compare = commands.add_parser(
-        "compare", help="model x scheme x alpha: a task's metric mean +- std over seeds, delta to FP16, SSM-input clipping")
+    compare = command("compare", help="model x scheme x alpha: a task's metric mean +- std over seeds, delta to "
+                                      "FP16, SSM-input clipping")
     compare.add_argument("results", type=Path, nargs="?", default=Path("results"), help="a study's results/ dir")
     compare.add_argument("--task", help="task to compare (default: the first in alphabetical order)")
     compare.add_argument("--metric", help="metric of that task (default: acc, else perplexity, else the first)")
@@ -171,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _calibration_defaults():
-    from quamba.stages.calibrate import CalibrationSettings
+def _version() -> str:
+    from quamba import __version__
 
-    return CalibrationSettings()
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,23 @@
-# Calibration: one pass over the FP16 model per (model, calibration setting). Every alpha of the
-# setting comes out of the same pass, so alpha is not a wildcard here.
+# Calibration: one pass over the FP16 model per (model, calibration setting), alpha-free: it keeps
+# what every alpha >= min_alpha needs. A cheap scales job per alpha derives that alpha's thresholds,
+# so a new alpha runs only its scales job and what reads it.
 
 
 rule calibrate:
     input:
-        model="results/{model}/fp16/model",
+        model=layout.FP16_MODEL,
     output:
-        stats="results/{model}/calib/{calib}/stats.json",
-        activations="results/{model}/calib/{calib}/activations.npz",
+        stats=layout.STATS,
+        store=layout.STORE,
+        activations=layout.ACTIVATIONS,
     params:
         settings=lambda wc: calibration_setting(wc.calib),
-        transforms=effective_transforms(),
+        recipe=recipe_options("calibrate"),
         device=DEVICE,
     log:
-        "logs/{model}/calib/{calib}/calibrate.log",
+        layout.log(layout.STATS, "calibrate"),
     benchmark:
-        "benchmarks/{model}/calib/{calib}/calibrate.tsv"
+        layout.benchmark(layout.STATS, "calibrate")
     threads: 2
     resources:
         mem_mb=8000,
@@ -25,3 +27,25 @@ rule calibrate:
         CONDA_ENV
     script:
         "../scripts/calibrate.py"
+
+
+rule scales:
+    input:
+        stats=layout.STATS,
+        store=layout.STORE,
+    output:
+        layout.SCALES,
+    params:
+        alpha_one=alpha_one,
+    log:
+        layout.log(layout.SCALES, "scales"),
+    benchmark:
+        layout.benchmark(layout.SCALES, "scales")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/scales.py"

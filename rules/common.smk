@@ -1,41 +1,50 @@
-# Config validation at the door, and helpers shared by the rules.
+# Config validation at the door, and helpers shared by the rules. Every path pattern comes from
+# quamba.formats.layout, the one owner of the results/ tree.
 import re
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from quamba.formats.layout import alpha_key
 from quamba.errors import QuambaError
-from quamba.stages.evaluate import split_tasks
+from quamba.formats import layout
 from quamba.models.checkpoint import check_source
+from quamba.recipe import Recipe
 from quamba.schemes import get_scheme
+from quamba.stages.evaluate import split_tasks
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 MODELS = sorted(config["models"])
 CALIBRATIONS = sorted(config["calibrations"])
 QUANTIZATION = config["quantization"]
+STUDY_CALIBRATION = QUANTIZATION["calibration"]
 SCHEMES = QUANTIZATION["schemes"]
-ALPHAS = [alpha_key(a) for a in QUANTIZATION["alphas"]]
+ACTIVATION_SCHEMES = [s for s in SCHEMES if get_scheme(s).needs_stats]  # w8a8, w4a8: an alpha axis
+WEIGHT_ONLY_SCHEMES = [s for s in SCHEMES if not get_scheme(s).needs_stats]  # w4a16: none
+ALPHAS = [layout.alpha_key(a) for a in QUANTIZATION["alphas"]]
 SEEDS = [str(s) for s in QUANTIZATION["seeds"]]
 SCHEME_BITS = {name: get_scheme(name).w_bits for name in SCHEMES}
-TRANSFORMS = config["transforms"]
 CONDA_ENV = "../envs/quamba.yaml"  # used only with --software-deployment-method conda
 DEVICE = config["device"]
 GPUS = 1 if DEVICE == "cuda" else 0  # resources: gpu of the jobs that run the model
 
+try:
+    RECIPE = Recipe.from_mapping(config["recipe"], where="config: recipe")
+except QuambaError as err:
+    raise ValueError(str(err)) from None
+
 
 def _check_quantization():
-    """Study alphas must come out of the calibration that feeds the scales."""
-    calib = QUANTIZATION["calibration"]
-    if calib not in config["calibrations"]:
-        raise ValueError(f"config: quantization.calibration: {calib!r} is not a calibration setting; "
+    """Study alphas must be ones the feeding calibration can answer: any in [min_alpha, 1]."""
+    if STUDY_CALIBRATION not in config["calibrations"]:
+        raise ValueError(f"config: quantization.calibration: {STUDY_CALIBRATION!r} is not a calibration setting; "
                          f"allowed: {CALIBRATIONS}")
-    calibrated = {alpha_key(a) for a in config["calibrations"][calib]["alphas"]}
-    missing = [a for a in ALPHAS if a not in calibrated]
-    if missing:
-        raise ValueError(f"config: quantization.alphas: {missing} not in calibrations.{calib}.alphas "
-                         f"{sorted(calibrated)}; one calibration pass answers only the alphas it lists")
+    min_alpha = config["calibrations"][STUDY_CALIBRATION]["min_alpha"]
+    low = [a for a in QUANTIZATION["alphas"] if a < min_alpha]
+    if low:
+        raise ValueError(f"config: quantization.alphas: {low} are below calibrations.{STUDY_CALIBRATION}.min_alpha "
+                         f"{min_alpha}; lower min_alpha (that reruns the calibration) or pick alphas in "
+                         f"[{min_alpha}, 1]")
 
 
 _check_quantization()
@@ -56,17 +65,17 @@ _check_sources()
 
 
 # A variant of a model: its FP16 checkpoint or one quantized run (the results/ tree's second level).
-VARIANT_PATTERN = "fp16|(?:{})/pa(?:{})/seed\\d+".format(
-    "|".join(SCHEMES), "|".join(re.escape(a) for a in ALPHAS))
-QUANTIZED_VARIANTS = [f"{scheme}/pa{alpha}/seed{seed}" for scheme in SCHEMES for alpha in ALPHAS for seed in SEEDS]
+ACTIVATION_VARIANTS = [layout.variant(s, float(a), int(seed)) for s in ACTIVATION_SCHEMES for a in ALPHAS for seed in SEEDS]
+WEIGHT_ONLY_VARIANTS = [layout.variant(s, None, int(seed)) for s in WEIGHT_ONLY_SCHEMES for seed in SEEDS]
+QUANTIZED_VARIANTS = ACTIVATION_VARIANTS + WEIGHT_ONLY_VARIANTS
 VARIANTS = ["fp16", *QUANTIZED_VARIANTS]
+VARIANT_PATTERN = "|".join(re.escape(v) for v in VARIANTS)
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
-    calib="|".join(CALIBRATIONS),
-    scheme="|".join(SCHEMES),
-    alpha="|".join(re.escape(a) for a in ALPHAS),
+    model="|".join(re.escape(m) for m in MODELS),
+    calib="|".join(re.escape(c) for c in CALIBRATIONS),
+    alpha=r"[0-9.e-]+",
     seed=r"\d+",
     bits="4|8",
 
@@ -93,21 +102,35 @@ def local_model_files(wildcards):
     return sorted(str(p) for p in source.iterdir() if p.is_file())
 
 
-def gptq_stats(wildcards):
-    """With reorder on, GPTQ runs on the reordered model, whose plan is in the calibration's stats."""
-    return {"stats": study_stats(wildcards)} if TRANSFORMS["reorder"] else {}
-
-
 def study_stats(wildcards):
-    return f"results/{wildcards.model}/calib/{QUANTIZATION['calibration']}/stats.json"
+    return layout.path(layout.STATS, model=wildcards.model, calib=STUDY_CALIBRATION)
+
+
+def study_scales(model):
+    """The study calibration's scales.json of every study alpha: what clipping did at each."""
+    return [layout.path(layout.SCALES, model=model, calib=STUDY_CALIBRATION, alpha=a) for a in ALPHAS]
+
+
+def reorder_stats(wildcards):
+    """With reorder on, GPTQ and weight-only assembly read the calibration's plan (stats.json)."""
+    return {"stats": study_stats(wildcards)} if RECIPE.reorder else {}
+
+
+def recipe_options(stage):
+    """The recipe options a stage reads, as its params: flipping one reruns exactly its jobs."""
+    return RECIPE.options(stage)
+
+
+def alpha_one(wildcards):
+    """alpha_one acts only at alpha 1.0, so only those jobs rerun when it flips."""
+    return RECIPE.alpha_one if float(wildcards.alpha) == 1.0 else None
 
 
 # -- evaluation ------------------------------------------------------------------------------
 
 EVAL_TASKS = config["tasks"]
-REPO_DIR = Path(workflow.basedir)
-OFFLINE_TASKS = REPO_DIR / "resources" / "tasks"
-PERPLEXITY_TEXT = REPO_DIR / "resources" / "corpus" / "test.txt"
+OFFLINE_TASKS = Path("resources") / "tasks"
+PERPLEXITY_TEXT = Path("resources") / "corpus" / "test.txt"
 
 
 def task_key(task):
@@ -135,14 +158,20 @@ def is_perplexity(task):
     return task == "perplexity" or task.startswith("perplexity:")
 
 
+def _shipped(relative):
+    """A shipped file: relative to the workdir when the study runs in a checkout (so a moved study
+    keeps its cache), else the one beside the Snakefile."""
+    return str(relative) if Path(relative).exists() else str(Path(workflow.basedir) / relative)
+
+
 def task_files(wildcards):
     """The data a task reads, so a rebuilt task or text reruns its evaluations."""
     task = TASK_BY_KEY[wildcards.task]
     if is_perplexity(task):
-        return [task.partition(":")[2] or str(PERPLEXITY_TEXT)]
-    if (OFFLINE_TASKS / f"{task}.yaml").is_file():
-        return [str(OFFLINE_TASKS / f"{task}.yaml"), str(OFFLINE_TASKS / "data" / f"{task}.jsonl"),
-                str(OFFLINE_TASKS / "offline_data.py")]
+        return [task.partition(":")[2] or _shipped(PERPLEXITY_TEXT)]
+    if (Path(workflow.basedir) / OFFLINE_TASKS / f"{task}.yaml").is_file():
+        return [_shipped(OFFLINE_TASKS / f"{task}.yaml"), _shipped(OFFLINE_TASKS / "data" / f"{task}.jsonl"),
+                _shipped(OFFLINE_TASKS / "offline_data.py")]
     return []  # an lm-eval task: its data comes from the hub into lm-eval's cache
 
 
@@ -165,10 +194,3 @@ def _check_limits():
 
 
 _check_limits()
-
-
-def effective_transforms():
-    """The transform settings that matter: the cluster counts only when reordering."""
-    if TRANSFORMS["reorder"]:
-        return dict(TRANSFORMS)
-    return {"rotate_residual": TRANSFORMS["rotate_residual"], "reorder": False}

@@ -1,15 +1,15 @@
 # Evaluation: one job per (model, variant, task), where variant is fp16 or a quantized run
-# {scheme}/pa{alpha}/seed{seed}; {task} is the task as a file name (task_key). A job reads only its
-# model dir and its task's data, so adding a task runs only that task's jobs, and a rebuilt model
-# reruns only its own evaluations.
+# ({scheme}/pa{alpha}/seed{seed}, or {scheme}/seed{seed} for w4a16); {task} is the task as a file
+# name (task_key). A job reads only its model dir and its task's data, so adding a task runs only
+# that task's jobs, and a rebuilt model reruns only its own evaluations.
 
 
 rule evaluate:
     input:
         task_files,
-        model="results/{model}/{variant}/model",
+        model=layout.VARIANT_MODEL,
     output:
-        "results/{model}/{variant}/eval/{task}.json",
+        layout.EVAL,
     wildcard_constraints:
         variant=VARIANT_PATTERN,
         task="|".join(re.escape(key) for key in TASK_BY_KEY),
@@ -20,9 +20,9 @@ rule evaluate:
         perplexity_tokens=lambda wc: perplexity_tokens(TASK_BY_KEY[wc.task]),
         device=DEVICE,
     log:
-        "logs/{model}/{variant}/eval/{task}.log",
+        layout.log(layout.EVAL),
     benchmark:
-        "benchmarks/{model}/{variant}/eval/{task}.tsv"
+        layout.benchmark(layout.EVAL)
     threads: 1
     resources:
         mem_mb=8000,

@@ -5,14 +5,14 @@ rule normalize_fp16:
     input:
         local_model_files,
     output:
-        directory("results/{model}/fp16/model"),
+        directory(layout.FP16_MODEL),
     params:
         source=lambda wc: model_source(wc.model),
         tokenizer=lambda wc: model_tokenizer(wc.model),
     log:
-        "logs/{model}/fp16/normalize.log",
+        layout.log(layout.FP16_MODEL, "normalize"),
     benchmark:
-        "benchmarks/{model}/fp16/normalize.tsv"
+        layout.benchmark(layout.FP16_MODEL, "normalize")
     threads: 1
     resources:
         mem_mb=4000,

@@ -1,21 +1,22 @@
-# Quantization: GPTQ per (model, w_bits, seed), independent of alpha; then one assembled model
-# per (scheme, alpha, seed) from the FP16 weights, the GPTQ weights and the calibration stats.
+# Quantization: GPTQ per (model, w_bits, seed), independent of alpha; then one assembled model per
+# (scheme, alpha, seed) for schemes that quantize activations, and per (scheme, seed) for w4a16,
+# which has no activation scales and so no alpha.
 
 
 rule gptq:
     input:
-        unpack(gptq_stats),
-        model="results/{model}/fp16/model",
+        unpack(reorder_stats),
+        model=layout.FP16_MODEL,
     output:
-        directory("results/{model}/gptq/w{bits}/seed{seed}"),
+        directory(layout.GPTQ_DIR),
     params:
         settings=config["gptq"],
-        transforms=effective_transforms(),
+        recipe=recipe_options("gptq"),
         device=DEVICE,
     log:
-        "logs/{model}/gptq/w{bits}/seed{seed}/gptq.log",
+        layout.log(layout.GPTQ_DIR, "gptq"),
     benchmark:
-        "benchmarks/{model}/gptq/w{bits}/seed{seed}/gptq.tsv"
+        layout.benchmark(layout.GPTQ_DIR, "gptq")
     threads: 2
     resources:
         mem_mb=16000,
@@ -29,17 +30,45 @@ rule gptq:
 
 rule assemble:
     input:
-        model="results/{model}/fp16/model",
+        model=layout.FP16_MODEL,
         stats=study_stats,
-        gptq=lambda wc: f"results/{wc.model}/gptq/w{SCHEME_BITS[wc.scheme]}/seed{wc.seed}",
+        scales=lambda wc: layout.path(layout.SCALES, model=wc.model, calib=STUDY_CALIBRATION, alpha=wc.alpha),
+        gptq=lambda wc: layout.path(layout.GPTQ_DIR, model=wc.model, bits=SCHEME_BITS[wc.scheme], seed=wc.seed),
     output:
-        directory("results/{model}/{scheme}/pa{alpha}/seed{seed}/model"),
+        directory(layout.ACTIVATION_QUANTIZED_MODEL),
+    wildcard_constraints:
+        scheme="|".join(ACTIVATION_SCHEMES) or "(?!)",
     params:
-        transforms=effective_transforms(),
+        recipe=recipe_options("assemble"),
     log:
-        "logs/{model}/{scheme}/pa{alpha}/seed{seed}/assemble.log",
+        layout.log(layout.ACTIVATION_QUANTIZED_MODEL, "assemble"),
     benchmark:
-        "benchmarks/{model}/{scheme}/pa{alpha}/seed{seed}/assemble.tsv"
+        layout.benchmark(layout.ACTIVATION_QUANTIZED_MODEL, "assemble")
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/assemble.py"
+
+
+rule assemble_weight_only:
+    input:
+        unpack(reorder_stats),
+        model=layout.FP16_MODEL,
+        gptq=lambda wc: layout.path(layout.GPTQ_DIR, model=wc.model, bits=SCHEME_BITS[wc.scheme], seed=wc.seed),
+    output:
+        directory(layout.WEIGHT_ONLY_MODEL),
+    wildcard_constraints:
+        scheme="|".join(WEIGHT_ONLY_SCHEMES) or "(?!)",
+    params:
+        recipe=recipe_options("assemble"),
+    log:
+        layout.log(layout.WEIGHT_ONLY_MODEL, "assemble"),
+    benchmark:
+        layout.benchmark(layout.WEIGHT_ONLY_MODEL, "assemble")
     threads: 1
     resources:
         mem_mb=8000,

@@ -1,9 +1,8 @@
 # Summaries, plots and the report: cheap jobs over the per-run files, run locally (localrules)
 # even on a cluster. They read only results, so adding a run reruns only these after its own jobs.
 
-SUMMARY = "results/summary"
 SUMMARY_TABLES = ["runs", "accuracy", "aggregate", "clipping"]
-STUDY_CALIBRATION = QUANTIZATION["calibration"]
+
 
 localrules:
     summarize,
@@ -13,14 +12,17 @@ localrules:
 
 rule summarize:
     input:
-        evals=expand("results/{model}/{variant}/eval/{task}.json", model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
-        stats=expand("results/{model}/calib/{calib}/stats.json", model=MODELS, calib=CALIBRATIONS),
-        models=expand("results/{model}/{variant}/model", model=MODELS, variant=QUANTIZED_VARIANTS),
+        evals=expand(layout.EVAL, model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
+        scales=[path for model in MODELS for path in study_scales(model)],
+        models=expand(layout.VARIANT_MODEL, model=MODELS, variant=QUANTIZED_VARIANTS),
     output:
-        runs=report(f"{SUMMARY}/runs.csv", category="Tables", caption="../report/runs.rst"),
-        accuracy=f"{SUMMARY}/accuracy.csv",
-        aggregate=report(f"{SUMMARY}/aggregate.csv", category="Tables", caption="../report/aggregate.rst"),
-        clipping=report(f"{SUMMARY}/clipping.csv", category="Tables", caption="../report/clipping.rst"),
+        runs=report(layout.path(layout.SUMMARY_TABLE, table="runs"), category="Tables", caption="../report/runs.rst"),
+        accuracy=report(layout.path(layout.SUMMARY_TABLE, table="accuracy"), category="Tables",
+                        caption="../report/accuracy.rst"),
+        aggregate=report(layout.path(layout.SUMMARY_TABLE, table="aggregate"), category="Tables",
+                         caption="../report/aggregate.rst"),
+        clipping=report(layout.path(layout.SUMMARY_TABLE, table="clipping"), category="Tables",
+                        caption="../report/clipping.rst"),
     log:
         "logs/summary/summarize.log",
     benchmark:
@@ -37,15 +39,13 @@ rule summarize:
 
 rule plot_summary:
     input:
-        accuracy=f"{SUMMARY}/accuracy.csv",
-        clipping=f"{SUMMARY}/clipping.csv",
+        accuracy=layout.path(layout.SUMMARY_TABLE, table="accuracy"),
+        clipping=layout.path(layout.SUMMARY_TABLE, table="clipping"),
     output:
-        accuracy=report(f"{SUMMARY}/plots/accuracy_vs_alpha.png", category="Plots",
+        accuracy=report(layout.path(layout.SUMMARY_PLOT, plot="accuracy_vs_alpha"), category="Plots",
                         caption="../report/accuracy_vs_alpha.rst"),
-        ranges=report(f"{SUMMARY}/plots/clipping_ranges.png", category="Plots",
+        ranges=report(layout.path(layout.SUMMARY_PLOT, plot="clipping_ranges"), category="Plots",
                       caption="../report/clipping_ranges.rst"),
-    params:
-        calib=STUDY_CALIBRATION,
     log:
         "logs/summary/plot_summary.log",
     benchmark:
@@ -62,10 +62,11 @@ rule plot_summary:
 
 rule plot_activations:
     input:
-        stats=f"results/{{model}}/calib/{STUDY_CALIBRATION}/stats.json",
-        activations=f"results/{{model}}/calib/{STUDY_CALIBRATION}/activations.npz",
+        stats=lambda wc: layout.path(layout.STATS, model=wc.model, calib=STUDY_CALIBRATION),
+        activations=lambda wc: layout.path(layout.ACTIVATIONS, model=wc.model, calib=STUDY_CALIBRATION),
+        scales=lambda wc: study_scales(wc.model),
     output:
-        report(f"{SUMMARY}/plots/{{model}}_activations.png", category="Plots",
+        report(layout.path(layout.SUMMARY_PLOT, plot="{model}_activations"), category="Plots",
                caption="../report/activations.rst"),
     log:
         "logs/summary/{model}_activations.log",

@@ -3,15 +3,15 @@
 from pathlib import Path
 
 from quamba.logs import job_log
+from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
-from quamba.transforms.reorder import reorders
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
-    wc, transforms = snakemake.wildcards, snakemake.params.transforms  # noqa: F821
-    log.info("assembling %s at alpha %s, seed %s", wc.scheme, wc.alpha, wc.seed)
-    config = quantize_model_dir(Path(snakemake.input.model), Path(snakemake.output[0]),  # noqa: F821
-                                Path(snakemake.input.gptq), wc.scheme, float(wc.alpha),  # noqa: F821
-                                Path(snakemake.input.stats),  # noqa: F821
-                                reorder=reorders(snakemake.input.model, transforms["reorder"]),  # noqa: F821
-                                rotate_residual=transforms["rotate_residual"])
+    wc, inputs = snakemake.wildcards, snakemake.input  # noqa: F821
+    stats, scales = getattr(inputs, "stats", None), getattr(inputs, "scales", None)
+    log.info("assembling %s, seed %s%s", wc.scheme, wc.seed, f", alpha {wc.alpha}" if scales else "")
+    config = quantize_model_dir(Path(inputs.model), Path(snakemake.output[0]), Path(inputs.gptq), wc.scheme,  # noqa: F821
+                                Recipe(**snakemake.params.recipe),  # noqa: F821
+                                calib_dir=Path(stats).parent if stats else None,
+                                scales_path=Path(scales) if scales else None)
     log.info("wrote %s (%d activation scales)", snakemake.output[0], len(config["activation_scales"]))  # noqa: F821

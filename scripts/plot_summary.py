@@ -7,6 +7,5 @@ from quamba.report.plots import accuracy_vs_alpha, clipping_ranges
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
     accuracy_vs_alpha(pd.read_csv(snakemake.input.accuracy), snakemake.output.accuracy)  # noqa: F821
-    clipping_ranges(pd.read_csv(snakemake.input.clipping), snakemake.output.ranges,  # noqa: F821
-                    calib=snakemake.params.calib)  # noqa: F821
+    clipping_ranges(pd.read_csv(snakemake.input.clipping), snakemake.output.ranges)  # noqa: F821
     log.info("wrote %s and %s", snakemake.output.accuracy, snakemake.output.ranges)  # noqa: F821

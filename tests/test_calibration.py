@@ -14,12 +14,14 @@ import yaml
 from conftest import REPO, random_model
 
 from quamba.errors import CheckpointError, ConfigError
-from quamba.formats.layout import alpha_key
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import save_fp16
 from quamba.models.taps import named_taps
 from quamba.numerics.hadamard import hadamard_transform
+from quamba.numerics.observers import QuambaMinMax, QuambaPercentile
+from quamba.recipe import Recipe
 from quamba.stages.calibrate import CalibrationSettings, calibrate, calibrate_model_dir
+from quamba.stages.scales import derive_scales, tap_scales
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 MODELS = {
@@ -27,8 +29,8 @@ MODELS = {
     "mamba2": MambaConfig(d_model=64, n_layer=3, vocab_size=4096, layer="Mamba2", d_state=16,
                           headdim=16, chunk_size=16),
 }
-SETTINGS = CalibrationSettings(num_samples=6, seq_len=32, batch_size=2, seed=1,
-                               alphas=(0.99, 0.9995, 1.0), activation_samples=300)
+SETTINGS = CalibrationSettings(num_samples=6, seq_len=32, batch_size=1, seed=1, activation_samples=300)
+ALPHAS = (0.999, 0.9995, 0.99973, 1.0)  # 0.99973: an alpha no setting lists
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def model_dir(request, tmp_path_factory):
     return save_fp16(random_model(MODELS[request.param]), tmp_path_factory.mktemp("m") / "model", TOKENIZER)
 
 
-def captured_calibration(name):
+def captured_calibration(name, recipe=Recipe()):
     """Run calibrate() while a second set of hooks records every tap's tensors."""
     model = random_model(MODELS[name])
     captured = {tap_name: [] for tap_name in named_taps(model)}
@@ -51,34 +53,25 @@ def captured_calibration(name):
         lambda _m, _i, out, n=tap_name, t=tap: captured[n].append((hadamard_transform(out) if t.rotated else out).clone()))
         for tap_name, tap in named_taps(model).items()]
     windows = torch.randint(0, 4096, (6, 32), generator=torch.Generator().manual_seed(0))
-    stats, samples = calibrate(model, windows, SETTINGS, progress=False)
+    taps, records, samples = calibrate(model, list(windows.split(1)), SETTINGS, recipe, progress=False)
     for hook in hooks:
         hook.remove()
-    return stats, samples, captured
+    return taps, records, samples, captured
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_statistics_equal_numpy_over_the_captured_tensors(name):
-    stats, _, captured = captured_calibration(name)
-    assert set(stats) == set(captured)
+    taps, records, _, captured = captured_calibration(name)
+    assert set(taps) == set(captured)
     for tap_name, tensors in captured.items():
         flat = np.concatenate([t.double().numpy().ravel() for t in tensors])
-        tap = stats[tap_name]
-        assert tap["numel"] == flat.size, tap_name
+        tap = taps[tap_name]
+        assert tap["numel"] == flat.size and tap["samples"] == 6, tap_name
         assert (tap["min"], tap["max"], tap["absmax"]) == (flat.min(), flat.max(), np.abs(flat).max())
         assert math.isclose(tap["mean"], flat.mean(), rel_tol=1e-7, abs_tol=1e-9)
         assert math.isclose(tap["std"], flat.std(), rel_tol=1e-7)
-        for alpha in SETTINGS.alphas:
-            entry = tap["alphas"][alpha_key(alpha)]
-            if tap["observer"] == "percentile" and alpha < 1.0:
-                ema = None
-                for t in tensors:
-                    q = np.quantile(np.abs(t.float().numpy()).ravel(), alpha)
-                    ema = q if ema is None else ema + 0.01 * (q - ema)
-                # torch.quantile interpolates in float32, numpy in float64
-                assert math.isclose(entry["threshold"], min(ema, np.abs(flat).max()), rel_tol=1e-4)
-            else:
-                assert entry["threshold"] == np.abs(flat).max()
+        for alpha in ALPHAS:
+            entry = tap_scales(tap, records[tap_name], alpha, "quamba", SETTINGS.mantissa_bits)
             exact_clipped = (np.abs(flat) > entry["threshold"]).mean()
             assert abs(entry["clipped_fraction"] - exact_clipped) <= entry["clipped_fraction_error"] + 1e-12
             assert entry["stream_percentile"]["low"] <= np.quantile(np.abs(flat), alpha) <= entry["stream_percentile"]["high"]
@@ -86,24 +79,59 @@ def test_statistics_equal_numpy_over_the_captured_tensors(name):
             assert entry["clipped_max"] == min(flat.max(), entry["threshold"])
 
 
-def test_percentile_observer_sits_where_quamba_puts_it():
-    stats, _, _ = captured_calibration("mamba1")
-    percentile_taps = sorted(n for n, t in stats.items() if t["observer"] == "percentile")
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_thresholds_equal_quambas_observers_run_on_the_captured_tensors(name):
+    """Percentile taps: the in-pass QuambaPercentile (torch.quantile per sample, float32 EMA), bit for
+    bit, at three alphas, one of them listed nowhere; min/max taps: the running floored absmax."""
+    taps, records, _, captured = captured_calibration(name)
+    for tap_name, tensors in captured.items():
+        percentile, minmax = QuambaPercentile(list(ALPHAS)), QuambaMinMax()
+        for t in tensors:
+            percentile.update(t)
+            minmax.update(t)
+        for alpha in ALPHAS:
+            entry = tap_scales(taps[tap_name], records[tap_name], alpha, "quamba", SETTINGS.mantissa_bits)
+            expected = percentile.values[alpha] if taps[tap_name]["observer"] == "percentile" else minmax.value
+            assert entry["threshold"] == expected, (tap_name, alpha)
+
+
+def test_stream_max_makes_alpha_one_the_true_maximum_and_clip_nothing():
+    taps, records, _, captured = captured_calibration("mamba1")
+    for tap_name in (n for n, t in taps.items() if t["observer"] == "percentile"):
+        true_max = max(float(t.abs().max()) for t in captured[tap_name])
+        quamba = tap_scales(taps[tap_name], records[tap_name], 1.0, "quamba", SETTINGS.mantissa_bits)
+        stream = tap_scales(taps[tap_name], records[tap_name], 1.0, "stream_max", SETTINGS.mantissa_bits)
+        assert stream["threshold"] == true_max and stream["clipped_fraction"] == 0.0
+        assert quamba["threshold"] < true_max and quamba["clipped_fraction"] > 0  # Quamba's "1.0" clips
+
+
+def test_percentile_observer_sits_where_quamba1_puts_it():
+    taps, _, _, _ = captured_calibration("mamba1")
+    percentile_taps = sorted(n for n, t in taps.items() if t["observer"] == "percentile")
     assert percentile_taps == [f"layer_{i}.{p}" for i in range(3) for p in ("ssm_state_act:input", "x_proj:input")]
-    assert stats["layer_0.out_proj:input"]["rotated"] is True
+    assert taps["layer_0.out_proj:input"]["rotated"] is True
+    taps, _, _, _ = captured_calibration("mamba2")
+    percentile_taps = sorted(n for n, t in taps.items() if t["observer"] == "percentile")
+    assert percentile_taps == [f"layer_{i}.{p}" for i in range(3) for p in ("ssm_state_act:input", "x_conv_out:input")]
 
 
-def test_alpha_one_clips_nothing_and_equals_min_max():
-    stats, _, _ = captured_calibration("mamba2")
-    for tap in stats.values():
-        entry = tap["alphas"]["1.0"]
-        assert entry["threshold"] == tap["absmax"]
-        assert entry["clipped_fraction"] == 0.0 and entry["range_reduction"] == 0.0
-        assert (entry["clipped_min"], entry["clipped_max"]) == (tap["min"], tap["max"])
+def test_quamba2_path_is_min_max_everywhere():
+    taps, records, _, _ = captured_calibration("mamba2", Recipe(reorder=True))
+    assert {t["observer"] for t in taps.values()} == {"minmax"}
+    assert all(record.tails is None for record in records.values())
+
+
+def test_alpha_one_at_min_max_taps_is_the_absmax():
+    taps, records, _, _ = captured_calibration("mamba2")
+    for name, tap in taps.items():
+        if tap["observer"] == "minmax":
+            entry = tap_scales(tap, records[name], 1.0, "quamba", SETTINGS.mantissa_bits)
+            assert entry["threshold"] == max(tap["absmax"], 1e-5) or math.isclose(entry["threshold"], 1e-5)
+            assert entry["clipped_fraction"] == 0.0 and entry["range_reduction"] == 0.0
 
 
 def test_activation_samples_cover_the_first_layers_and_come_from_the_stream():
-    stats, samples, captured = captured_calibration("mamba1")
+    stats, _, samples, captured = captured_calibration("mamba1")
     assert set(samples) == {n for n in stats if n.startswith(("layer_0.", "layer_1.", "layer_2."))}
     for tap_name, values in samples.items():
         assert values.dtype == np.float32
@@ -112,14 +140,17 @@ def test_activation_samples_cover_the_first_layers_and_come_from_the_stream():
         assert np.isin(values, stream).all(), tap_name
 
 
-def test_calibrate_writes_schema_valid_stats_and_npz(model_dir, corpus, tmp_path):
+def test_calibrate_writes_schema_valid_stats_store_and_npz(model_dir, corpus, tmp_path):
     doc = calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
     written = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert written == json.loads(json.dumps(doc))
     schema = yaml.safe_load((REPO / "schemas" / "stats.schema.yaml").read_text())
     jsonschema.validate(written, schema)
-    assert written["default_alpha"] in (0.9995, 0.99999)
+    assert written["schema_version"] == 2 and written["default_alpha"] == 0.9995 and written["min_alpha"] == 0.999
+    assert written["recipe"]["name"] == "quamba" and written["recipe"]["departures"] == []
+    assert written["recipe"]["options"]["rotate_residual"] is True
     assert len(written["model"]["sha256"]) == 64 and len(written["data"]["tokens_sha256"]) == 64
+    assert (tmp_path / "out" / "calibration.safetensors").stat().st_size > 0
     with np.load(tmp_path / "out" / "activations.npz") as npz:
         assert sorted(npz.files) == sorted(n for n in written["taps"] if n.startswith(("layer_0.", "layer_1.", "layer_2.")))
     broken = dict(written, taps={"layer_0.x_proj:input": {"observer": "median"}})
@@ -127,38 +158,62 @@ def test_calibrate_writes_schema_valid_stats_and_npz(model_dir, corpus, tmp_path
         jsonschema.validate(broken, schema)
 
 
+def test_an_older_stats_json_is_refused_saying_how_to_rebuild(model_dir, corpus, tmp_path):
+    calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
+    path = tmp_path / "out" / "stats.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 1}))
+    with pytest.raises(ConfigError, match=r"schema_version 1.*reads version 2.*rerun `quamba calibrate`"):
+        derive_scales(tmp_path / "out", 0.9995)
+
+
 def test_two_runs_give_byte_identical_files(model_dir, corpus, tmp_path):
     for run in ("a", "b"):
         calibrate_model_dir(model_dir, tmp_path / run, SETTINGS, data=corpus, progress=False)
-    for name in ("stats.json", "activations.npz"):
+    for name in ("stats.json", "calibration.safetensors", "activations.npz"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_another_seed_picks_other_windows(model_dir, corpus, tmp_path):
+def test_rows_in_file_order_ignore_the_seed_and_a_seeded_order_follows_it(model_dir, corpus, tmp_path):
     a = calibrate_model_dir(model_dir, tmp_path / "a", SETTINGS, data=corpus, progress=False)
-    settings = CalibrationSettings(**{**SETTINGS.__dict__, "seed": 2})
-    b = calibrate_model_dir(model_dir, tmp_path / "b", settings, data=corpus, progress=False)
-    assert a["data"]["tokens_sha256"] != b["data"]["tokens_sha256"]
+    other_seed = CalibrationSettings(**{**SETTINGS.__dict__, "seed": 2})
+    b = calibrate_model_dir(model_dir, tmp_path / "b", other_seed, data=corpus, progress=False)
+    assert a["data"]["tokens_sha256"] == b["data"]["tokens_sha256"]  # Quamba: the first rows, whatever the seed
+    seeded = Recipe(calibration_order="seeded")
+    c = calibrate_model_dir(model_dir, tmp_path / "c", SETTINGS, seeded, data=corpus, progress=False)
+    d = calibrate_model_dir(model_dir, tmp_path / "d", other_seed, seeded, data=corpus, progress=False)
+    assert len({a["data"]["tokens_sha256"], c["data"]["tokens_sha256"], d["data"]["tokens_sha256"]}) == 3
+    assert c["recipe"]["departures"] == ["calibration_order"]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"alphas": (0.9995, 1.5)}, "alphas: 1.5 is outside (0, 1]"),
-    ({"alphas": (0.0,)}, "alphas: 0.0 is outside (0, 1]"),
-    ({"activation_layers": (0, 7)}, "activation_layers: layer 7 does not exist"),
-    ({"num_samples": 100_000}, "fewer than the 100000 samples"),
+@pytest.mark.parametrize("change, recipe, message", [
+    ({"min_alpha": 1.5}, Recipe(), "min_alpha: 1.5 is outside (0, 1]"),
+    ({"min_alpha": 0.0}, Recipe(), "min_alpha: 0.0 is outside (0, 1]"),
+    ({"activation_layers": (0, 7)}, Recipe(), "activation_layers: layer 7 does not exist"),
+    ({"num_samples": 100_000}, Recipe(), "fewer than the 100000 samples"),
+    ({"batch_size": 2}, Recipe(), "batch_size: 2 with recipe.calibration_data rows"),
+    ({"seed": -1}, Recipe(), "seed: must be an integer >= 0"),
 ])
-def test_bad_settings_fail_clearly_and_write_nothing(model_dir, corpus, tmp_path, change, message):
+def test_bad_settings_fail_clearly_and_write_nothing(model_dir, corpus, tmp_path, change, recipe, message):
     settings = CalibrationSettings(**{**SETTINGS.__dict__, **change})
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        calibrate_model_dir(model_dir, tmp_path / "out", settings, data=corpus, progress=False)
+        calibrate_model_dir(model_dir, tmp_path / "out", settings, recipe, data=corpus, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_empty_corpus_fails_clearly(model_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    with pytest.raises(ConfigError, match="empty.txt: calibration corpus is empty"):
+    with pytest.raises(ConfigError, match="empty.txt: holds no documents"):
         calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=tmp_path / "empty.txt", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_activations_fail_naming_the_tap_and_sample(tmp_path):
+    model = random_model(MODELS["mamba1"])
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.in_proj.weight[0, 0] = float("nan")
+    windows = torch.randint(0, 4096, (3, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"tap layer_1\.in_proj:output saw a non-finite value.* in sample 0"):
+        calibrate(model, list(windows.split(1)), SETTINGS, progress=False)
 
 
 def test_model_dir_without_config_fails_clearly(tmp_path, corpus):
@@ -175,24 +230,32 @@ def test_tokenizer_larger_than_the_vocabulary_fails_clearly(tmp_path, corpus):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_calibrate_then_view(model_dir, corpus, tmp_path):
+def test_cli_calibrate_then_scales_and_view(model_dir, corpus, tmp_path):
     quamba = [sys.executable, "-m", "quamba.cli"]
     run = subprocess.run([*quamba, "calibrate", str(model_dir), "--samples", "4", "--seq-len", "16",
-                          "--batch-size", "2", "--alphas", "0.999", "1.0", "--save-activations",
-                          "--activation-layers", "0", "--activation-samples", "50", "--data", str(corpus),
-                          "--out", str(tmp_path / "c")], capture_output=True, text=True)
+                          "--save-activations", "--activation-layers", "0", "--activation-samples", "50",
+                          "--data", str(corpus), "--out", str(tmp_path / "c")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     with np.load(tmp_path / "c" / "activations.npz") as npz:
         assert all(name.startswith("layer_0.") for name in npz.files)
-    view = subprocess.run([*quamba, "view", str(tmp_path / "c" / "stats.json"), "--filter", "layer_1"],
+    scales = subprocess.run([*quamba, "scales", str(tmp_path / "c"), "--alpha", "0.99973", "--out",
+                             str(tmp_path / "s.json")], capture_output=True, text=True)
+    assert scales.returncode == 0, scales.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["alpha"] == 0.99973
+    low = subprocess.run([*quamba, "scales", str(tmp_path / "c"), "--alpha", "0.99", "--out", str(tmp_path / "t.json")],
+                         capture_output=True, text=True)
+    assert low.returncode == 2 and "below the calibration's min_alpha 0.999" in low.stderr
+    assert "calibrations.NAME.min_alpha" in low.stderr and not (tmp_path / "t.json").exists()
+    view = subprocess.run([*quamba, "view", str(tmp_path / "c"), "--filter", "layer_1", "--alphas", "0.999", "1.0"],
                           capture_output=True, text=True)
     assert view.returncode == 0, view.stderr
-    assert "layer_1.in_proj:input" in view.stdout and "layer_0" not in view.stdout.split("\n\n", 1)[1]
-    assert "a=0.999" in view.stdout and "clipped %" in view.stdout
+    table = view.stdout.split("\n\n", 1)[1]
+    assert "layer_1.in_proj:input" in table and "layer_0" not in table
+    assert "a=0.999" in table and "a=1.0" in table and "stream q" in table and "clipped %" in table
     compare = subprocess.run([*quamba, "view", str(tmp_path / "c" / "stats.json"), "--compare",
-                              str(tmp_path / "c" / "stats.json")], capture_output=True, text=True)
+                              str(tmp_path / "c")], capture_output=True, text=True)
     assert "B/A" in compare.stdout
-    bad = subprocess.run([*quamba, "calibrate", str(model_dir), "--alphas", "2", "--out", str(tmp_path / "d")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "alphas: 2.0 is outside (0, 1]" in bad.stderr
+    bad = subprocess.run([*quamba, "calibrate", str(model_dir), "--calibration-data", "chunks", "--out",
+                          str(tmp_path / "d")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'chunks'" in bad.stderr and "'rows', 'packed'" in bad.stderr
     assert not (tmp_path / "d").exists()

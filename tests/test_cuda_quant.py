@@ -33,7 +33,7 @@ def test_int8_gemm_equals_the_reference_quant_linear():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(512, 256, generator=g)
     scales = weight_scales(weight, 8, "tensor")
-    layer = QuantLinear(quantize(weight, scales, 8), scales, 8, None, act_scale=0.03, rotate_input=True)
+    layer = QuantLinear(quantize(weight, scales, 8), scales, 8, None, act_scale=0.03, rotate_input="quamba")
     x = torch.randn(4, 64, 256, generator=g)
     ref = layer(x)  # CPU: dequantize, then float matmul
     fast = layer.cuda()(x.cuda())  # CUDA: torch._int_mm on int8 activations and weights
@@ -47,17 +47,20 @@ def test_int8_gemm_equals_the_reference_quant_linear():
 def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
+    from quamba.recipe import Recipe
     from quamba.stages.assemble import quantize_model_dir
     from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
     from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+    from quamba.stages.scales import scales_file
 
     fp16 = save_fp16(random_model(MambaConfig(d_model=256, n_layer=2, vocab_size=4096)), tmp_path / "fp16",
                      REPO / "resources" / "tokenizer")
     calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=8, seq_len=128, save_activations=False),
                         device="cpu", progress=False)
+    scales_file(tmp_path / "calib", 0.9995, tmp_path / "scales.json")
     bits = 8 if scheme == "w8a8" else 4
     gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=bits, nsamples=8, seqlen=128), device="cpu", progress=False)
-    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", scheme, 0.9995, tmp_path / "calib" / "stats.json")
+    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", scheme, Recipe(), tmp_path / "calib", tmp_path / "scales.json")
     diff = cuda_vs_cpu(tmp_path / "q")
     print(f"\n{scheme}: CUDA (kernels, fp32) vs CPU reference logits, relative diff {diff:.2e}")
     assert diff <= 2e-2
@@ -83,18 +86,21 @@ def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
     """Residual rotation, Mamba2 reordering (per-cell x scales) and an int8 lm_head on the fast path."""
     from quamba.models import MambaConfig
     from quamba.models.checkpoint import save_fp16
+    from quamba.recipe import Recipe
     from quamba.stages.assemble import quantize_model_dir
     from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
     from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+    from quamba.stages.scales import scales_file
 
     config = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2, chunk_size=64)
     fp16 = save_fp16(random_model(config), tmp_path / "fp16", REPO / "resources" / "tokenizer")
-    calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=8, seq_len=128, save_activations=False,
-                        rotate_residual=True, reorder=True), device="cpu", progress=False)
-    stats = tmp_path / "calib" / "stats.json"
-    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=8, nsamples=8, seqlen=128, rotate_residual=True,
-                   reorder=True, lm_head=True), device="cpu", progress=False, stats=stats)
-    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", "w8a8", 0.99999, stats, reorder=True, rotate_residual=True)
+    recipe = Recipe(reorder=True)
+    calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=8, seq_len=128, save_activations=False),
+                        recipe, device="cpu", progress=False)
+    scales_file(tmp_path / "calib", 0.99999, tmp_path / "scales.json")
+    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=8, nsamples=8, seqlen=128, lm_head=True), recipe,
+                   device="cpu", progress=False, calib_dir=tmp_path / "calib")
+    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", "w8a8", recipe, tmp_path / "calib", tmp_path / "scales.json")
     diff = cuda_vs_cpu(tmp_path / "q")
     print(f"\nw8a8, rotated + reordered + int8 lm_head: CUDA vs CPU reference logits, relative diff {diff:.2e}")
     # 1.95e-2 on an H100: besides the block taps, lm_head's int8 input sits right before the logits,

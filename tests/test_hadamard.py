@@ -1,14 +1,48 @@
-"""Hadamard rotations: exact +-1 matrices, orthonormal rotations, fast transform = dense."""
+"""Hadamard rotations: Quamba's base matrices exactly, its width dispatch, the extended kind,
+orthonormal rotations, fast transform = dense."""
 
 import pytest
 import torch
 
-from quamba.numerics.hadamard import hadamard_matrix, hadamard_transform, rotation, supported
+from quamba.errors import ConfigError
+from quamba.models import MambaConfig
+from quamba.numerics.hadamard import KINDS, base_matrix, hadamard_matrix, hadamard_transform, rotation, supported
+from quamba.transforms.rotation import check_widths
 
-SIZES = [1, 2, 4, 8, 12, 20, 24, 28, 40, 64, 96, 160, 224, 256, 320, 1536, 2560, 5120]
-# Each base order m in {12, 20, 28, 40} with several powers of two, plus plain powers of two.
-TRANSFORM_SIZES = [1, 2, 16, 256, 12, 48, 1536, 20, 80, 2560, 28, 112, 3584, 40, 160, 5120]
-UNSUPPORTED = [0, -4, 3, 36, 44, 1000]
+# The base matrices of Quamba's Hadamard kernels (public mathematical data: Paley construction II
+# for q = 5, and [[A, A], [A, -A]] with A the Paley construction I matrix for q = 19), row by row.
+TABLE_12 = """
++-++++++++++ --+-+-+-+-+- +++-++----++ +---+--+-++- +++++-++---- +-+---+--+-+
+++--+++-++-- +--++---+--+ ++----+++-++ +--+-++---+- ++++----+++- +-+--+-++---
+"""
+TABLE_40 = """
++-------------------+------------------- ++-++----+-+-++++--+++-++----+-+-++++--+
++++-++----+-+-++++--+++-++----+-+-++++-- +-++-++----+-+-++++-+-++-++----+-+-++++-
++--++-++----+-+-+++++--++-++----+-+-++++ ++--++-++----+-+-+++++--++-++----+-+-+++
++++--++-++----+-+-+++++--++-++----+-+-++ ++++--++-++----+-+-+++++--++-++----+-+-+
++++++--++-++----+-+-+++++--++-++----+-+- +-++++--++-++----+-++-++++--++-++----+-+
+++-++++--++-++----+-++-++++--++-++----+- +-+-++++--++-++----++-+-++++--++-++----+
+++-+-++++--++-++----++-+-++++--++-++---- +-+-+-++++--++-++---+-+-+-++++--++-++---
++--+-+-++++--++-++--+--+-+-++++--++-++-- +---+-+-++++--++-++-+---+-+-++++--++-++-
++----+-+-++++--++-+++----+-+-++++--++-++ ++----+-+-++++--++-+++----+-+-++++--++-+
++++----+-+-++++--++-+++----+-+-++++--++- +-++----+-+-++++--+++-++----+-+-++++--++
++--------------------+++++++++++++++++++ ++-++----+-+-++++--+--+--++++-+-+----++-
++++-++----+-+-++++-----+--++++-+-+----++ +-++-++----+-+-++++--+--+--++++-+-+----+
++--++-++----+-+-++++-++--+--++++-+-+---- ++--++-++----+-+-+++--++--+--++++-+-+---
++++--++-++----+-+-++---++--+--++++-+-+-- ++++--++-++----+-+-+----++--+--++++-+-+-
++++++--++-++----+-+------++--+--++++-+-+ +-++++--++-++----+-+-+----++--+--++++-+-
+++-++++--++-++----+---+----++--+--++++-+ +-+-++++--++-++----+-+-+----++--+--++++-
+++-+-++++--++-++------+-+----++--+--++++ +-+-+-++++--++-++----+-+-+----++--+--+++
++--+-+-++++--++-++---++-+-+----++--+--++ +---+-+-++++--++-++--+++-+-+----++--+--+
++----+-+-++++--++-++-++++-+-+----++--+-- ++----+-+-++++--++-+--++++-+-+----++--+-
++++----+-+-++++--++----++++-+-+----++--+ +-++----+-+-++++--++-+--++++-+-+----++--
+"""
+REAL_WIDTHS = [768, 1536, 2560, 5120, 1024]  # mamba-130m d_model / d_inner, mamba-2.8b, and a power of two
+
+
+def table(text: str) -> torch.Tensor:
+    rows = text.split()
+    return torch.tensor([[1.0 if c == "+" else -1.0 for c in row] for row in rows], dtype=torch.float64)
 
 
 def random_input(n, dtype=torch.float32, shape=(3, 5)):
@@ -16,61 +50,80 @@ def random_input(n, dtype=torch.float32, shape=(3, 5)):
     return torch.randn(*shape, n, generator=generator, dtype=torch.float64).to(dtype)
 
 
-@pytest.mark.parametrize("n", SIZES)
-def test_matrix_has_plus_minus_one_entries(n):
-    h = hadamard_matrix(n)
-    assert h.shape == (n, n) and h.dtype == torch.float64
+def test_base_matrices_equal_quambas_tables():
+    assert torch.equal(base_matrix(12), table(TABLE_12))
+    assert torch.equal(base_matrix(40), table(TABLE_40))
+
+
+def test_forty_is_the_paley_one_twenty_doubled():
+    a = base_matrix(20)
+    assert torch.equal(base_matrix(40), torch.cat([torch.cat([a, a], 1), torch.cat([a, -a], 1)], 0))
+    assert torch.equal(a[0], torch.tensor([1.0] + [-1.0] * 19, dtype=torch.float64))  # + then 19 -
+    assert torch.equal(a[:, 0], torch.ones(20, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("m", [12, 20, 28, 40])
+def test_base_matrices_are_hadamard(m):
+    h = base_matrix(m)
+    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n, m", [(768, 12), (1536, 12), (2560, 40), (5120, 40), (1024, 1), (40, 40), (12, 12)])
+def test_quamba_layout_is_base_kron_sylvester(n, m):
+    """H_n = M kron H_p with H_p Sylvester in natural order: H_p[r][r'] = (-1)^popcount(r & r')."""
+    p = n // m
+    r = torch.arange(p)
+    bits = torch.bitwise_and(r[:, None], r[None, :])
+    popcount = sum((bits >> k) & 1 for k in range(max(p.bit_length(), 1)))
+    sylvester = (1 - 2 * (popcount % 2)).to(torch.float64)
+    assert torch.equal(hadamard_matrix(n), torch.kron(base_matrix(m), sylvester))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", REAL_WIDTHS)
+def test_real_widths_are_exactly_hadamard_and_orthonormal(kind, n):
+    h = hadamard_matrix(n, kind)
     assert torch.equal(h.abs(), torch.ones(n, n, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("n", SIZES)
-def test_matrix_rows_are_exactly_orthogonal(n):
-    h = hadamard_matrix(n)
     assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("n", SIZES)
-def test_sizes_are_supported(n):
-    assert supported(n)
-
-
-def test_forty_is_twenty_kron_two():
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    assert torch.equal(hadamard_matrix(40), torch.kron(hadamard_matrix(20), h2))
-
-
-def test_returned_matrix_is_a_copy_the_cache_survives():
-    hadamard_matrix(12).zero_()
-    assert torch.equal(hadamard_matrix(12).abs(), torch.ones(12, 12, dtype=torch.float64))
-
-
-def test_matrix_is_cast_to_requested_dtype():
-    assert hadamard_matrix(24, dtype=torch.float16).dtype == torch.float16
-
-
-@pytest.mark.parametrize("n", SIZES)
-def test_rotation_is_orthonormal_in_float32(n):
-    r = rotation(n)
-    assert r.dtype == torch.float32 and r.shape == (n, n)
-    # The product of the stored fp32 entries is formed in float64: an fp32 matmul adds ~2e-6 of
-    # its own accumulation error at n = 5120, which would hide what the rotation itself is.
-    r64 = r.double()
+    r64 = rotation(n, kind).double()  # fp32 entries; the product in float64 shows the rotation's own error
     assert (r64 @ r64.T - torch.eye(n, dtype=torch.float64)).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("n", [1536, 2560])
-def test_rotation_is_orthonormal_under_float32_matmul(n):
-    r = rotation(n)
-    assert (r @ r.T - torch.eye(n)).abs().max().item() < 1e-5
+@pytest.mark.parametrize("n, quamba, extended", [
+    (20, False, True), (28, False, True), (56, False, True), (3584, False, True),  # 20, 28 * 2^k: extended only
+    (40, True, True), (80, True, True), (96, True, True), (320, True, True),
+    (120, False, False), (36, False, False), (60, False, False), (3, False, False), (0, False, False),
+])
+def test_width_dispatch(n, quamba, extended):
+    assert supported(n, "quamba") is quamba and supported(n, "extended") is extended
 
 
-@pytest.mark.parametrize("n", TRANSFORM_SIZES)
-def test_fast_transform_equals_dense_rotation(n):
+def test_extended_equals_quamba_where_neither_divides_by_20():
+    for n in (768, 1536, 1024, 96):
+        assert torch.equal(hadamard_matrix(n, "extended"), hadamard_matrix(n, "quamba"))
+
+
+def test_extended_uses_its_own_twenty_for_40_times_2k():
+    """Quamba runs 2560 as H_40 kron H_64 = H_2 kron A kron H_64; extended as A kron H_128: the same
+    matrix up to a permutation of the index, so both rotate, differently."""
+    quamba, extended = hadamard_matrix(2560, "quamba"), hadamard_matrix(2560, "extended")
+    assert not torch.equal(quamba, extended)
+    assert torch.equal(extended, torch.kron(base_matrix(20), hadamard_matrix(128)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 2, 16, 256, 12, 48, 1536, 40, 160, 2560, 5120])
+def test_fast_transform_equals_dense_rotation(kind, n):
     x = random_input(n)  # (3, 5, n)
-    fast = hadamard_transform(x)
-    dense = x @ rotation(n).T
+    fast = hadamard_transform(x, kind)
     assert fast.shape == x.shape and fast.dtype == torch.float32
-    assert (fast - dense).abs().max().item() < 1e-5
+    assert (fast - x @ rotation(n, kind).T).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("n", [20, 28, 112, 3584])
+def test_extended_fast_transform_equals_dense(n):
+    x = random_input(n)
+    assert (hadamard_transform(x, "extended") - x @ rotation(n, "extended").T).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("n", [12, 160, 5120])
@@ -81,14 +134,6 @@ def test_fast_transform_equals_dense_rotation_in_float64(n):
     assert (fast - x @ rotation(n, dtype=torch.float64).T).abs().max().item() < 1e-12
 
 
-@pytest.mark.parametrize("n", TRANSFORM_SIZES)
-def test_transform_preserves_l2_norm(n):
-    x = random_input(n)
-    norms_in = x.norm(dim=-1)
-    norms_out = hadamard_transform(x).norm(dim=-1)
-    assert torch.allclose(norms_out, norms_in, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("n", [64, 1536, 2560, 5120])
 def test_inverse_fused_into_linear_leaves_output_unchanged(n):
     generator = torch.Generator().manual_seed(1)
@@ -97,47 +142,42 @@ def test_inverse_fused_into_linear_leaves_output_unchanged(n):
         linear.weight.copy_(torch.randn(7, n, generator=generator) / n**0.5)
     fused = torch.nn.Linear(n, 7, bias=True)
     with torch.no_grad():
-        fused.weight.copy_(linear.weight @ rotation(n).T)  # W R^T, (7, n)
+        fused.weight.copy_(linear.weight @ rotation(n).T)  # W T^T, (7, n)
         fused.bias.copy_(linear.bias)
     x = random_input(n)  # (3, 5, n)
     with torch.no_grad():
-        expected = linear(x)
-        rotated = fused(hadamard_transform(x))  # (W R^T)(R x)
-    assert (rotated - expected).abs().max().item() < 1e-5
+        assert (fused(hadamard_transform(x)) - linear(x)).abs().max().item() < 1e-5  # (W T^T)(T x)
 
 
-def test_transform_twice_is_identity_for_powers_of_two():
-    # The Sylvester matrix is symmetric, so R R = I; a cheap check of the butterfly alone.
-    x = random_input(1024)
-    assert (hadamard_transform(hadamard_transform(x)) - x).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("n", UNSUPPORTED)
-def test_unsupported_size_raises_naming_n(n):
-    assert not supported(n)
+@pytest.mark.parametrize("kind, n", [("quamba", 20), ("quamba", 28), ("quamba", 120), ("extended", 120),
+                                     ("quamba", 1000), ("quamba", 0)])
+def test_unsupported_width_raises_naming_n_and_kind(kind, n):
     for build in (hadamard_matrix, rotation):
-        with pytest.raises(ValueError, match=rf"n={n}\b"):
-            build(n)
-
-
-@pytest.mark.parametrize("n", [3, 36, 44, 1000])
-def test_transform_of_unsupported_width_raises_naming_n(n):
+        with pytest.raises(ValueError, match=rf"n={n}\b.*hadamard='{kind}'"):
+            build(n, kind)
     with pytest.raises(ValueError, match=rf"n={n}\b"):
-        hadamard_transform(torch.zeros(2, n))
+        hadamard_transform(torch.zeros(2, max(n, 1)) if n else torch.zeros(2, 0), kind)
+
+
+def test_unknown_kind_names_the_allowed_kinds():
+    with pytest.raises(ValueError, match=r"'sloane'.*\['quamba', 'extended'\]"):
+        hadamard_matrix(16, "sloane")
+
+
+def test_a_model_width_without_a_quamba_matrix_fails_before_work_naming_the_option():
+    config = MambaConfig(d_model=112, n_layer=1, vocab_size=64)  # 28 * 4: d_inner 224 = 28 * 8
+    with pytest.raises(ConfigError, match=r"recipe.hadamard: d_inner.*224.*hadamard: extended adds"):
+        check_widths(config, rotate_residual=True, kind="quamba")
+    check_widths(config, rotate_residual=True, kind="extended")
 
 
 def test_half_precision_input_comes_back_half_precision():
     x = random_input(1536, dtype=torch.float16)
     y = hadamard_transform(x)
     assert y.dtype == torch.float16 and y.shape == x.shape
-    dense = x.float() @ rotation(1536).T
-    assert (y.float() - dense).abs().max().item() < 1e-2
-
-
-def test_bfloat16_input_comes_back_bfloat16():
-    assert hadamard_transform(random_input(40, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert (y.float() - x.float() @ rotation(1536).T).abs().max().item() < 1e-2
 
 
 def test_transform_accepts_a_single_vector():
-    x = random_input(28, shape=())  # (28,)
-    assert (hadamard_transform(x) - rotation(28) @ x).abs().max().item() < 1e-5
+    x = random_input(40, shape=())  # (40,)
+    assert (hadamard_transform(x) - rotation(40) @ x).abs().max().item() < 1e-5

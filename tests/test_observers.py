@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from quamba.numerics.observers import Moments, QuambaPercentile, Reservoir, StreamHistogram, abs_quantiles
+from quamba.numerics.observers import (
+    Moments,
+    QuambaMinMax,
+    QuambaPercentile,
+    Reservoir,
+    StreamHistogram,
+    abs_tail,
+    ema,
+    replay_percentile,
+    tail_length,
+    tail_quantiles,
+)
 
 
 def batches(seed=0, n=5):
@@ -29,7 +40,7 @@ def test_moments_equal_numpy():
     assert math.isclose(moments.std, flat.std(), rel_tol=1e-9)
 
 
-def test_quamba_percentile_is_an_ema_of_per_batch_quantiles():
+def test_quamba_percentile_is_the_float32_ema_of_per_sample_torch_quantiles():
     data, alphas = batches(), [0.99, 0.9995]
     observer = QuambaPercentile(alphas)
     for x in data:
@@ -37,16 +48,70 @@ def test_quamba_percentile_is_an_ema_of_per_batch_quantiles():
     for alpha in alphas:
         expected = None
         for x in data:
-            t = np.quantile(np.abs(x.numpy()).ravel(), alpha)
-            expected = t if expected is None else expected + 0.01 * (t - expected)
-        assert math.isclose(observer.values[alpha], expected, rel_tol=1e-5)
+            t = torch.quantile(x.abs().reshape(-1), alpha)  # float32, as Quamba's observer
+            expected = t if expected is None else expected + 0.01 * (t - expected)  # float32 tensors
+        assert observer.values[alpha] == float(expected)
 
 
-@pytest.mark.parametrize("alphas", [[0.999, 0.99999, 1.0], [0.5, 0.999]])
-def test_abs_quantiles_equal_numpy_on_the_top_k_and_the_sort_path(alphas):
-    x = batches(n=1)[0]  # the first list needs only the top values, the second a full sort
-    expected = np.quantile(np.abs(x.numpy()).astype(np.float64).ravel(), alphas)
-    assert np.allclose(abs_quantiles(x, alphas), expected, rtol=1e-6)
+def test_quamba_percentile_at_alpha_one_is_the_ema_of_per_sample_maxima_not_the_max():
+    """A known stream: sample maxima 10, 1, 1, 1 -> EMA 10, 9.91, 9.8209, 9.732691 (float32), well
+    below the stream maximum 10: Quamba's "1.0" clips."""
+    data = [torch.tensor([10.0, -3.0]), torch.tensor([1.0, 0.5]), torch.tensor([-1.0]), torch.tensor([0.2, 1.0])]
+    observer = QuambaPercentile([1.0])
+    for x in data:
+        observer.update(x)
+    running = torch.tensor(10.0)
+    for m in (1.0, 1.0, 1.0):
+        running = running + 0.01 * (torch.tensor(m) - running)
+    assert observer.values[1.0] == float(running) == pytest.approx(9.732691, rel=1e-6)
+    assert observer.values[1.0] < max(float(x.abs().max()) for x in data)
+
+
+def test_quamba_minmax_floors_each_sample_at_1e5_and_keeps_the_running_max():
+    observer = QuambaMinMax()
+    observer.update(torch.zeros(4))
+    assert observer.value == pytest.approx(1e-5)
+    observer.update(torch.tensor([-0.5, 0.25]))
+    observer.update(torch.tensor([0.1]))
+    assert observer.value == 0.5
+
+
+@pytest.mark.parametrize("numel", [2, 7, 1000, 65_537, 300_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tail_quantiles_equal_torch_quantile_bit_for_bit(numel, dtype):
+    x = (torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 3).to(dtype)
+    alphas = [0.999, 0.9995, 0.99999, 1.0]
+    tail = abs_tail(x, tail_length(numel, 0.999))
+    assert tail.dtype == dtype and len(tail) <= numel
+    expected = torch.quantile(x.abs().float(), torch.tensor(alphas))
+    assert torch.equal(tail_quantiles(tail, numel, alphas), expected)
+
+
+def test_tail_quantiles_refuse_an_alpha_below_the_tail():
+    x = torch.randn(10_000)
+    tail = abs_tail(x, tail_length(x.numel(), 0.999))
+    with pytest.raises(ValueError, match="lower min_alpha"):
+        tail_quantiles(tail, x.numel(), [0.99])
+
+
+@pytest.mark.parametrize("alpha", [0.999, 0.9995, 0.99973, 1.0])
+def test_replay_from_stored_tails_equals_the_in_pass_observer_bit_for_bit(alpha):
+    data = [x * (1 + i) for i, x in enumerate(batches(n=8))] + [torch.randn(3, 77)]  # unequal sample sizes
+    observer = QuambaPercentile([alpha])
+    tails, numels = [], []
+    for x in data:
+        observer.update(x)
+        tails.append(abs_tail(x, tail_length(x.numel(), 0.999)))
+        numels.append(x.numel())
+    assert replay_percentile(tails, numels, alpha) == observer.values[alpha]
+
+
+def test_ema_runs_in_float32():
+    values = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    w = torch.tensor(1.0)
+    for v in (3.0, 2.0):
+        w = w + 0.01 * (torch.tensor(v) - w)
+    assert ema(values).dtype == torch.float32 and float(ema(values)) == float(w)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.99, 0.9995, 0.99999, 1.0])
@@ -119,3 +184,13 @@ def test_reservoir_keeps_everything_from_a_short_stream():
     reservoir = Reservoir(50, seed=0)
     reservoir.update(torch.arange(30, dtype=torch.float32))
     assert sorted(reservoir.sample().tolist()) == list(range(30))
+
+
+def test_histogram_survives_storage():
+    histogram = StreamHistogram()
+    for x in batches():
+        histogram.update(x)
+    offset, counts = histogram.stored()
+    again = StreamHistogram.from_stored(offset, counts, histogram.mantissa_bits)
+    assert again.numel == histogram.numel and torch.equal(again.counts, histogram.counts)
+    assert again.quantile_bracket(0.9995) == histogram.quantile_bracket(0.9995)

@@ -13,15 +13,16 @@ import quamba
 from quamba.errors import ConfigError
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import model_sha256, save_fp16
+from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
 from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
 from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+from quamba.stages.scales import scales_file
 from quamba.transforms.rotation import rotate_out_projs
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 GPTQ = dict(nsamples=6, seqlen=64, batch_size=3)
-CALIB = CalibrationSettings(num_samples=4, seq_len=64, batch_size=2, alphas=(0.9995, 0.99999, 1.0),
-                            save_activations=False)
+CALIB = CalibrationSettings(num_samples=4, seq_len=64, save_activations=False)
 IDS = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
@@ -39,9 +40,12 @@ def built(request, tmp_path_factory, corpus):
     extra = dict(layer="Mamba2", d_state=16, headdim=32, chunk_size=16) if request.param == "Mamba2" else {}
     fp16 = save_fp16(random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, **extra)), root / "fp16", TOKENIZER)
     calibrate_model_dir(fp16, root / "calib", CALIB, data=corpus, progress=False)
+    for alpha in (0.9995, 1.0):
+        scales_file(root / "calib", alpha, root / f"scales{alpha}.json")
     for bits in (8, 4):
         gptq_model_dir(fp16, root / f"w{bits}", GPTQSettings(w_bits=bits, seed=0, **GPTQ), data=corpus, progress=False)
-    return {"root": root, "fp16": fp16, "stats": root / "calib" / "stats.json", "w8": root / "w8", "w4": root / "w4"}
+    return {"root": root, "fp16": fp16, "calib": root / "calib", "scales": root / "scales0.9995.json",
+            "scales1": root / "scales1.0.json", "w8": root / "w8", "w4": root / "w4"}
 
 
 def test_hadamard_fusion_leaves_the_fp_model_unchanged():
@@ -49,7 +53,7 @@ def test_hadamard_fusion_leaves_the_fp_model_unchanged():
         model = random_model(MambaConfig(d_model=48, n_layer=2, vocab_size=100, **extra))  # d_inner 96 = 12 * 8
         with torch.no_grad():
             before = model(IDS % 100).logits
-            after = rotate_out_projs(model)(IDS % 100).logits
+            after = rotate_out_projs(model, "quamba")(IDS % 100).logits
         assert (before - after).abs().max().item() <= 1e-4
 
 
@@ -72,21 +76,26 @@ def test_another_seed_draws_other_windows_and_gives_other_weights(built, corpus,
 @pytest.mark.parametrize("scheme, bits", [("w8a8", 8), ("w4a8", 4), ("w4a16", 4)])
 def test_quantized_dir_is_self_describing_and_runs(built, tmp_path, scheme, bits):
     out = tmp_path / scheme
-    written = quantize_model_dir(built["fp16"], out, built[f"w{bits}"], scheme, 0.9995,
-                                                     built["stats"])
+    written = quantize_model_dir(built["fp16"], out, built[f"w{bits}"], scheme, Recipe(), built["calib"],
+                                 built["scales"])
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "quant_config.json", "model.safetensors", "stats.json", "provenance.json",
             "tokenizer.json"} <= files
     qc = json.loads((out / "quant_config.json").read_text())
     assert qc == json.loads(json.dumps(written))
-    assert (qc["scheme"], qc["w_bits"], qc["alpha"], qc["seed"]) == (scheme, bits, 0.9995, 0)
-    assert json.loads((out / "stats.json").read_text()) == json.loads(built["stats"].read_text())
+    alpha = None if scheme == "w4a16" else 0.9995  # w4a16 quantizes no activations: no alpha
+    assert (qc["scheme"], qc["w_bits"], qc["alpha"], qc["seed"]) == (scheme, bits, alpha, 0)
+    assert qc["recipe"]["name"] == "quamba" and qc["recipe"]["departures"] == []
+    assert qc["group_size"] == GPTQSettings().group_size and qc["hadamard"]["kind"] == "quamba"
+    assert (out / "stats.json").read_bytes() == (built["calib"] / "stats.json").read_bytes()
+    assert (out / "scales.json").is_file() == (alpha is not None)
     tensors = load_file(out / "model.safetensors")
     qweight = tensors["backbone.layers.0.mixer.in_proj.qweight"]
     assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert "backbone.layers.0.mixer.in_proj.weight" not in tensors
     provenance = json.loads((out / "provenance.json").read_text())
-    assert provenance["size_bytes"]["ratio"] < 1.0  # the fp16 embedding dominates this tiny model
+    assert provenance["recipe"] == qc["recipe"] and provenance["size_bytes"]["model"] == (out / "model.safetensors").stat().st_size
+    assert "lm_head.weight" in tensors  # Quamba's residual rotation unties lm_head (norm_f folded in)
     in_features = 128  # in_proj of d_model 128: one byte per int8 weight, two int4 weights per byte
     assert qweight.numel() == qweight.shape[0] * in_features * bits // 8
     model = quamba.load(out, device="cpu")
@@ -102,7 +111,7 @@ def test_quantized_dir_is_self_describing_and_runs(built, tmp_path, scheme, bits
 
 
 def test_quantized_model_decodes_step_by_step_like_its_full_forward(built, tmp_path):
-    out = quantize_model_dir(built["fp16"], tmp_path / "q", built["w4"], "w4a16", 1.0, built["stats"])
+    out = quantize_model_dir(built["fp16"], tmp_path / "q", built["w4"], "w4a16")
     model = quamba.load(tmp_path / "q", device="cpu")
     with torch.no_grad():
         full = model(IDS).logits
@@ -114,35 +123,73 @@ def test_quantized_model_decodes_step_by_step_like_its_full_forward(built, tmp_p
 
 def test_assembling_twice_gives_identical_weights(built, tmp_path):
     for name in ("a", "b"):
-        quantize_model_dir(built["fp16"], tmp_path / name, built["w8"], "w8a8", 1.0, built["stats"])
+        quantize_model_dir(built["fp16"], tmp_path / name, built["w8"], "w8a8", Recipe(), built["calib"], built["scales1"])
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def activation_scales(qc):
+    return json.loads(json.dumps(qc["activation_scales"]))
+
+
+def test_activation_scales_are_thresholds_over_127_in_float32_floored_at_1e6(built, tmp_path):
+    qc = quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
+    thresholds = json.loads(built["scales"].read_text())["taps"]
+    for tap, scale in qc["activation_scales"].items():
+        expected = (torch.tensor(thresholds[tap]["threshold"], dtype=torch.float32) / 127).clamp(min=1e-6)
+        assert scale == float(expected), tap
+
+
 @pytest.mark.parametrize("change, message", [
-    (dict(alpha=1.5), "alpha: 1.5 is outside (0, 1]"),
-    (dict(alpha=0.99), "alpha: 0.99 is not in stats.json's alphas"),
     (dict(scheme="w3a8"), "scheme: 'w3a8' is not supported"),
     (dict(scheme="w4a8"), "holds w8 weights; scheme w4a8 needs w4"),
-    (dict(stats=None), "scheme w8a8 quantizes activations and needs a stats.json"),
+    (dict(scales=None), "scheme w8a8 quantizes activations and needs one alpha's scales.json"),
+    (dict(calib=None), "scheme w8a8 needs the calibration dir"),
+    (dict(recipe=Recipe(rotate_residual=False)), "recipe.rotate_residual: the GPTQ dir .* was built with "
+                                                 "rotate_residual=True, but this run asks for False"),
+    (dict(recipe=Recipe(hadamard="extended")), "recipe.hadamard: the GPTQ dir .* was built with hadamard='quamba'"),
 ])
 def test_bad_assemble_inputs_fail_before_any_work(built, tmp_path, change, message):
-    args = dict(scheme="w8a8", alpha=0.9995, stats=built["stats"]) | change
+    args = dict(scheme="w8a8", recipe=Recipe(), calib=built["calib"], scales=built["scales"]) | change
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], args["scheme"],
-                                         args["alpha"], args["stats"])
+        quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], args["scheme"], args["recipe"],
+                           args["calib"], args["scales"])
     assert not (tmp_path / "out").exists()
+
+
+def test_scales_that_lack_a_tap_or_come_from_another_calibration_are_refused(built, tmp_path):
+    doc = json.loads(built["scales"].read_text())
+    del doc["taps"]["layer_1.in_proj:input"]
+    (tmp_path / "partial.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"lacks the taps \['layer_1.in_proj:input'\] that w8a8 quantizes"):
+        quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], "w8a8", Recipe(), built["calib"],
+                           tmp_path / "partial.json")
+    doc = json.loads(built["scales"].read_text())
+    doc["calibration"]["stats_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="was not derived from"):
+        quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], "w8a8", Recipe(), built["calib"],
+                           tmp_path / "other.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_alpha_below_min_alpha_fails_naming_min_alpha(built, tmp_path):
+    with pytest.raises(ConfigError, match=r"alpha: 0.99 is below the calibration's min_alpha 0.999.*lower min_alpha"):
+        scales_file(built["calib"], 0.99, tmp_path / "s.json")
+    with pytest.raises(ConfigError, match=r"alpha: 1.5 is outside \(0, 1\]"):
+        scales_file(built["calib"], 1.5, tmp_path / "s.json")
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_stats_or_gptq_of_another_model_are_refused(built, tmp_path):
     other = save_fp16(random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096), seed=5), tmp_path / "other", TOKENIZER)
-    with pytest.raises(ConfigError, match="GPTQ dir was made from another model"):
-        quantize_model_dir(other, tmp_path / "out", built["w8"], "w8a8", 0.9995, built["stats"])
+    with pytest.raises(ConfigError, match="was made from another model"):
+        quantize_model_dir(other, tmp_path / "out", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
     shutil.copytree(built["w8"], tmp_path / "w8")
     info = json.loads((tmp_path / "w8" / "gptq.json").read_text())
     info["model"]["sha256"] = model_sha256(other)
     (tmp_path / "w8" / "gptq.json").write_text(json.dumps(info))
-    with pytest.raises(ConfigError, match="stats.json was calibrated on another model"):
-        quantize_model_dir(other, tmp_path / "out", tmp_path / "w8", "w8a8", 0.9995, built["stats"])
+    with pytest.raises(ConfigError, match="was calibrated on another model"):
+        quantize_model_dir(other, tmp_path / "out", tmp_path / "w8", "w8a8", Recipe(), built["calib"], built["scales"])
     assert not (tmp_path / "out").exists()
 
 
@@ -156,14 +203,15 @@ def test_unsupported_gptq_bits_fail_before_any_work(built, tmp_path, corpus):
 def test_w8a8_demo_model_stays_within_five_percent_of_fp16_perplexity(name, tmp_path):
     """The acceptance bar of the quantization issue, on the shipped, trained models."""
     from quamba.data import load_tokenizer
-    from quamba.stages.calibrate import QUAMBA_DEFAULT_ALPHA
+    from quamba.stages.calibrate import QUAMBA_DEFAULT_ALPHA as alpha
 
     fp16 = REPO / "resources" / "models" / name
-    alpha = QUAMBA_DEFAULT_ALPHA[quamba.load(fp16, device="cpu").config.layer]
-    calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=16, seq_len=128, alphas=(alpha, 1.0),
+    calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=16, seq_len=128,
                         save_activations=False), progress=False)
+    scales_file(tmp_path / "calib", alpha, tmp_path / "scales.json")
     gptq_model_dir(fp16, tmp_path / "w8", GPTQSettings(w_bits=8, nsamples=8, seqlen=128), progress=False)
-    quantize_model_dir(fp16, tmp_path / "w8a8", tmp_path / "w8", "w8a8", alpha, tmp_path / "calib" / "stats.json")
+    quantize_model_dir(fp16, tmp_path / "w8a8", tmp_path / "w8", "w8a8", Recipe(), tmp_path / "calib",
+                       tmp_path / "scales.json")
     tokenizer = load_tokenizer(fp16)
     ids = torch.tensor(tokenizer((REPO / "resources" / "corpus" / "test.txt").read_text())["input_ids"][: 16 * 128])
     ids = ids.view(16, 128)  # held-out text

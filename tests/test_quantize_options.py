@@ -1,5 +1,6 @@
-"""The optional transforms of the quantization pipeline: residual rotation, Quamba2 reordering
-(Mamba2) and lm_head GPTQ; each stage records them and assembly refuses mixed inputs."""
+"""The model transforms of the recipe through the pipeline: residual rotation (Quamba's default)
+or not, Quamba2 reordering (Mamba2) and lm_head GPTQ; each stage records them and assembly
+refuses inputs built otherwise."""
 
 import json
 
@@ -10,18 +11,21 @@ from safetensors.torch import load_file
 
 import quamba
 from quamba.errors import ConfigError
-from quamba.formats.stats import read_stats
+from quamba.formats.calibration import read_stats
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import save_fp16
 from quamba.numerics.gptq import rtn
+from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
 from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
 from quamba.stages.gptq import GPTQSettings, gptq_model_dir, gptq_quantize_model
+from quamba.stages.scales import scales_file
 
 TOKENIZER = REPO / "resources" / "tokenizer"
 MAMBA2 = MambaConfig(d_model=64, n_layer=2, vocab_size=4096, layer="Mamba2", d_state=16, headdim=16, ngroups=2,
                      chunk_size=16)
-CALIB = dict(num_samples=4, seq_len=48, batch_size=2, alphas=(0.99999, 1.0), save_activations=False)
+CALIB = CalibrationSettings(num_samples=4, seq_len=48, save_activations=False)
+REORDER, PLAIN = Recipe(reorder=True), Recipe(rotate_residual=False)
 GPTQ_SMALL = dict(w_bits=8, nsamples=4, seqlen=48, batch_size=2)
 IDS = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -33,25 +37,26 @@ def pipeline(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text((REPO / "resources" / "corpus" / "valid.txt").read_text()[:20_000])
     fp16 = save_fp16(random_model(MAMBA2), root / "fp16", TOKENIZER)
-    calibrate_model_dir(fp16, root / "calib", CalibrationSettings(**CALIB, rotate_residual=True, reorder=True),
-                        data=corpus, progress=False)
-    calibrate_model_dir(fp16, root / "plain", CalibrationSettings(**CALIB), data=corpus, progress=False)
-    stats = root / "calib" / "stats.json"
-    gptq_model_dir(fp16, root / "gptq", GPTQSettings(**GPTQ_SMALL, rotate_residual=True, reorder=True, lm_head=True),
-                   data=corpus, progress=False, stats=stats)
-    return {"root": root, "corpus": corpus, "fp16": fp16, "stats": stats, "plain": root / "plain" / "stats.json",
+    calibrate_model_dir(fp16, root / "calib", CALIB, REORDER, data=corpus, progress=False)
+    calibrate_model_dir(fp16, root / "plain", CALIB, PLAIN, data=corpus, progress=False)
+    scales_file(root / "calib", 0.99999, root / "scales.json")
+    scales_file(root / "plain", 0.99999, root / "plain_scales.json")
+    gptq_model_dir(fp16, root / "gptq", GPTQSettings(**GPTQ_SMALL, lm_head=True), REORDER, data=corpus,
+                   progress=False, calib_dir=root / "calib")
+    return {"root": root, "corpus": corpus, "fp16": fp16, "calib": root / "calib", "stats": root / "calib" / "stats.json",
+            "plain": root / "plain", "scales": root / "scales.json", "plain_scales": root / "plain_scales.json",
             "gptq": root / "gptq"}
 
 
 def test_stats_record_the_reorder_plan_and_x_ranges_before_and_after(pipeline):
     stats = read_stats(pipeline["stats"])  # schema-valid
-    assert stats["rotate_residual"] is True
+    assert stats["recipe"]["options"]["rotate_residual"] is True and stats["recipe"]["departures"] == ["reorder"]
     layer = stats["reorder"]["layers"]["layer_1"]
     assert sorted(layer["channel_order"]) == list(range(MAMBA2.d_inner))
     assert max(layer["group_absmax_after"]) == max(layer["group_absmax_before"])
     assert sum(layer["group_absmax_after"]) <= sum(layer["group_absmax_before"])
     plain = read_stats(pipeline["plain"])
-    assert "reorder" not in plain and "rotate_residual" not in plain
+    assert "reorder" not in plain and plain["recipe"]["departures"] == ["rotate_residual"]
     # x's per-tensor range is a permutation invariant: the reordered and rotated model sees the same values
     for tap in ("layer_1.x_conv_out:input", "layer_1.z_act:input"):
         assert stats["taps"][tap]["absmax"] == pytest.approx(plain["taps"][tap]["absmax"], rel=1e-4)
@@ -59,16 +64,17 @@ def test_stats_record_the_reorder_plan_and_x_ranges_before_and_after(pipeline):
 
 def test_gptq_dir_records_its_options_and_the_plan_it_used(pipeline):
     info = json.loads((pipeline["gptq"] / "gptq.json").read_text())
-    assert {k: info["settings"][k] for k in ("rotate_residual", "reorder", "lm_head")} == dict(
-        rotate_residual=True, reorder=True, lm_head=True)
+    assert info["settings"]["lm_head"] is True and info["recipe"]["departures"] == ["reorder"]
+    assert {k: info["recipe"]["options"][k] for k in ("rotate_residual", "hadamard", "reorder", "head_clusters")} == \
+        dict(rotate_residual=True, hadamard="quamba", reorder=True, head_clusters=4)
     assert info["reorder"]["stats"] == str(pipeline["stats"])
     assert "lm_head" in info["layers"]
 
 
 def test_every_option_assembles_into_a_model_close_to_fp16(pipeline, tmp_path):
-    qc = quantize_model_dir(pipeline["fp16"], tmp_path / "q", pipeline["gptq"], "w8a8", 0.99999, pipeline["stats"],
-                            reorder=True, rotate_residual=True)
-    assert qc["rotate_residual"] is True and qc["reorder"]["head_clusters"] == 4
+    qc = quantize_model_dir(pipeline["fp16"], tmp_path / "q", pipeline["gptq"], "w8a8", REORDER, pipeline["calib"],
+                            pipeline["scales"])
+    assert qc["recipe"]["options"]["rotate_residual"] is True and qc["reorder"]["head_clusters"] == 4
     assert "lm_head" in qc["quantized_linears"] and "lm_head:input" in qc["activation_scales"]
     assert set(qc["group_activation_scales"]) == {"layer_0.x_conv_out:input", "layer_1.x_conv_out:input"}
     tensors = load_file(tmp_path / "q" / "model.safetensors")
@@ -85,44 +91,50 @@ def test_every_option_assembles_into_a_model_close_to_fp16(pipeline, tmp_path):
 
 
 def test_assembly_refuses_inputs_built_with_other_options(pipeline, tmp_path):
-    stats, gptq, fp16 = pipeline["stats"], pipeline["gptq"], pipeline["fp16"]
-    with pytest.raises(ConfigError, match="rotate_residual: the GPTQ dir was built with rotate_residual=True, "
-                                          "but quantize asks for False"):
-        quantize_model_dir(fp16, tmp_path / "a", gptq, "w8a8", 1.0, stats, reorder=True)
-    with pytest.raises(ConfigError, match="reorder: the GPTQ dir was built with reorder=True"):
-        quantize_model_dir(fp16, tmp_path / "b", gptq, "w8a8", 1.0, stats, rotate_residual=True)
-    with pytest.raises(ConfigError, match="rotate_residual: stats.json was calibrated with rotate_residual=False"):
-        quantize_model_dir(fp16, tmp_path / "c", gptq, "w8a8", 1.0, pipeline["plain"], reorder=True,
-                           rotate_residual=True)
-    doc = json.loads(stats.read_text())
+    calib, gptq, fp16 = pipeline["calib"], pipeline["gptq"], pipeline["fp16"]
+    with pytest.raises(ConfigError, match=r"recipe.rotate_residual: the GPTQ dir .* was built with "
+                                          r"rotate_residual=True, but this run asks for False"):
+        quantize_model_dir(fp16, tmp_path / "a", gptq, "w8a8", Recipe(rotate_residual=False, reorder=True), calib,
+                           pipeline["scales"])
+    with pytest.raises(ConfigError, match="recipe.reorder: the GPTQ dir .* was built with reorder=True"):
+        quantize_model_dir(fp16, tmp_path / "b", gptq, "w8a8", Recipe(), calib, pipeline["scales"])
+    with pytest.raises(ConfigError, match=r"recipe.rotate_residual: .*plain.*stats.json was built with "
+                                          r"rotate_residual=False"):
+        quantize_model_dir(fp16, tmp_path / "c", gptq, "w8a8", REORDER, pipeline["plain"], pipeline["plain_scales"])
+    other = tmp_path / "other"
+    other.mkdir()
+    doc = json.loads(pipeline["stats"].read_text())
     doc["reorder"]["layers"]["layer_0"]["head_order"].reverse()
-    (tmp_path / "other.json").write_text(json.dumps(doc))
-    with pytest.raises(ConfigError, match="stats: its reorder plan is not the one the GPTQ dir was built with"):
-        quantize_model_dir(fp16, tmp_path / "d", gptq, "w8a8", 1.0, tmp_path / "other.json", reorder=True,
-                           rotate_residual=True)
+    (other / "stats.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="calib: the reorder plan of .* is not the one .* was built with"):
+        quantize_model_dir(fp16, tmp_path / "d", gptq, "w8a8", REORDER, other, pipeline["scales"])
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_reorder_fails_clearly_before_any_work(pipeline, tmp_path):
-    with pytest.raises(ConfigError, match="stats: .* has no reorder plan; calibrate with reorder on"):
-        gptq_model_dir(pipeline["fp16"], tmp_path / "g", GPTQSettings(**GPTQ_SMALL, reorder=True),
-                       data=pipeline["corpus"], stats=pipeline["plain"])
-    with pytest.raises(ConfigError, match="reorder: GPTQ of a reordered model needs the stats.json"):
-        gptq_model_dir(pipeline["fp16"], tmp_path / "g", GPTQSettings(**GPTQ_SMALL, reorder=True),
-                       data=pipeline["corpus"])
+    with pytest.raises(ConfigError, match="calib: .* has no reorder plan; calibrate with reorder on"):
+        gptq_model_dir(pipeline["fp16"], tmp_path / "g", GPTQSettings(**GPTQ_SMALL), REORDER,
+                       data=pipeline["corpus"], calib_dir=pipeline["plain"])
+    with pytest.raises(ConfigError, match="reorder: GPTQ of a reordered model needs the calibration dir"):
+        gptq_model_dir(pipeline["fp16"], tmp_path / "g", GPTQSettings(**GPTQ_SMALL), REORDER, data=pipeline["corpus"])
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_study_recipe_with_reorder_leaves_mamba1_models_unreordered(pipeline, tmp_path):
     mamba1 = save_fp16(random_model(MambaConfig(d_model=64, n_layer=1, vocab_size=4096)), tmp_path / "m1", TOKENIZER)
-    with pytest.raises(ConfigError, match="needs a Mamba2 model; this one is Mamba1"):
-        calibrate_model_dir(mamba1, tmp_path / "c", CalibrationSettings(**CALIB, reorder=True), data=pipeline["corpus"])
-    assert not any((tmp_path / name).exists() for name in ("g", "c"))
+    doc = calibrate_model_dir(mamba1, tmp_path / "c", CALIB, REORDER, data=pipeline["corpus"], progress=False)
+    assert "reorder" not in doc and doc["recipe"]["options"]["reorder"] is False
+    assert {t["observer"] for t in doc["taps"].values()} == {"percentile", "minmax"}  # Quamba1's path
 
 
 @pytest.mark.parametrize("rotate", [False, True])
 def test_mamba1_with_a_quantized_lm_head_assembles_tied_or_rotated(pipeline, tmp_path, rotate):
     fp16 = save_fp16(random_model(MambaConfig(d_model=64, n_layer=2, vocab_size=4096)), tmp_path / "fp16", TOKENIZER)
-    settings = GPTQSettings(**{**GPTQ_SMALL, "w_bits": 4}, rotate_residual=rotate, lm_head=True)
-    gptq_model_dir(fp16, tmp_path / "gptq", settings, data=pipeline["corpus"], progress=False)
-    qc = quantize_model_dir(fp16, tmp_path / "q", tmp_path / "gptq", "w4a16", 1.0, rotate_residual=rotate)
-    assert "lm_head" in qc["quantized_linears"] and qc.get("rotate_residual", False) is rotate
+    recipe = Recipe(rotate_residual=rotate)
+    gptq_model_dir(fp16, tmp_path / "gptq", GPTQSettings(**{**GPTQ_SMALL, "w_bits": 4}, lm_head=True), recipe,
+                   data=pipeline["corpus"], progress=False)
+    qc = quantize_model_dir(fp16, tmp_path / "q", tmp_path / "gptq", "w4a16", recipe)
+    assert "lm_head" in qc["quantized_linears"] and qc["recipe"]["options"]["rotate_residual"] is rotate
     model, fp = quamba.load(tmp_path / "q", device="cpu"), quamba.load(fp16, device="cpu")
     assert model.config.tie_embeddings is not rotate
     with torch.no_grad():
@@ -158,7 +170,14 @@ def test_cli_passes_the_options_through(pipeline, tmp_path, capsys):
     from quamba.cli import main
 
     assert main(["gptq", str(pipeline["fp16"]), "--w-bits", "8", "--reorder", "--out", str(tmp_path / "g")]) == 2
-    assert "GPTQ of a reordered model needs the stats.json" in capsys.readouterr().err
-    code = main(["quantize", str(pipeline["fp16"]), "--gptq", str(pipeline["gptq"]), "--stats", str(pipeline["stats"]),
-                 "--scheme", "w8a8", "--alpha", "1.0", "--reorder", "--rotate-residual", "--out", str(tmp_path / "q")])
-    assert code == 0 and json.loads((tmp_path / "q" / "quant_config.json").read_text())["rotate_residual"] is True
+    assert "GPTQ of a reordered model needs the calibration dir" in capsys.readouterr().err
+    code = main(["quantize", str(pipeline["fp16"]), "--gptq", str(pipeline["gptq"]), "--calib", str(pipeline["calib"]),
+                 "--scheme", "w8a8", "--alpha", "1.0", "--alpha-one", "stream_max", "--reorder", "--out",
+                 str(tmp_path / "q")])
+    assert code == 0, capsys.readouterr().err
+    recipe = json.loads((tmp_path / "q" / "quant_config.json").read_text())["recipe"]
+    assert recipe["options"]["rotate_residual"] is True and recipe["departures"] == ["alpha_one", "reorder"]
+    assert main(["quantize", str(pipeline["fp16"]), "--gptq", str(pipeline["gptq"]), "--calib", str(pipeline["calib"]),
+                 "--scheme", "w8a8", "--alpha", "1.0", "--reorder", "--no-rotate-residual", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "recipe.rotate_residual: the GPTQ dir" in capsys.readouterr().err and not (tmp_path / "r").exists()

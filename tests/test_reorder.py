@@ -45,11 +45,11 @@ def test_reordered_model_computes_the_same_logits_full_and_step_by_step():
 
 def test_reordering_commutes_with_both_hadamard_rotations():
     model = random_model(CONFIG)
-    record = reorder_record(model, x_channel_absmax(model, IDS, 1), 4, 4)
+    record = reorder_record(model, x_channel_absmax(model, list(IDS.split(1))), 4, 4)
     with torch.no_grad():
         before = model(IDS).logits
-        after = rotate_out_projs(reorder_model(rotate_residual(model), record))(IDS).logits
-    assert (after - before).abs().max().item() <= 1e-4 * before.abs().max().item()
+        after = rotate_out_projs(reorder_model(rotate_residual(model, "quamba"), record), "quamba")(IDS).logits
+    assert (after - before).abs().max().item() <= 2e-3 * before.abs().max().item()  # lm_head's float16 fold
 
 
 def test_heads_are_sorted_inside_their_group_and_channels_inside_their_cluster():
@@ -115,6 +115,6 @@ def test_reordering_needs_a_mamba2_model_and_raw_out_proj():
         check_reorderable(MambaConfig(d_model=64, n_layer=1, vocab_size=10), 4, 4)
     with pytest.raises(ConfigError, match="head_clusters: must be a positive integer"):
         check_reorderable(CONFIG, 0, 4)
-    model = rotate_out_projs(random_model(CONFIG))
+    model = rotate_out_projs(random_model(CONFIG), "quamba")
     with pytest.raises(ValueError, match="reorder before rotate_out_projs"):
         reorder_mixer(model.backbone.layers[0].mixer, plan_reorder(random_absmax(0), 16, 2))

@@ -106,13 +106,12 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    """study.yaml naming one random state-spaces checkpoint: 9 cluster jobs, 4 local ones."""
+    """study.yaml naming one random state-spaces checkpoint: 10 cluster jobs, 4 local ones."""
     root = tmp_path_factory.mktemp("study")
     source = write_state_spaces(random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=4096)), root / "ckpt")
     config = {"models": {"tiny": {"source": str(source),
                                   "tokenizer": str(REPO / "resources" / "tokenizer")}},
-              "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2,
-                                         "alphas": [0.999, 1.0], "activation_layers": [0, 1],
+              "calibrations": {"quick": {"samples": 4, "seq_len": 32, "activation_layers": [0, 1],
                                          "activation_samples": 100}},
               "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999],
                                "seeds": [0]},

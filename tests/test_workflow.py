@@ -22,13 +22,13 @@ from conftest import REPO, random_model
 from test_checkpoint import write_state_spaces
 
 import quamba
-from quamba.formats.stats import read_stats
+from quamba.formats import layout
+from quamba.formats.calibration import read_stats
 from quamba.models import MambaConfig
 
 TINY = {
-    "calibrations": {"quick": {"samples": 4, "seq_len": 32, "batch_size": 2, "alphas": [0.999, 0.9995, 1.0],
-                               "activation_layers": [0, 1], "activation_samples": 100}},
-    "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999], "seeds": [0, 1]},
+    "calibrations": {"quick": {"samples": 4, "seq_len": 32, "activation_layers": [0, 1], "activation_samples": 100}},
+    "quantization": {"calibration": "quick", "schemes": ["w8a8", "w4a16"], "alphas": [0.999, 1.0], "seeds": [0, 1]},
     "gptq": {"nsamples": 4, "seqlen": 32},
     "tasks": ["quamba_mc", "perplexity"],
     "eval": {"limit": 5},
@@ -36,6 +36,11 @@ TINY = {
 SUMMARY = ["results/summary/runs.csv", "results/summary/accuracy.csv", "results/summary/aggregate.csv",
            "results/summary/clipping.csv", "results/summary/plots/accuracy_vs_alpha.png",
            "results/summary/plots/clipping_ranges.png"]
+STUDY_RUNS = [(s, a, seed) for s, a in (("w8a8", 0.999), ("w8a8", 1.0), ("w4a16", None)) for seed in (0, 1)]
+ACTIVATION_PLOT = "results/summary/plots/tiny_activations.png"  # it draws every study alpha's thresholds
+CALIBRATION = {"results/tiny/calib/quick/stats.json", "results/tiny/calib/quick/calibration.safetensors",
+               "results/tiny/calib/quick/activations.npz"}
+GPTQ_DIRS = {f"results/tiny/gptq/w{bits}/seed{seed}" for bits in (4, 8) for seed in (0, 1)}
 
 
 def snakemake(workdir: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -93,27 +98,31 @@ def test_study_outputs_exist_and_parse(ran_study):
     out = workdir / "results" / "tiny" / "fp16" / "model"
     assert json.loads((out / "source.json").read_text())["format"] == "state-spaces"
     assert quamba.load(out, device="cpu").config.d_model == 32
-    for log in ("fp16/normalize.log", "calib/quick/calibrate.log", "gptq/w4/seed1/gptq.log",
-                "w8a8/pa0.999/seed0/eval/quamba_mc.log"):
+    for log in ("fp16/normalize.log", "calib/quick/calibrate.log", "calib/quick/pa0.999/scales.log",
+                "gptq/w4/seed1/gptq.log", "w8a8/pa0.999/seed0/eval/quamba_mc.log", "w4a16/seed0/assemble.log"):
         assert (workdir / "logs" / "tiny" / log).is_file()
     assert (workdir / "benchmarks" / "tiny" / "fp16" / "normalize.tsv").is_file()
     stats = read_stats(workdir / "results" / "tiny" / "calib" / "quick" / "stats.json")
-    assert stats["num_samples"] == 4 and stats["alphas"] == [0.999, 0.9995, 1.0]
+    assert stats["num_samples"] == 4 and stats["min_alpha"] == 0.999 and stats["recipe"]["departures"] == []
     assert stats["seed"] == 0 and stats["activation_layers"] == [0, 1]  # seed: the schema's default
+    for alpha in ("0.999", "1.0"):
+        scales = json.loads((workdir / "results" / "tiny" / "calib" / "quick" / f"pa{alpha}" / "scales.json").read_text())
+        assert scales["alpha"] == float(alpha) and "layer_1.x_proj:input" in scales["taps"]
     with np.load(workdir / "results" / "tiny" / "calib" / "quick" / "activations.npz") as npz:
         assert "layer_0.x_proj:input" in npz.files
     for bits in (8, 4):
         for seed in (0, 1):
             assert (workdir / "results" / "tiny" / "gptq" / f"w{bits}" / f"seed{seed}" / "gptq.safetensors").is_file()
-    for scheme in ("w8a8", "w4a16"):
+    for scheme, alpha in (("w8a8", 0.999), ("w8a8", 1.0), ("w4a16", None)):
         for seed in (0, 1):
-            variant = workdir / "results" / "tiny" / scheme / "pa0.999" / f"seed{seed}"
+            variant = workdir / "results" / "tiny" / layout.variant(scheme, alpha, seed)
             quant_config = json.loads((variant / "model" / "quant_config.json").read_text())
-            assert (quant_config["scheme"], quant_config["alpha"], quant_config["seed"]) == (scheme, 0.999, seed)
+            assert (quant_config["scheme"], quant_config["alpha"], quant_config["seed"]) == (scheme, alpha, seed)
             assert quamba.load(variant / "model", device="cpu").config.n_layer == 2
             for task in ("quamba_mc", "perplexity"):
                 result = json.loads((variant / "eval" / f"{task}.json").read_text())
                 assert result["model"]["quant_config"]["scheme"] == scheme and task in result["results"]
+    assert not any((workdir / "results" / "tiny" / "w4a16").glob("pa*"))  # w4a16 has no alpha axis
     for path in SUMMARY + ["results/summary/plots/tiny_activations.png"]:
         assert (workdir / path).stat().st_size > 0, path
     assert (workdir / "results" / "summary" / "plots" / "accuracy_vs_alpha.png").read_bytes()[:4] == b"\x89PNG"
@@ -124,7 +133,8 @@ def test_summary_numbers_equal_the_eval_jsons(ran_study):
     summary = workdir / "results" / "summary"
     accuracy = pd.read_csv(summary / "accuracy.csv")
     runs = pd.read_csv(summary / "runs.csv")
-    assert len(runs) == 4 and set(runs.scheme) == {"w8a8", "w4a16"} and set(runs.seed) == {0, 1}
+    assert len(runs) == 6 and set(runs.scheme) == {"w8a8", "w4a16"} and set(runs.seed) == {0, 1}
+    assert runs[runs.scheme == "w4a16"].alpha.isna().all()
     checked = 0
     for row in runs.itertuples():
         eval_dir = workdir / row.eval_dir
@@ -132,15 +142,17 @@ def test_summary_numbers_equal_the_eval_jsons(ran_study):
         ppl = json.loads((eval_dir / "perplexity.json").read_text())["results"]["perplexity"]
         assert runs.loc[row.Index, "quamba_mc:acc"] == pytest.approx(mc["acc,none"], abs=1e-9)
         assert runs.loc[row.Index, "perplexity:perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-9)
-        tidy = accuracy[(accuracy.variant == f"{row.scheme}/pa0.999/seed{row.seed}") & (accuracy.task == "quamba_mc")
+        alpha = None if pd.isna(row.alpha) else row.alpha
+        tidy = accuracy[(accuracy.variant == layout.variant(row.scheme, alpha, row.seed)) & (accuracy.task == "quamba_mc")
                         & (accuracy.metric == "acc")]
         assert tidy.value.item() == pytest.approx(mc["acc,none"], abs=1e-9)
         assert tidy.stderr.item() == pytest.approx(mc["acc_stderr,none"], abs=1e-9)
         checked += 1
-    assert checked == 4
+    assert checked == 6
     aggregate = pd.read_csv(summary / "aggregate.csv")
-    w8a8 = aggregate[(aggregate.scheme == "w8a8") & (aggregate.task == "perplexity") & (aggregate.metric == "perplexity")]
-    values = runs[runs.scheme == "w8a8"]["perplexity:perplexity"]
+    w8a8 = aggregate[(aggregate.scheme == "w8a8") & (aggregate.alpha == 0.999) & (aggregate.task == "perplexity")
+                     & (aggregate.metric == "perplexity")]
+    values = runs[(runs.scheme == "w8a8") & (runs.alpha == 0.999)]["perplexity:perplexity"]
     fp16 = accuracy[(accuracy.scheme == "fp16") & (accuracy.metric == "perplexity")].value.item()
     assert w8a8.n.item() == 2 and w8a8["mean"].item() == pytest.approx(values.mean(), rel=1e-9)
     assert w8a8["std"].item() == pytest.approx(values.std(ddof=1), rel=1e-9)
@@ -148,10 +160,11 @@ def test_summary_numbers_equal_the_eval_jsons(ran_study):
     half = 12.706204736 * values.std(ddof=1) / math.sqrt(2)  # Student t, 1 degree of freedom, 97.5%
     assert w8a8.ci95_high.item() == pytest.approx(values.mean() + half, rel=1e-6)
     clipping = pd.read_csv(summary / "clipping.csv")
-    stats = read_stats(workdir / "results" / "tiny" / "calib" / "quick" / "stats.json")
+    scales = json.loads((workdir / "results" / "tiny" / "calib" / "quick" / "pa0.999" / "scales.json").read_text())
     row = clipping[(clipping.tap == "layer_1.x_proj:input") & (clipping.alpha == 0.999)]
-    assert row.clipped_fraction.item() == pytest.approx(
-        stats["taps"]["layer_1.x_proj:input"]["alphas"]["0.999"]["clipped_fraction"], abs=1e-12)
+    assert row.clipped_fraction.item() == scales["taps"]["layer_1.x_proj:input"]["clipped_fraction"]
+    assert clipping[clipping.tap == "lm_head:input"].layer.isna().all() and clipping.layer.dropna().eq(
+        clipping.layer.dropna().round()).all()
 
 
 def test_compare_prints_the_seed_spread(ran_study, capsys):
@@ -165,9 +178,21 @@ def test_compare_prints_the_seed_spread(ran_study, capsys):
     assert "--task 'nope' has no results; allowed: ['perplexity', 'quamba_mc']" in capsys.readouterr().err
 
 
-def variant_outputs(scheme: str, alpha: str, seed: int, tasks=("quamba_mc", "perplexity")) -> set[str]:
-    variant = f"results/tiny/{scheme}/pa{alpha}/seed{seed}"
+def variant_outputs(scheme: str, alpha: str | None, seed: int, tasks=("quamba_mc", "perplexity")) -> set[str]:
+    variant = f"results/tiny/{layout.variant(scheme, None if alpha is None else float(alpha), seed)}"
     return {f"{variant}/model", *(f"{variant}/eval/{task}.json" for task in tasks)}
+
+
+def activation_runs(alphas=("0.999", "1.0"), seeds=(0, 1)) -> set[str]:
+    return {path for alpha in alphas for seed in seeds for path in variant_outputs("w8a8", alpha, seed)}
+
+
+def weight_only_runs(seeds=(0, 1)) -> set[str]:
+    return {path for seed in seeds for path in variant_outputs("w4a16", None, seed)}
+
+
+def scales(*alphas: str) -> set[str]:
+    return {f"results/tiny/calib/quick/pa{alpha}/scales.json" for alpha in alphas}
 
 
 def test_second_run_has_nothing_to_do(ran_study):
@@ -175,46 +200,75 @@ def test_second_run_has_nothing_to_do(ran_study):
     assert planned(workdir, tiny_config(source)) == set()
 
 
-def test_changing_an_alpha_reruns_only_its_assembly_and_evals(ran_study):
+def test_adding_an_alpha_listed_nowhere_runs_only_its_scales_assemblies_and_evals(ran_study):
     workdir, source = ran_study
-    plan = planned(workdir, tiny_config(source, quantization__alphas=[0.9995]))
-    expected = set(SUMMARY)
-    for scheme in ("w8a8", "w4a16"):
-        for seed in (0, 1):
-            expected |= variant_outputs(scheme, "0.9995", seed)
-    assert plan == expected  # no calibration, no GPTQ, no FP16 evaluation
+    plan = planned(workdir, tiny_config(source, quantization__alphas=[0.999, 0.99973, 1.0]))
+    # no calibration, no GPTQ, no existing assembly or evaluation, nothing of w4a16 (no alpha axis)
+    assert plan == {*SUMMARY, ACTIVATION_PLOT, *scales("0.99973"), *activation_runs(["0.99973"])}
+
+
+def test_removing_an_alpha_reruns_only_the_summaries(ran_study):
+    workdir, source = ran_study
+    assert planned(workdir, tiny_config(source, quantization__alphas=[0.999])) == {*SUMMARY, ACTIVATION_PLOT}
+
+
+def test_an_alpha_below_min_alpha_fails_before_any_job_naming_min_alpha(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, quantization__alphas=[0.99])))
+    run = snakemake(tmp_path, "--configfile", "bad.yaml")
+    assert run.returncode != 0 and "quantization.alphas: [0.99] are below calibrations.quick.min_alpha 0.999" in \
+        run.stdout + run.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lowering_min_alpha_reruns_the_calibration_and_what_reads_it(ran_study):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, calibrations__quick__min_alpha=0.99))
+    assert plan == {*SUMMARY, ACTIVATION_PLOT, *CALIBRATION, *scales("0.999", "1.0"), *activation_runs()}
+
+
+@pytest.mark.parametrize("option, value, reruns", [
+    # what each recipe option names, and nothing else: alpha_one acts only at alpha 1.0
+    ("alpha_one", "stream_max", {*scales("1.0"), *activation_runs(["1.0"])}),
+    ("calibration_data", "packed", {*CALIBRATION, *scales("0.999", "1.0"), *activation_runs()}),
+    ("calibration_order", "seeded", {*CALIBRATION, *scales("0.999", "1.0"), *activation_runs()}),
+    ("rotate_residual", False, {*CALIBRATION, *scales("0.999", "1.0"), *GPTQ_DIRS, *activation_runs(),
+                                *weight_only_runs()}),
+    ("hadamard", "extended", {*CALIBRATION, *scales("0.999", "1.0"), *GPTQ_DIRS, *activation_runs(),
+                              *weight_only_runs()}),
+])
+def test_each_recipe_option_reruns_exactly_what_it_names(ran_study, option, value, reruns):
+    workdir, source = ran_study
+    plan = planned(workdir, tiny_config(source, recipe={"name": "quamba", option: value}))
+    assert plan == {*SUMMARY, ACTIVATION_PLOT, *reruns}  # never the FP16 model or its evaluations
 
 
 def test_adding_a_seed_adds_only_that_seeds_jobs(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, quantization__seeds=[0, 1, 2]))
     expected = {*SUMMARY, "results/tiny/gptq/w8/seed2", "results/tiny/gptq/w4/seed2",
-                *variant_outputs("w8a8", "0.999", 2), *variant_outputs("w4a16", "0.999", 2)}
+                *activation_runs(seeds=[2]), *weight_only_runs([2])}
     assert plan == expected
 
 
 def test_changing_the_calibration_sample_count_reruns_calibration_and_what_reads_it(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, calibrations__quick__samples=6))
-    expected = {*SUMMARY, "results/tiny/calib/quick/stats.json", "results/tiny/calib/quick/activations.npz",
-                "results/summary/plots/tiny_activations.png"}
-    for scheme in ("w8a8", "w4a16"):  # every quantized dir carries the stats it was built from
-        for seed in (0, 1):
-            expected |= variant_outputs(scheme, "0.999", seed)
-    assert plan == expected  # GPTQ and the FP16 model and its evals stay
+    # every activation-quantized dir carries the stats it was built from; w4a16 reads no statistics
+    expected = {*SUMMARY, ACTIVATION_PLOT, *CALIBRATION, *scales("0.999", "1.0"), *activation_runs()}
+    assert plan == expected  # GPTQ, w4a16, the FP16 model and its evals stay
 
 
 def test_adding_a_task_runs_only_the_new_evals(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, tasks=["quamba_mc", "perplexity", "quamba_cloze"]))
-    variants = ["fp16"] + [f"{s}/pa0.999/seed{seed}" for s in ("w8a8", "w4a16") for seed in (0, 1)]
+    variants = ["fp16"] + [layout.variant(*run) for run in STUDY_RUNS]
     assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/quamba_cloze.json" for v in variants)}
 
 
 def test_changing_the_perplexity_budget_reruns_only_perplexity(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, eval={"limit": 5, "perplexity_tokens": 64}))
-    variants = ["fp16"] + [f"{s}/pa0.999/seed{seed}" for s in ("w8a8", "w4a16") for seed in (0, 1)]
+    variants = ["fp16"] + [layout.variant(*run) for run in STUDY_RUNS]
     assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/perplexity.json" for v in variants)}
 
 
@@ -266,10 +320,10 @@ def test_killed_run_leaves_no_corrupt_output_and_resumes(ran_study):
     assert snakemake(workdir, "--configfile", "more.yaml", "--unlock").returncode == 0  # the killed run's lock
     resumed = snakemake(workdir, "--configfile", "more.yaml", "--rerun-incomplete")
     assert resumed.returncode == 0, resumed.stderr
-    for scheme in ("w8a8", "w4a16"):
-        model_dir = workdir / "results" / "tiny" / scheme / "pa0.999" / "seed3" / "model"
+    for scheme, alpha in (("w8a8", 0.999), ("w4a16", None)):
+        model_dir = workdir / "results" / "tiny" / layout.variant(scheme, alpha, 3) / "model"
         assert quamba.load(model_dir, device="cpu").config.n_layer == 2
-    assert len(pd.read_csv(workdir / "results" / "summary" / "runs.csv")) == 6
+    assert len(pd.read_csv(workdir / "results" / "summary" / "runs.csv")) == 9
     assert planned(workdir, tiny_config(source, quantization__seeds=[0, 1, 3])) == set()
 
 
@@ -282,9 +336,9 @@ def test_study_with_every_transform_on(tmp_path):
                              **({"headdim": 16, "d_state": 16} if layer == "Mamba2" else {}))
         source = write_state_spaces(random_model(config), tmp_path / name)
         models[name] = {"source": str(source), "tokenizer": str(REPO / "resources" / "tokenizer")}
-    config = tiny_config(tmp_path, quantization__schemes=["w8a8"], quantization__seeds=[0], tasks=["perplexity"],
-                         transforms={"rotate_residual": True, "reorder": True, "head_clusters": 2,
-                                     "channel_clusters": 2}, gptq__lm_head=True)
+    config = tiny_config(tmp_path, quantization__schemes=["w8a8"], quantization__seeds=[0], quantization__alphas=[0.999],
+                         tasks=["perplexity"], recipe={"reorder": True, "head_clusters": 2, "channel_clusters": 2},
+                         gptq__lm_head=True)
     config["models"] = models
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(tmp_path, "--configfile", "study.yaml")
@@ -292,7 +346,8 @@ def test_study_with_every_transform_on(tmp_path):
     for name in models:
         model_dir = tmp_path / "results" / name / "w8a8" / "pa0.999" / "seed0" / "model"
         quant_config = json.loads((model_dir / "quant_config.json").read_text())
-        assert quant_config["rotate_residual"] is True and "lm_head" in quant_config["quantized_linears"]
+        assert quant_config["recipe"]["options"]["rotate_residual"] is True
+        assert "lm_head" in quant_config["quantized_linears"]
         assert ("reorder" in quant_config) == (name == "m2")
         ppl = json.loads((model_dir.parent / "eval" / "perplexity.json").read_text())["results"]["perplexity"]
         fp16 = json.loads((tmp_path / "results" / name / "fp16" / "eval" / "perplexity.json").read_text())
@@ -315,10 +370,15 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, messag
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"calibrations__quick__alphas": [0.9995, 1.5]}, "1.5 is greater than the maximum of 1"),
+    ({"quantization__alphas": [0.9995, 1.5]}, "1.5 is greater than the maximum of 1"),
     ({"calibrations__quick__samples": 0}, "0 is less than the minimum of 1"),
     ({"calibrations__quick": {"sample": 8}}, "'sample' was unexpected"),
-    ({"calibrations__quick": {"alphas": [1.0]}}, "quantization.alphas: ['0.999'] not in calibrations.quick.alphas"),
+    ({"calibrations__quick": {"alphas": [1.0]}}, "'alphas' was unexpected"),
+    ({"recipe": {"alpha_one": "max"}}, "'max' is not one of ['quamba', 'stream_max']"),
+    ({"recipe": {"name": "quamba2"}}, "'quamba2' is not one of ['quamba']"),
+    ({"recipe": {"hadamard": "sylvester"}}, "'sylvester' is not one of ['quamba', 'extended']"),
+    ({"transforms": {"reorder": True}}, "'transforms' was unexpected"),
+    ({"models": {"summary": {"source": "x/y"}}}, "should not be valid"),
     ({"quantization__schemes": ["w8a4"]}, "'w8a4' is not one of ['w8a8', 'w4a8', 'w4a16']"),
     ({"quantization__seeds": [-1]}, "-1 is less than the minimum of 0"),
     ({"device": "tpu"}, "'tpu' is not one of ['cpu', 'cuda']"),
@@ -343,8 +403,8 @@ def test_paper_study_dry_run_lists_the_expected_jobs(tmp_path):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     # 2 models; 1 calibration; w8a8 -> GPTQ at 8 bits x 3 seeds; 2 alphas x 3 seeds; fp16 + 6 variants x 1 task
-    assert counts == {"normalize_fp16": 2, "calibrate": 2, "gptq": 6, "assemble": 12, "evaluate": 14,
-                      "summarize": 1, "plot_summary": 1, "plot_activations": 2, "all": 1, "total": 41}
+    assert counts == {"normalize_fp16": 2, "calibrate": 2, "scales": 4, "gptq": 6, "assemble": 12, "evaluate": 14,
+                      "summarize": 1, "plot_summary": 1, "plot_activations": 2, "all": 1, "total": 45}
 
 
 @pytest.mark.slow
@@ -359,7 +419,8 @@ def test_default_study_runs_from_a_clean_checkout(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     runs = pd.read_csv(tmp_path / "results" / "summary" / "runs.csv")
     q = config["quantization"]
-    assert len(runs) == len(config["models"]) * len(q["schemes"]) * len(q["alphas"]) * len(q["seeds"])
+    axes = sum(len(q["alphas"]) if scheme != "w4a16" else 1 for scheme in q["schemes"])  # w4a16: no alpha axis
+    assert len(runs) == len(config["models"]) * axes * len(q["seeds"])
     for model in config["models"]:
         assert (tmp_path / "results" / model / "fp16" / "model" / "model.safetensors").is_file()
         for calib in config["calibrations"]:

@@ -23,6 +23,7 @@ from quamba.numerics.quantizers import dequantize, expand_scales, quantize, unpa
 
 REORDER_TAP = "x_conv_out:input"  # the SSM input x: per reorder cell scales under Quamba2's reordering
 QUANT_CONFIG = "quant_config.json"
+QUANT_CONFIG_VERSION = 2
 X_GROUP_SCALES = "x_group_scales"  # model.safetensors key (per mixer) of x's per-channel reorder-cell scales
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
 
@@ -33,7 +34,7 @@ class QuantLinear(nn.Module):
     with int8 activations run as an int8 GEMM (torch._int_mm) where its shape rules allow."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
-                 act_scale: float | None, rotate_input: bool):
+                 act_scale: float | None, rotate_input: str | None):
         super().__init__()
         self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
         self.out_features, self.in_features = qweight.shape
@@ -48,8 +49,8 @@ class QuantLinear(nn.Module):
                 and x2d.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotate_input:
-            x = hadamard_transform(x)
+        if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation
+            x = hadamard_transform(x, self.rotate_input)
         if self.act_scale is None:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x_q = quantize(x, self.act_scale, 8)  # (..., in) int8
@@ -85,6 +86,10 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
         tensors = load_file(model_dir / SAFETENSORS_FILE)
     except Exception as err:
         raise CheckpointError(f"{model_dir}: unreadable quantized model ({err})") from err
+    if quant_config.get("schema_version") != QUANT_CONFIG_VERSION:
+        raise CheckpointError(f"{model_dir / QUANT_CONFIG}: schema_version {quant_config.get('schema_version')!r}, "
+                              f"but this quamba-flow reads version {QUANT_CONFIG_VERSION}; rebuild the dir with "
+                              f"`quamba quantize` (or rerun snakemake)")
     group_scales = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith(f".{X_GROUP_SCALES}")]}
     integer = {k.rpartition(".")[0]: {} for k in tensors if k.endswith(".qweight")}
     for name in integer:
@@ -97,6 +102,7 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
         tensors[f"{name}.weight"] = torch.empty(shapes[f"{name}.weight"].shape, dtype=torch.float16)
     model = build_model(config, tensors, source=str(model_dir))
     act_scales = quant_config["activation_scales"]
+    hadamard = quant_config["hadamard"]["kind"]
     linears = quantized_linears(model)
     for i, block in enumerate(model.backbone.layers):
         for kind in ("in_proj", "out_proj"):
@@ -110,12 +116,12 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
             setattr(block.mixer, kind, QuantLinear(
                 qweight, integer[name]["scales"], quant_config["w_bits"],
                 None if bias is None else bias.detach().clone(),
-                act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=kind == "out_proj"))
+                act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=hadamard if kind == "out_proj" else None))
     if "lm_head" in integer:  # its input quantized inside QuantLinear, so its tap stays identity
         qweight = integer["lm_head"]["qweight"]
         model.lm_head = QuantLinear(unpack_int4(qweight) if quant_config["w_bits"] == 4 else qweight,
                                     integer["lm_head"]["scales"], quant_config["w_bits"], None,
-                                    act_scales.get(LM_HEAD_POINT), rotate_input=False)
+                                    act_scales.get(LM_HEAD_POINT), rotate_input=None)
     for tap_name, tap in named_taps(model).items():
         if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
             tap.scale = act_scales.get(tap_name)

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 # Quamba observes these through hooks on its Linear layers and identity modules. `percentile`
-# marks where it uses the percentile observer (the SSM input and the SSM state); every other
-# point uses min/max. `rotated` marks where the quantizer sees Hadamard-rotated values.
+# marks where Quamba1's path (Mamba1; Mamba2 without reordering) uses its percentile observer;
+# every other point, and every point on Quamba2's path, uses min/max (quamba.stages.calibrate).
+# `rotated` marks where the quantizer sees Hadamard-rotated values.
 MAMBA1_POINTS = {
     "in_proj:input": "block input after RMSNorm (b, l, d_model)",
     "in_proj:output": "x and z before the conv, one scale for both (b, l, 2 d_inner)",
@@ -38,7 +39,6 @@ MAMBA2_POINTS = {
     "out_proj:input": "gated-RMSNorm output, observed Hadamard-rotated (b, l, d_inner)",
 }
 LM_HEAD_POINT = "lm_head:input"
-PERCENTILE_POINTS = frozenset({"x_proj:input", "x_conv_out:input", "ssm_state_act:input"})
 ROTATED_POINTS = frozenset({"out_proj:input"})
 
 
@@ -53,7 +53,6 @@ class Tap(nn.Module):
         super().__init__()
         self.point = point
         self.rotated = point in ROTATED_POINTS
-        self.percentile = point in PERCENTILE_POINTS
         self.scale: float | torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

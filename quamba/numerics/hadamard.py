@@ -1,12 +1,23 @@
-"""Orthonormal Hadamard rotations for every width real Mamba models use.
+"""Orthonormal Hadamard rotations, built and dispatched as Quamba's kernels do (or extended).
 
-Quamba rotates activations by R = H / sqrt(n) before a linear layer and fuses R^T into its
-weight: W x = (W R^T)(R x), and R x has its outliers spread over all channels, so it quantizes
-with a smaller scale. Supported widths are n = 2^k and n = m * 2^k for m in {12, 20, 28, 40}
-(d_inner 1536 = 12 * 128 for mamba-130m, 2560 = 20 * 128, 5120 = 40 * 128 for mamba-2.8b).
+Quamba rotates activations by T = H / sqrt(n) before a linear layer and fuses T^T into its
+weight: W x = (W T^T)(T x), and T x has its outliers spread over all channels, so it quantizes
+with a smaller scale. Every matrix here is H_n = M kron H_p with p = 2^k and H_p Sylvester's
+(natural order, H_p[r][r'] = (-1)^popcount(r & r')): index j = c * p + r, H_p mixes each
+contiguous block of p values and the small base matrix M mixes the blocks. The transform runs
+as a fast Walsh-Hadamard butterfly plus one m x m matmul, in float32, scale applied last.
 
-Every matrix here is H_m kron H_{2^k}, with H_{2^k} the Sylvester matrix H_2 kron ... kron H_2,
-so the transform can run as a fast Walsh-Hadamard butterfly plus one small m x m matmul.
+Two kinds, recorded in every artifact (recipe option `hadamard`):
+- "quamba" (the default): the official kernels' dispatch and matrices. n % 12 == 0 -> M = the
+  12 x 12 Paley construction II matrix for q = 5 (n / 12 must be a power of two); else
+  n % 40 == 0 -> M = [[A, A], [A, -A]] with A the 20 x 20 Paley construction I matrix for q = 19;
+  else n must be a power of two (M = [1]). So 20 * 2^k runs as 40 * 2^(k-1), and 20, 28 * 2^k
+  and multiples of 120 are refused. Real widths: 768, 1536 -> 12N; 2560, 5120 -> 40N; 1024,
+  2048, 4096 -> Sylvester.
+- "extended": Quamba's 12 and Sylvester, plus A itself for every 20 * 2^k (40 * 2^k included:
+  A kron H_2p instead of Quamba's H_2 kron A kron H_p, the same matrix up to a permutation of
+  its index) and the 28 x 28 Paley construction II matrix for q = 13 for 28 * 2^k. It differs
+  from "quamba" only at widths divisible by 20 or 28.
 """
 
 from __future__ import annotations
@@ -16,108 +27,119 @@ import math
 
 import torch
 
-# Base orders whose matrices are built here; 40 needs no entry of its own, because
-# H_40 = H_20 kron H_2 is exactly the 20 * 2^k matrix with k = 1.
-BASE_ORDERS = (12, 20, 28)
-ALLOWED = "n = 2^k or n = m * 2^k with m in {12, 20, 28, 40} and k >= 0"
+KINDS = ("quamba", "extended")
+ALLOWED = {
+    "quamba": "n = 2^k, 12 * 2^k or 40 * 2^k (20 * 2^k for k >= 1 is 40 * 2^(k-1))",
+    "extended": "n = 2^k, 12 * 2^k, 20 * 2^k or 28 * 2^k",
+}
+_BASES = {"quamba": (12, 40), "extended": (12, 20, 28)}  # tried in this order, then 2^k
 
 
-def _split(n: int) -> tuple[int, int] | None:
-    """(m, p) with n = m * p, p a power of two and m in {1, 12, 20, 28}; None if impossible."""
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"hadamard: {kind!r} is not a Hadamard kind; allowed: {list(KINDS)}")
+
+
+def _split(n: int, kind: str) -> tuple[int, int] | None:
+    """(m, p) with n = m * p as the kind dispatches it, p a power of two; None if refused.
+
+    Quamba's dispatch tests divisibility first and only then asserts the power of two, so a
+    multiple of 12 that is not 12 * 2^k is refused even where another base would fit."""
+    _check_kind(kind)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return None
-    for m in (1, *BASE_ORDERS):
-        p = n // m
-        if n % m == 0 and p & (p - 1) == 0:
-            return m, p
-    return None
+    for m in _BASES[kind]:
+        if n % m == 0:
+            return (m, n // m) if _is_power_of_two(n // m) else None
+    return (1, n) if _is_power_of_two(n) else None
 
 
-def supported(n: int) -> bool:
-    """Whether a Hadamard rotation of width n can be built here."""
-    return _split(n) is not None
+def supported(n: int, kind: str = "quamba") -> bool:
+    """Whether a Hadamard rotation of width n exists under `kind`."""
+    return _split(n, kind) is not None
 
 
-def _quadratic_character(q: int) -> list[int]:
+def _legendre(q: int) -> list[int]:
     """chi(a) for a in 0..q-1: 0 at 0, +1 on nonzero squares mod the prime q, -1 elsewhere."""
     squares = {(i * i) % q for i in range(1, q)}
     return [0] + [1 if a in squares else -1 for a in range(1, q)]
 
 
-def _jacobsthal(q: int) -> torch.Tensor:
-    """Q_ij = chi(j - i) mod q, (q, q); skew-symmetric for q = 3 mod 4, symmetric for q = 1."""
-    chi = _quadratic_character(q)
-    rows = [[chi[(j - i) % q] for j in range(q)] for i in range(q)]
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def _bordered(q: int, first_column: float) -> torch.Tensor:
-    """[[0, 1^T], [c * 1, Q]], (q + 1, q + 1): the conference-matrix core of both Paley builds."""
-    core = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    core[0, 1:] = 1.0
-    core[1:, 0] = first_column
-    core[1:, 1:] = _jacobsthal(q)
-    return core
-
-
 def _paley_one(q: int) -> torch.Tensor:
-    """Order q + 1 for a prime q = 3 mod 4: I + S with S skew and S S^T = q I."""
+    """Order q + 1 for a prime q = 3 mod 4, in Quamba's orientation: row 0 is + then q times -,
+    column 0 is all +, the core is 1 on the diagonal and chi(i - j) elsewhere."""
     assert q % 4 == 3
-    return torch.eye(q + 1, dtype=torch.float64) + _bordered(q, -1.0)
+    chi = _legendre(q)
+    h = torch.empty(q + 1, q + 1, dtype=torch.float64)
+    h[0, 0], h[0, 1:], h[1:, 0] = 1.0, -1.0, 1.0
+    h[1:, 1:] = torch.tensor([[1 if i == j else chi[(i - j) % q] for j in range(q)] for i in range(q)],
+                             dtype=torch.float64)
+    return h
 
 
 def _paley_two(q: int) -> torch.Tensor:
-    """Order 2(q + 1) for a prime q = 1 mod 4: conference matrix C with 0 -> A, +-1 -> +-B."""
+    """Order 2(q + 1) for a prime q = 1 mod 4: the symmetric conference matrix C = [[0, 1^T],
+    [1, Q]] (Q_ij = chi(j - i)) with 0 -> [[1, -1], [-1, -1]] and +-1 -> +-[[1, 1], [1, -1]]."""
     assert q % 4 == 1
-    conference = _bordered(q, 1.0)  # (q + 1, q + 1), symmetric, C C^T = q I
-    b = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    a = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    eye = torch.eye(q + 1, dtype=torch.float64)
-    return torch.kron(conference, b) + torch.kron(eye, a)  # (2(q + 1), 2(q + 1))
+    chi = _legendre(q)
+    conference = torch.zeros(q + 1, q + 1, dtype=torch.float64)  # (q + 1, q + 1), C C^T = q I
+    conference[0, 1:] = conference[1:, 0] = 1.0
+    conference[1:, 1:] = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(conference, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
 
 
-def _sylvester(p: int) -> torch.Tensor:
-    """H_p for p = 2^k by doubling H -> [[H, H], [H, -H]], i.e. H_2 kron H."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < p:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # (2s, 2s)
-    return h
+def _doubled(a: torch.Tensor) -> torch.Tensor:
+    """[[A, A], [A, -A]]: rows 0..m-1 are [A | A], rows m..2m-1 are [A | -A]."""
+    return torch.cat([torch.cat([a, a], 1), torch.cat([a, -a], 1)], 0)
 
 
 _BASE_BUILDERS = {
     1: lambda: torch.ones(1, 1, dtype=torch.float64),
-    12: lambda: _paley_one(11),
+    12: lambda: _paley_two(5),
     20: lambda: _paley_one(19),
     28: lambda: _paley_two(13),
+    40: lambda: _doubled(_paley_one(19)),
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_float64(n: int) -> torch.Tensor:
-    """The cached +-1 matrix H_m kron H_p, (n, n); callers must not modify it."""
-    m, p = _split(n)
-    return torch.kron(_BASE_BUILDERS[m](), _sylvester(p))
+@functools.cache
+def base_matrix(m: int) -> torch.Tensor:
+    """The cached +-1 base matrix M (m, m) for m in {1, 12, 20, 28, 40}; callers must not modify it."""
+    return _BASE_BUILDERS[m]()
 
 
-def _checked_split(n: int) -> tuple[int, int]:
-    split = _split(n)
+def _sylvester(p: int) -> torch.Tensor:
+    """H_p for p = 2^k by doubling H -> [[H, H], [H, -H]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = _doubled(h)  # (2s, 2s)
+    return h
+
+
+def _checked_split(n: int, kind: str) -> tuple[int, int]:
+    split = _split(n, kind)
     if split is None:
-        raise ValueError(f"no Hadamard matrix of size n={n!r}: supported sizes are {ALLOWED}")
+        raise ValueError(f"no Hadamard matrix of size n={n!r} with hadamard={kind!r}: supported sizes are "
+                         f"{ALLOWED[kind]}")
     return split
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The +-1 matrix H of order n with H H^T = n I, as a fresh tensor the caller may modify."""
-    _checked_split(n)
-    return _hadamard_float64(n).to(dtype=dtype, copy=True)
+def hadamard_matrix(n: int, kind: str = "quamba", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The +-1 matrix H_n = M kron H_p (n, n) with H H^T = n I, as a fresh tensor."""
+    m, p = _checked_split(n, kind)
+    return torch.kron(base_matrix(m), _sylvester(p)).to(dtype=dtype)
 
 
-def rotation(
-    n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """The orthonormal R = H / sqrt(n), (n, n): rotates activations, R^T fuses into weights."""
-    _checked_split(n)
-    return (_hadamard_float64(n) / math.sqrt(n)).to(dtype=dtype, device=device)
+def rotation(n: int, kind: str = "quamba", dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthonormal T = H_n / sqrt(n), (n, n): rotates activations, T^T fuses into weights."""
+    return (hadamard_matrix(n, kind) / math.sqrt(n)).to(dtype=dtype, device=device)
 
 
 def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -132,19 +154,18 @@ def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x @ rotation(n).T along the last dim in O(n log n + n m), returned in x's dtype.
+def hadamard_transform(x: torch.Tensor, kind: str = "quamba") -> torch.Tensor:
+    """x @ rotation(n, kind).T along the last dim, returned in x's dtype.
 
-    Computed in float32 (float64 if x is float64) so a half-precision input loses nothing
-    to the sums. With x's last dim viewed as (m, p), (H_m kron H_p) x = H_m X H_p^T.
+    Computed in float32 (float64 if x is float64), the scale 1 / sqrt(n) applied last, as the
+    kernel does. With x's last dim viewed as (m, p): (M kron H_p) x = M X H_p^T.
     """
     n = x.shape[-1]
-    m, p = _checked_split(n)
+    m, p = _checked_split(n, kind)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-1]
     y = _walsh_hadamard(x.to(compute).reshape(*lead, m, p))  # (..., m, p) = X H_p^T
     if m > 1:
-        base = _hadamard_float64(m).to(dtype=compute, device=x.device)  # (m, m)
-        y = torch.matmul(base, y)  # (..., m, p) = H_m X H_p^T
+        y = torch.matmul(base_matrix(m).to(dtype=compute, device=x.device), y)  # (..., m, p) = M X H_p^T
     y = y.reshape(*lead, n) / math.sqrt(n)  # (..., n)
     return y.to(x.dtype)

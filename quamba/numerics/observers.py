@@ -1,9 +1,12 @@
 """Observers: what calibration learns about one tensor stream, for every percentile at once.
 
 - `Moments`: exact numel, min, max, mean and std (float64 accumulators).
-- `QuambaPercentile`: Quamba's observer. Per batch t = quantile(|x|, alpha); the running
-  value starts at the first t and follows w += 0.01 (t - w). Depends on batch size and order;
-  it is not the percentile of the stream. Answers for several alphas from one sort per batch.
+- `QuambaPercentile`, `QuambaMinMax`: Quamba's observers as its code runs them. Per sample
+  t = torch.quantile(|x| in float32, alpha); the running value starts at the first t and follows
+  w += 0.01 (t - w) in float32, alpha 1.0 included (an EMA of per-sample maxima, so it clips).
+  Min/max: the running max of each sample's absmax clamped at 1e-5.
+- `abs_tail`, `tail_quantiles`, `ema`: the same percentile from a stored tail of each sample's
+  largest |x|, for any alpha >= the tail's min_alpha after the fact, bit for bit.
 - `StreamHistogram`: the estimator of the true stream percentile. It counts |x| by the top bits
   of its float32 pattern (exponent and the first mantissa bits): 2^mantissa_bits bins per
   octave, so any quantile it returns lies in a bracket whose ends differ by at most a factor
@@ -20,26 +23,87 @@ import math
 import numpy as np
 import torch
 
-EMA_SIGMA = 0.01  # Quamba's percentile observer moves 1% toward each batch's quantile
+EMA_SIGMA = 0.01  # Quamba's percentile observer moves 1% toward each sample's quantile
+ABSMAX_FLOOR = 1e-5  # Quamba's min/max observer clamps each sample's absmax here (the percentile has no floor)
 
 
-def abs_quantiles(x: torch.Tensor, alphas: list[float]) -> torch.Tensor:
-    """Quantiles of |x| at each alpha (float64, on x's device), linear interpolation as numpy's
-    and torch's default. High quantiles need only the largest values: a top-k instead of a full
-    sort, ~20x faster. No host sync, so GPU calibration does not stall on it."""
-    flat = x.detach().reshape(-1).abs().float()
-    n = flat.numel()
-    positions = [a * (n - 1) for a in alphas]  # 0-based positions in the ascending order
-    first = math.floor(min(positions))
-    if n - first <= max(n // 8, 1):
-        ordered = torch.topk(flat, n - first).values.flip(0)  # the values at positions first..n-1
-    else:  # also past torch.quantile's 2^24 limit, and with float64 positions (it rounds them to float32)
-        ordered, first = flat.sort().values, 0
-    lo = torch.tensor([math.floor(p) - first for p in positions], device=flat.device)
-    hi = torch.tensor([math.ceil(p) - first for p in positions], device=flat.device)
-    weight = torch.tensor([p - math.floor(p) for p in positions], dtype=torch.float64, device=flat.device)
-    low, high = ordered[lo].double(), ordered[hi].double()
-    return low + (high - low) * weight
+def quantile_positions(numel: int, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where torch.quantile(x, alpha) of a float32 x with `numel` values reads its sorted input:
+    (below, above, weight) per alpha. The rank alpha * (numel - 1) is computed in float32, as
+    torch does for a float32 input, so the positions (not only the values) are torch's."""
+    last = torch.tensor(numel - 1, dtype=torch.float32)
+    ranks = torch.tensor(alphas, dtype=torch.float32) * last
+    below, above = ranks.floor(), ranks.ceil()
+    # float32(numel - 1) can round up past the last index beyond 2^24 values (torch.quantile refuses those)
+    return below.clamp(max=numel - 1).long(), above.clamp(max=numel - 1).long(), ranks - below
+
+
+def tail_length(numel: int, min_alpha: float) -> int:
+    """How many of the largest values answer every alpha >= min_alpha: numel - floor(rank)."""
+    below, _, _ = quantile_positions(numel, [min_alpha])
+    return numel - int(below)
+
+
+def abs_tail(x: torch.Tensor, length: int) -> torch.Tensor:
+    """The `length` largest |x|, descending, in x's dtype (1-D): the values a high quantile reads."""
+    return torch.topk(x.detach().reshape(-1).abs(), length, sorted=True).values
+
+
+def tail_quantiles(tail: torch.Tensor, numel: int, alphas: list[float]) -> torch.Tensor:
+    """torch.quantile(|x| in float32, alpha) for each alpha, bit for bit, from the descending tail
+    of |x| (abs_tail) and numel: the same two order statistics, the same float32 lerp.
+    Unlike torch.quantile it also works past 2^24 values."""
+    below, above, weight = quantile_positions(numel, alphas)
+    if int(below.min()) < numel - tail.numel():
+        raise ValueError(f"tail_quantiles: a tail of {tail.numel()} of {numel} values cannot answer alpha "
+                         f"{min(alphas)}; store a longer tail (a lower min_alpha)")
+    descending = tail.float()
+    low = descending[(numel - 1 - below).to(tail.device)]  # ascending position i is descending numel - 1 - i
+    high = descending[(numel - 1 - above).to(tail.device)]
+    return torch.lerp(low, high, weight.to(tail.device))  # (alphas,) float32
+
+
+def ema(values: torch.Tensor) -> torch.Tensor:
+    """Quamba's running value over samples (samples, ...) in float32: w = v_0, then w += 0.01 (v - w)."""
+    running = values[0].float()
+    for value in values[1:].float():
+        running = running + EMA_SIGMA * (value - running)
+    return running
+
+
+class QuambaPercentile:
+    """Quamba's percentile observer as it runs in Quamba, for several alphas (1.0 included):
+    per sample t = torch.quantile(|x| in float32, alpha), then the float32 EMA of those. It is
+    not the percentile of the stream: it depends on how the stream is cut into samples. The
+    reference the stored tails (`abs_tail` + `tail_quantiles` + `ema`) must equal bit for bit."""
+
+    def __init__(self, alphas: list[float]):
+        self.alphas = sorted(alphas)
+        self.per_sample: list[torch.Tensor] = []  # (alphas,) float32 per sample
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).abs().float()
+        q = torch.tensor(self.alphas, dtype=torch.float32, device=flat.device)
+        self.per_sample.append(torch.quantile(flat, q).cpu())
+
+    @property
+    def values(self) -> dict[float, float]:
+        return dict(zip(self.alphas, ema(torch.stack(self.per_sample)).tolist()))
+
+
+class QuambaMinMax:
+    """Quamba's min/max observer: per sample m = clamp(absmax(x), 1e-5), the running max of m."""
+
+    def __init__(self) -> None:
+        self._running: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax().float().clamp(min=ABSMAX_FLOOR)
+        self._running = m if self._running is None else torch.maximum(self._running, m)
+
+    @property
+    def value(self) -> float:
+        return float(self._running)
 
 
 class Moments:
@@ -52,7 +116,8 @@ class Moments:
         self._low: torch.Tensor | None = None
         self._high: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Add a batch; returns its (sum, sum of squares), finite exactly when every value is."""
         flat = x.detach().reshape(-1)
         sums = torch.stack([torch.sum(flat, dtype=torch.float64),
                             torch.linalg.vector_norm(flat, dtype=torch.float64).square()])
@@ -63,6 +128,7 @@ class Moments:
         else:
             self._sums = self._sums + sums
             self._low, self._high = torch.minimum(self._low, low), torch.maximum(self._high, high)
+        return sums
 
     @property
     def min(self) -> float:
@@ -84,22 +150,6 @@ class Moments:
     def std(self) -> float:
         """Population standard deviation."""
         return math.sqrt(max(float(self._sums[1]) / self.numel - self.mean ** 2, 0.0))
-
-
-class QuambaPercentile:
-    """Quamba's percentile observer, for several alphas (each < 1) at once."""
-
-    def __init__(self, alphas: list[float]):
-        self.alphas = sorted(alphas)
-        self._ema: torch.Tensor | None = None  # float64, one value per alpha
-
-    def update(self, x: torch.Tensor) -> None:
-        batch = abs_quantiles(x, self.alphas)
-        self._ema = batch if self._ema is None else self._ema + EMA_SIGMA * (batch - self._ema)
-
-    @property
-    def values(self) -> dict[float, float]:
-        return dict(zip(self.alphas, self._ema.tolist()))
 
 
 class StreamHistogram:
@@ -127,6 +177,22 @@ class StreamHistogram:
     def counts(self) -> torch.Tensor:
         """Counts per bin as float64 on the CPU (read after the stream)."""
         return self._counts.double().cpu()
+
+    def stored(self) -> tuple[int, torch.Tensor]:
+        """(first nonempty bin, int64 counts from there to the last nonempty one): what is kept."""
+        counts = self._counts.cpu()
+        nonzero = counts.nonzero()
+        first, last = int(nonzero[0]), int(nonzero[-1])
+        return first, counts[first:last + 1].clone()
+
+    @classmethod
+    def from_stored(cls, offset: int, counts: torch.Tensor, mantissa_bits: int) -> StreamHistogram:
+        """The histogram again, from `stored()`'s output."""
+        histogram = cls(mantissa_bits)
+        full = torch.zeros(histogram.nbins, dtype=torch.int64)
+        full[offset:offset + counts.numel()] = counts
+        histogram._counts, histogram.numel = full, int(full.sum())
+        return histogram
 
     @property
     def relative_error(self) -> float:
@@ -218,3 +284,22 @@ class Reservoir:
     def sample(self) -> torch.Tensor:
         """The sample, ordered by key: a random order, the same for the same seed and stream."""
         return self.values[self.keys.argsort()]
+
+
+def replay_percentile(tails: list[torch.Tensor], numels: list[int], alpha: float) -> float:
+    """Quamba's percentile observer at `alpha`, replayed from stored per-sample tails: the float32
+    EMA over samples of torch.quantile(|x| in float32, alpha), bit for bit (QuambaPercentile is
+    the in-pass reference). All samples at once: one gather and one lerp, then the EMA."""
+    numel = torch.tensor(numels, dtype=torch.int64)  # (samples,)
+    lengths = torch.tensor([len(t) for t in tails], dtype=torch.int64)
+    ranks = torch.tensor(alpha, dtype=torch.float32) * (numel - 1).to(torch.float32)  # as quantile_positions
+    below = ranks.floor().clamp(max=(numel - 1).to(torch.float32))
+    above = ranks.ceil().clamp(max=(numel - 1).to(torch.float32))
+    from_top_below, from_top_above = numel - 1 - below.long(), numel - 1 - above.long()
+    if bool((from_top_below >= lengths).any()):
+        raise ValueError(f"replay_percentile: the stored tails cannot answer alpha {alpha}; they were kept for a "
+                         f"higher min_alpha")
+    starts = lengths.cumsum(0) - lengths  # where each sample's tail begins in the concatenation
+    flat = torch.cat(tails).float()
+    per_sample = torch.lerp(flat[starts + from_top_below], flat[starts + from_top_above], ranks - below)
+    return float(ema(per_sample))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 WEIGHT_SCALE_FLOOR = 1e-8  # an all-zero row or group still gets a finite, positive scale
-ACTIVATION_SCALE_FLOOR = 1e-5  # Quamba's min/max observer clamps activation scales here
+ACTIVATION_SCALE_FLOOR = 1e-6  # Quamba floors every activation scale here (its observers' scale = value / 127)
 GRANULARITIES = ("tensor", "channel", "group")
 
 
@@ -42,6 +42,13 @@ def qrange(bits: int) -> tuple[int, int]:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits: {bits!r} is not supported; allowed: integers 2..8 (stored in int8)")
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def activation_scale(threshold: float, bits: int = 8) -> float:
+    """A static activation scale as Quamba derives it from an observer's value: threshold / qmax
+    in float32, floored at 1e-6 (a float32 value, returned as a Python float)."""
+    qmax = qrange(bits)[1]
+    return float((torch.tensor(threshold, dtype=torch.float32) / qmax).clamp(min=ACTIVATION_SCALE_FLOOR))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:

@@ -42,8 +42,8 @@ def pick_metric(accuracy: pd.DataFrame, task: str, metric: str | None) -> str:
 def compare_table(results_dir: Path, task: str | None = None, metric: str | None = None,
                   schemes: list[str] | None = None) -> tuple[pd.DataFrame, str, str]:
     """The comparison as a frame of display strings, and the task and metric it shows."""
-    evals, stats = discover(results_dir)
-    accuracy = accuracy_table(evals)
+    evals, scales = discover(results_dir)
+    accuracy = accuracy_table(evals, results_dir)
     if accuracy.empty:
         raise ConfigError(f"{results_dir}: no eval results yet; run the study first (snakemake --cores N)")
     tasks = sorted(accuracy.task.unique())
@@ -57,18 +57,18 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
         if unknown:
             raise ConfigError(f"compare: --schemes {unknown} have no results; allowed: {sorted(set(aggregate.scheme))}")
         aggregate = aggregate[aggregate.scheme.isin([*schemes, "fp16"])]
-    clipping = clipping_table(stats)
+    clipping = clipping_table(scales, results_dir)
     rows = []
     for row in aggregate.itertuples():
         fp16 = row.scheme == "fp16"
         clip = {"clipped_fraction": math.nan, "range_reduction": math.nan}
         if not fp16:  # the calibration this (model, scheme, alpha)'s runs were built from
-            runs = accuracy[(accuracy.model == row.model) & (accuracy.scheme == row.scheme)
-                            & (accuracy.alpha == row.alpha)]
+            same_alpha = accuracy.alpha.isna() if pd.isna(row.alpha) else accuracy.alpha == row.alpha
+            runs = accuracy[(accuracy.model == row.model) & (accuracy.scheme == row.scheme) & same_alpha]
             quant, _, calib = run_files(results_dir, row.model, runs.variant.iloc[0])
             clip = run_ssm_input_clipping(clipping, quant, calib, row.model)
         spread = "" if math.isnan(row.std) else f" +- {row.std:.4f}"
-        rows.append({"model": row.model, "scheme": row.scheme, "alpha": alpha_label(None if fp16 else row.alpha),
+        rows.append({"model": row.model, "scheme": row.scheme, "alpha": "fp16" if fp16 else alpha_label(row.alpha, none="-"),
                      f"{task} {metric}": f"{row.mean:.4f}{spread} (n={row.n})",
                      "delta fp16": "" if fp16 else f"{row.delta_fp16:+.4f}",
                      "SSM input clipped": "" if math.isnan(clip["clipped_fraction"])

@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from quamba.formats.stats import read_stats
+from quamba.formats.calibration import read_stats
+from quamba.formats.scales import read_scales
 from quamba.io import atomic_path
 from quamba.stages.summarize import SSM_INPUT_POINTS, alpha_label
 
@@ -38,11 +39,16 @@ def _main_metric(rows: pd.DataFrame) -> str:
 
 
 def accuracy_vs_alpha(accuracy: pd.DataFrame, out: Path) -> None:
+    """Per model and task: schemes with an alpha as dots per seed and mean +- std per alpha;
+    schemes without one (w4a16) as a dotted reference line per seed and a solid mean; FP16 dashed."""
     models, tasks = sorted(accuracy.model.unique()), sorted(accuracy.task.unique())
     fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.2 * len(tasks), 3.4 * len(models)),
                              squeeze=False, layout="constrained")
     alphas = sorted(a for a in accuracy.alpha.dropna().unique())
-    schemes = sorted(s for s in accuracy.scheme.unique() if s != "fp16")
+    quantized = accuracy[accuracy.scheme != "fp16"]
+    with_alpha = sorted(quantized[quantized.alpha.notna()].scheme.unique())
+    without_alpha = sorted(set(quantized[quantized.alpha.isna()].scheme) - set(with_alpha))
+    colors = dict(zip([*with_alpha, *without_alpha], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for i, model in enumerate(models):
         for j, task in enumerate(tasks):
             ax, rows = axes[i][j], accuracy[(accuracy.model == model) & (accuracy.task == task)]
@@ -51,31 +57,36 @@ def accuracy_vs_alpha(accuracy: pd.DataFrame, out: Path) -> None:
                 continue
             metric = _main_metric(rows)
             rows = rows[rows.metric == metric]
-            for k, scheme in enumerate(schemes):
+            for k, scheme in enumerate(with_alpha):
                 runs = rows[rows.scheme == scheme]
-                offset = (k - (len(schemes) - 1) / 2) * 0.12
-                x = runs.alpha.map(alphas.index) + offset
-                line = ax.scatter(x, runs.value, s=14, alpha=0.6)
+                offset = (k - (len(with_alpha) - 1) / 2) * 0.12
+                ax.scatter(runs.alpha.map(alphas.index) + offset, runs.value, s=14, alpha=0.6, color=colors[scheme])
                 stats = runs.groupby("alpha")["value"].agg(["mean", "std"]).reindex(alphas)
                 ax.errorbar(np.arange(len(alphas)) + offset, stats["mean"], yerr=stats["std"].fillna(0), fmt="-o",
-                            color=line.get_facecolor()[0], alpha=1.0, capsize=3, label=scheme)
+                            color=colors[scheme], capsize=3, label=f"{scheme} (mean +- std)")
+            for scheme in without_alpha:
+                runs = rows[rows.scheme == scheme]
+                for n, value in enumerate(runs.value):
+                    ax.axhline(value, color=colors[scheme], linestyle=":", linewidth=0.8, alpha=0.7,
+                               label=f"{scheme}, each seed (no alpha)" if n == 0 else None)
+                if not runs.empty:
+                    ax.axhline(runs.value.mean(), color=colors[scheme], linewidth=1.5, label=f"{scheme} mean")
             fp16 = rows[rows.scheme == "fp16"]
             if not fp16.empty:
                 ax.axhline(fp16.value.iloc[0], color="black", linestyle="--", linewidth=1, label="fp16")
             ax.set_xticks(range(len(alphas)), [alpha_label(a) for a in alphas])
             ax.set_title(f"{model}: {task}", fontsize=10)
-            ax.set_xlabel("alpha")
+            ax.set_xlabel("percentile alpha")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle("Metric vs alpha: dots are seeds, bars mean +- std", fontsize=11)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(labels), 4) or 1)
+    fig.suptitle("Metric vs alpha: dots are GPTQ seeds, bars mean +- std", fontsize=11)
     _save(fig, out)
 
 
-def clipping_ranges(clipping: pd.DataFrame, out: Path, calib: str | None = None) -> None:
-    """calib: the calibration setting to show (default: all rows, which must then be one setting)."""
-    if calib is not None:
-        clipping = clipping[clipping.calib == calib]
+def clipping_ranges(clipping: pd.DataFrame, out: Path) -> None:
+    """Per model: the SSM input's range per layer before clipping and after it at each alpha."""
     ssm = clipping[clipping.tap.str.split(".").str[-1].isin(SSM_INPUT_POINTS)]
     models = sorted(ssm.model.unique()) or ["(no SSM-input taps)"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False, layout="constrained")
@@ -83,39 +94,45 @@ def clipping_ranges(clipping: pd.DataFrame, out: Path, calib: str | None = None)
         rows = ssm[ssm.model == model]
         if rows.empty:
             continue
-        first_alpha = rows[rows.alpha == rows.alpha.min()]
-        before = first_alpha.groupby("layer")[["min", "max"]].first()
+        before = rows.groupby("layer")[["min", "max"]].first()
         ax.plot(before.index, before["max"] - before["min"], "k-o", label="before clipping")
-        for alpha, group in rows.groupby("alpha"):
-            if alpha == 1.0:
-                continue
+        for (alpha, group), marker in zip(rows.groupby("alpha"), "svd^<>p*"):
             after = group.groupby("layer")["clipped_range"].first()
-            ax.plot(after.index, after, "-o", label=f"alpha {alpha_label(alpha)}")
+            ax.plot(after.index, after, f"--{marker}", label=f"alpha {alpha_label(alpha)}")
         ax.set_yscale("log")
         ax.set_title(f"{model}: SSM input range per layer", fontsize=10)
         ax.set_xlabel("layer")
-        ax.set_ylabel("max - min")
+        ax.set_ylabel("max - min (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out)
 
 
-def activation_histograms(stats_path: Path, npz_path: Path, out: Path, layers: int = 3) -> None:
+def activation_histograms(stats_path: Path, npz_path: Path, scales_paths: list[Path], out: Path,
+                          layers: int = 3) -> None:
+    """The sampled SSM-input activations of the first layers, with each alpha's +-threshold."""
     stats = read_stats(stats_path)
+    scales = sorted((read_scales(path) for path in scales_paths), key=lambda doc: doc["alpha"])
     with np.load(npz_path) as npz:
         taps = [t for t in npz.files if t.split(".")[-1] in SSM_INPUT_POINTS and t in stats["taps"]]
         taps = sorted(taps, key=lambda t: int(t.split(".")[0].removeprefix("layer_")))[:layers]
         samples = {t: npz[t].astype(np.float64).ravel() for t in taps}
-    fig, axes = plt.subplots(1, max(len(taps), 1), figsize=(4.2 * max(len(taps), 1), 3.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, max(len(taps), 1), figsize=(4.2 * max(len(taps), 1), 3.6), squeeze=False,
+                             layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, tap in zip(axes[0], taps):
         values = samples[tap]
-        ax.hist(values, bins=120, color="0.55", log=True)
-        for alpha, clip in sorted(stats["taps"][tap]["alphas"].items()):
-            line = ax.axvline(clip["threshold"], linestyle="--", linewidth=1,
-                              label=f"alpha {alpha} ({100 * clip['clipped_fraction']:.3f}% clipped)")
-            ax.axvline(-clip["threshold"], linestyle="--", linewidth=1, color=line.get_color())
+        ax.hist(values, bins=120, color="0.6", log=True, label="sampled values")
+        for k, doc in enumerate(scales):
+            clip = doc["taps"][tap]
+            style = {"color": colors[k % len(colors)], "linestyle": ("--", "-.", ":", (0, (5, 1)))[k % 4],
+                     "linewidth": 1.2}
+            ax.axvline(clip["threshold"], label=f"alpha {alpha_label(doc['alpha'])}: "
+                                                f"{100 * clip['clipped_fraction']:.3f}% clipped", **style)
+            ax.axvline(-clip["threshold"], **style)
         ax.set_title(f"{tap} ({values.size} samples)", fontsize=9)
-        ax.set_xlabel("activation")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{stats['model']['layer']}: SSM input samples and clipping thresholds", fontsize=10)
+        ax.set_xlabel("activation value")
+        ax.set_ylabel("count (log scale)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=1, frameon=False)
+    fig.suptitle(f"{stats['model']['layer']}: SSM input samples and each alpha's clipping threshold (+-)", fontsize=10)
     _save(fig, out)

@@ -1,10 +1,11 @@
-"""The quantized model: FP16 weights + GPTQ integer weights + activation scales, its
-self-describing directory, and the modules that run it (reference on CPU, int8 GEMMs on CUDA).
+"""The `assemble` stage: FP16 weights + GPTQ integer weights + one alpha's activation scales ->
+a self-describing quantized model dir (loaded by quamba.models.quantized).
 
-A quantized dir holds config.json, quant_config.json (scheme, bits, group size, alpha, seed,
-GPTQ settings, activation scales), model.safetensors (int8 / packed int4 weights and their
-scales, the rest fp16), stats.json (the calibration statistics it was built from, so they
-are never lost), provenance.json (input hashes, versions, command) and the tokenizer.
+A quantized dir holds config.json, quant_config.json (scheme, recipe, bits, group size, alpha,
+seed, GPTQ settings, activation scales), model.safetensors (int8 / packed int4 weights and their
+scales, the rest fp16), stats.json and scales.json (the calibration statistics and thresholds it
+was built from, so they are never lost), provenance.json (input hashes, versions, command) and
+the tokenizer.
 """
 
 from __future__ import annotations
@@ -17,100 +18,103 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quamba.errors import ConfigError
+from quamba.formats.calibration import STATS_FILE, read_stats, stats_path
 from quamba.formats.gptq_dir import load_gptq
-from quamba.formats.layout import alpha_key
-from quamba.formats.stats import read_stats
+from quamba.formats.scales import SCALES_FILE, read_scales
 from quamba.io import atomic_dir, package_versions, sha256_file, write_json
 from quamba.models.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_fp_model, model_sha256, read_config
-from quamba.models.quantized import QUANT_CONFIG, X_GROUP_SCALES
+from quamba.models.quantized import QUANT_CONFIG, QUANT_CONFIG_VERSION, X_GROUP_SCALES
 from quamba.models.taps import LM_HEAD_POINT
-from quamba.numerics.quantizers import pack_int4
+from quamba.numerics.observers import ABSMAX_FLOOR
+from quamba.numerics.quantizers import activation_scale, pack_int4
+from quamba.recipe import Recipe, merge_records
 from quamba.schemes import get_scheme
 from quamba.stages.gptq import ROUNDING
-from quamba.transforms.reorder import REORDER_TAP, ReorderPlan, check_reorderable, plan_sha256, prepare_model
+from quamba.transforms.reorder import REORDER_TAP, ReorderPlan, plan_sha256, prepare_model
 
 
-def _check_transforms(config, stats: dict | None, gptq_info: dict, reorder: bool, rotate_residual: bool) -> None:
-    """Scales, GPTQ weights and the stored model must all come from the same transformed model."""
-    asked = {"rotate_residual": rotate_residual, "reorder": reorder}
-    for key, value in asked.items():
-        built = bool(gptq_info["settings"].get(key, False))
-        if built != value:
-            raise ConfigError(f"{key}: the GPTQ dir was built with {key}={built}, but quantize asks for {value}; "
-                              f"run calibration, GPTQ and quantize with the same {key}")
-        if stats is not None and bool(stats.get(key, False)) != value:
-            raise ConfigError(f"{key}: stats.json was calibrated with {key}={bool(stats.get(key, False))}, but "
-                              f"quantize asks for {value}; run calibration, GPTQ and quantize with the same {key}")
-    if reorder:
-        check_reorderable(config, 1, 1)
-        if stats is None:
-            raise ConfigError("stats: reorder needs the stats.json holding the reorder plan (calibrated with reorder on)")
-        if plan_sha256(stats["reorder"]) != gptq_info["reorder"]["plan_sha256"]:
-            raise ConfigError(f"stats: its reorder plan is not the one the GPTQ dir was built with "
-                              f"({gptq_info['reorder']['stats']}); use that stats.json")
-
-
-def _check_inputs(fp16_dir: Path, stats: dict | None, gptq_info: dict, scheme_name: str, alpha: float) -> None:
-    """Everything that can be wrong with the inputs, before any work."""
+def _check_inputs(fp16_dir: Path, recipe: Recipe, scheme_name: str, gptq_info: dict, gptq_dir: Path,
+                  stats: dict | None, stats_file: Path | None, scales: dict | None, scales_path: Path | None) -> None:
+    """Everything that can be wrong with the inputs, before any work: each input must come from
+    this model and from the same model transforms, and the scheme must find what it needs."""
     scheme = get_scheme(scheme_name)
     if scheme.w_bits is None:
         raise ConfigError(f"scheme: {scheme_name!r} has nothing to quantize; allowed: w8a8, w4a8, w4a16")
-    if not 0.0 < alpha <= 1.0:
-        raise ConfigError(f"alpha: {alpha} is outside (0, 1]; 1.0 means no clipping")
     fp16_sha = model_sha256(fp16_dir)
     if gptq_info["model"]["sha256"] != fp16_sha:
-        raise ConfigError(f"gptq: the GPTQ dir was made from another model ({gptq_info['model']['path']}), "
+        raise ConfigError(f"gptq: {gptq_dir} was made from another model ({gptq_info['model']['path']}), "
                           f"not {fp16_dir}")
     if gptq_info["settings"]["w_bits"] != scheme.w_bits:
-        raise ConfigError(f"gptq: the GPTQ dir holds w{gptq_info['settings']['w_bits']} weights; scheme "
+        raise ConfigError(f"gptq: {gptq_dir} holds w{gptq_info['settings']['w_bits']} weights; scheme "
                           f"{scheme_name} needs w{scheme.w_bits}")
-    if scheme.needs_stats:
-        if stats is None:
-            raise ConfigError(f"stats: scheme {scheme_name} quantizes activations and needs a stats.json")
+    recipe.check_built_alike(gptq_info["recipe"], f"the GPTQ dir {gptq_dir}")
+    if (scheme.needs_stats or recipe.reorder) and stats is None:
+        raise ConfigError(f"calib: scheme {scheme_name}" + (" with reorder" if recipe.reorder else "")
+                          + " needs the calibration dir (stats.json) of this model")
+    if stats is not None:
         if stats["model"]["sha256"] != fp16_sha:
-            raise ConfigError(f"stats: stats.json was calibrated on another model ({stats['model']['path']}), "
+            raise ConfigError(f"calib: {stats_file} was calibrated on another model ({stats['model']['path']}), "
                               f"not {fp16_dir}")
-        if alpha_key(alpha) not in next(iter(stats["taps"].values()))["alphas"]:
-            raise ConfigError(f"alpha: {alpha} is not in stats.json's alphas {stats['alphas']}; "
-                              f"calibrate with it first")
+        recipe.check_built_alike(stats["recipe"], str(stats_file))
+    if recipe.reorder and plan_sha256(stats["reorder"]) != gptq_info["reorder"]["plan_sha256"]:
+        raise ConfigError(f"calib: the reorder plan of {stats_file} is not the one {gptq_dir} was built with "
+                          f"({gptq_info['reorder']['stats']}); use that calibration")
+    if scheme.needs_stats:
+        if scales is None:
+            raise ConfigError(f"scales: scheme {scheme_name} quantizes activations and needs one alpha's scales.json "
+                              f"(`quamba scales CALIB_DIR --alpha A --out FILE`)")
+        if scales["calibration"]["stats_sha256"] != sha256_file(stats_file):
+            raise ConfigError(f"scales: {scales_path} was not derived from {stats_file}; derive it again")
+        missing = sorted(set(stats["taps"]) - set(scales["taps"]))
+        if missing:
+            raise ConfigError(f"scales: {scales_path} lacks the taps {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                              f" that {scheme_name} quantizes; derive it again from {stats_file}")
 
 
-def _transformed_fp16_tensors(fp16_dir: Path, rotate_residual: bool, reorder: dict | None) -> tuple[dict, object]:
+def _transformed_fp16_tensors(fp16_dir: Path, recipe: Recipe, reorder: dict | None) -> tuple[dict, object]:
     """The FP16 weights of the model in the basis calibration and GPTQ saw, and its config."""
-    model = prepare_model(load_fp_model(fp16_dir, dtype=torch.float32), rotate_residual, reorder)
+    model = prepare_model(load_fp_model(fp16_dir, dtype=torch.float32), recipe, reorder)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight")
     return tensors, model.config
 
 
+def _cell_scales(plan_record: dict) -> list[float]:
+    """Quamba2's grouped min/max scales of x, one per reorder cell."""
+    return [activation_scale(max(v, ABSMAX_FLOOR)) for v in plan_record["group_absmax_after"]]
+
+
 def _x_group_scales(plan_record: dict) -> torch.Tensor:
-    """Quamba2's grouped min/max scales of x, one per channel (d_inner,) of the reordered layout."""
-    cell_scales = torch.tensor([max(v, 1e-5 * 127) / 127 for v in plan_record["group_absmax_after"]],
-                               dtype=torch.float32)  # (cells,)
-    return cell_scales[ReorderPlan.from_record(plan_record).cell_of_channel()]  # (d_inner,)
+    """The cells' scales spread over x's channels (d_inner,), in the reordered layout."""
+    cells = torch.tensor(_cell_scales(plan_record), dtype=torch.float32)  # (cells,)
+    return cells[ReorderPlan.from_record(plan_record).cell_of_channel()]  # (d_inner,)
 
 
-def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_name: str,
-                       alpha: float, stats_path: Path | None = None, reorder: bool = False,
-                       rotate_residual: bool = False) -> dict:
-    """`quamba quantize`: FP16 dir + GPTQ dir (+ stats.json) -> a self-describing quantized dir.
+def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_name: str, recipe: Recipe = Recipe(),
+                       calib_dir: Path | None = None, scales_path: Path | None = None) -> dict:
+    """`quamba quantize`: FP16 dir + GPTQ dir (+ calibration dir + one alpha's scales.json) -> a
+    self-describing quantized dir.
 
-    reorder (Mamba2) and rotate_residual must match how stats.json and the GPTQ dir were made;
-    both default to off, which gives byte-identical output to the versions before them. With
-    reorder and 8-bit activations, x (the SSM input) gets one scale per reorder cell (Quamba2's
-    grouped min/max) instead of one per tensor. A GPTQ dir holding lm_head quantizes it too.
+    The recipe's model transforms must match how the calibration and the GPTQ dir were built.
+    Activation scales are each tap's threshold / 127 at the scales file's alpha (Quamba's float32
+    division, floored at 1e-6); with reorder, x (the SSM input) gets one scale per reorder cell
+    (Quamba2's grouped min/max). A GPTQ dir holding lm_head quantizes it too.
     """
     fp16_dir, out_dir = Path(fp16_dir), Path(out_dir)
     config, _ = read_config(fp16_dir)
-    stats = read_stats(stats_path) if stats_path is not None else None
+    recipe = recipe.for_model(config.layer)
+    stats_file = stats_path(calib_dir) if calib_dir is not None else None
+    stats = read_stats(stats_file) if stats_file is not None else None
+    scales = read_scales(scales_path) if scales_path is not None else None
     gptq_layers, gptq_info = load_gptq(gptq_dir)
-    _check_inputs(fp16_dir, stats, gptq_info, scheme_name, alpha)
-    _check_transforms(config, stats, gptq_info, reorder, rotate_residual)
+    _check_inputs(fp16_dir, recipe, scheme_name, gptq_info, Path(gptq_dir), stats, stats_file, scales, scales_path)
     scheme = get_scheme(scheme_name)
+    if not scheme.needs_stats:
+        scales = None  # w4a16 has no activation scales, so no alpha
 
-    if reorder or rotate_residual:
-        tensors, config = _transformed_fp16_tensors(fp16_dir, rotate_residual, stats["reorder"] if reorder else None)
+    if recipe.rotate_residual or recipe.reorder:
+        tensors, config = _transformed_fp16_tensors(fp16_dir, recipe, stats["reorder"] if recipe.reorder else None)
     else:
         tensors = {k: v.to(torch.float16) for k, v in load_file(fp16_dir / SAFETENSORS_FILE).items()}
     for name, entry in gptq_layers.items():
@@ -119,29 +123,30 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         tensors[f"{name}.qweight"] = pack_int4(q) if scheme.w_bits == 4 else q.to(torch.int8)
         tensors[f"{name}.scales"] = entry["scales"].float()
     act_scales, group_scales = {}, {}
-    if scheme.needs_stats:
-        key = alpha_key(alpha)
-        act_scales = {tap: entry["alphas"][key]["scale"] for tap, entry in stats["taps"].items()
+    if scales is not None:
+        act_scales = {tap: activation_scale(entry["threshold"]) for tap, entry in scales["taps"].items()
                       if not tap.startswith("lm_head") or (tap == LM_HEAD_POINT and "lm_head" in gptq_layers)}
-        if reorder:
+        if recipe.reorder:
             for layer, plan_record in stats["reorder"]["layers"].items():
-                tensors[f"backbone.layers.{int(layer.removeprefix('layer_'))}.mixer.{X_GROUP_SCALES}"] = _x_group_scales(plan_record)
-                group_scales[f"{layer}.{REORDER_TAP}"] = [max(v, 1e-5 * 127) / 127
-                                                          for v in plan_record["group_absmax_after"]]
+                tensors[f"backbone.layers.{int(layer.removeprefix('layer_'))}.mixer.{X_GROUP_SCALES}"] = \
+                    _x_group_scales(plan_record)
+                group_scales[f"{layer}.{REORDER_TAP}"] = _cell_scales(plan_record)
+    records = [gptq_info["recipe"], recipe.record("assemble")]
+    records += [stats["recipe"]] if stats is not None else []
+    records += [scales["recipe"]] if scales is not None else []
     quant_config = {
-        "schema_version": 1, "kind": "quamba-quantized", "scheme": scheme.name,
+        "schema_version": QUANT_CONFIG_VERSION, "kind": "quamba-quantized", "scheme": scheme.name,
+        "recipe": merge_records(records),
         "w_bits": scheme.w_bits, "a_bits": scheme.a_bits, "weight_granularity": scheme.weight_granularity,
-        "group_size": scheme.group_size, "alpha": alpha, "seed": gptq_info["settings"]["seed"],
+        "group_size": gptq_info["settings"]["group_size"], "alpha": None if scales is None else scales["alpha"],
+        "seed": gptq_info["settings"]["seed"],
         "gptq": {"settings": gptq_info["settings"], "data": gptq_info["data"]},
-        "rounding": ROUNDING, "hadamard": "out_proj input rotated; inverse fused into out_proj's weight",
+        "rounding": ROUNDING,
+        "hadamard": {"kind": recipe.hadamard, "out_proj_input": True, "residual_stream": recipe.rotate_residual},
         "quantized_linears": sorted(gptq_layers),
         "activation_scales": act_scales,
     }
-    if rotate_residual:
-        quant_config["rotate_residual"] = True
-        quant_config["hadamard"] += ("; residual stream rotated: embedding and lm_head (untied, norm_f fused) "
-                                     "rotated, block norms fused into in_proj, out_proj writes the rotated basis")
-    if reorder:
+    if recipe.reorder:
         quant_config["reorder"] = {"head_clusters": stats["reorder"]["head_clusters"],
                                    "channel_clusters": stats["reorder"]["channel_clusters"],
                                    "plan_sha256": plan_sha256(stats["reorder"])}
@@ -150,20 +155,24 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / SAFETENSORS_FILE,
                   metadata={"format": "quamba-quantized"})
-        if rotate_residual:  # lm_head is untied now
+        if recipe.rotate_residual:  # lm_head is untied now
             write_json(tmp / CONFIG_FILE, config.to_state_spaces())
         else:
             shutil.copy(fp16_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         for tokenizer_file in fp16_dir.glob("tokenizer*"):
             shutil.copy(tokenizer_file, tmp / tokenizer_file.name)
         write_json(tmp / QUANT_CONFIG, quant_config)
-        if stats is not None:
-            write_json(tmp / "stats.json", stats)
+        if stats is not None:  # the calibration statistics it was built from, never lost again
+            shutil.copy(stats_file, tmp / STATS_FILE)
+        if scales is not None:
+            shutil.copy(scales_path, tmp / SCALES_FILE)
         fp16_bytes = (fp16_dir / SAFETENSORS_FILE).stat().st_size
         size = (tmp / SAFETENSORS_FILE).stat().st_size
         write_json(tmp / "provenance.json", {
             "fp16_model": {"path": str(fp16_dir), "sha256": model_sha256(fp16_dir)},
-            "stats": None if stats_path is None else {"path": str(stats_path), "sha256": sha256_file(Path(stats_path))},
+            "recipe": quant_config["recipe"],
+            "stats": None if stats is None else {"path": str(stats_file), "sha256": sha256_file(stats_file)},
+            "scales": None if scales is None else {"path": str(scales_path), "sha256": sha256_file(Path(scales_path))},
             "gptq": {"path": str(gptq_dir), "sha256": sha256_file(Path(gptq_dir) / "gptq.safetensors")},
             "size_bytes": {"model": size, "fp16_model": fp16_bytes, "ratio": round(size / fp16_bytes, 4)},
             "versions": package_versions(),

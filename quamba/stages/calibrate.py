@@ -1,134 +1,142 @@
-"""Calibration: run the FP model over token windows with observers on every tap, and return
-per-tap statistics for every percentile alpha plus a uniform activation sample per tap.
+"""The `calibrate` stage: run the FP model over calibration samples with observers on every tap,
+and keep what any percentile alpha >= min_alpha needs (the alpha-free calibration dir).
 
-No quantizer is active while observers run, so one pass answers every alpha: alpha is only
-applied downstream, when scales are derived from stats.json.
+No quantizer is active while observers run, and alpha is applied only where scales are derived
+(the `scales` stage), so one pass serves every alpha: a new alpha never reruns calibration.
+The recipe decides the model (rotation, Hadamard kind, reorder), the data (rows or packed
+windows, file or seeded order) and each tap's observer, as Quamba's two paths do: Quamba1's
+(Mamba1; Mamba2 without reorder) uses its percentile observer at the SSM input x and at the
+final SSM state and min/max elsewhere; Quamba2's (Mamba2 with reorder) uses min/max everywhere.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from quamba.data import load_tokenizer, token_windows
+from quamba.data import TokenSamples, calibration_samples, load_tokenizer
 from quamba.errors import ConfigError
-from quamba.formats.layout import alpha_key
-from quamba.formats.stats import SCHEMA_VERSION, write_calibration
+from quamba.formats.calibration import SCHEMA_VERSION, TapRecord, write_calibration
 from quamba.io import package_versions
 from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.load import load
 from quamba.models.taps import Tap, named_taps, tap_layer
-from quamba.numerics.hadamard import ALLOWED, hadamard_transform, supported
-from quamba.numerics.observers import EMA_SIGMA, Moments, QuambaPercentile, Reservoir, StreamHistogram
+from quamba.numerics.hadamard import hadamard_transform
+from quamba.numerics.observers import (
+    ABSMAX_FLOOR,
+    EMA_SIGMA,
+    Moments,
+    Reservoir,
+    StreamHistogram,
+    abs_tail,
+    tail_length,
+)
+from quamba.recipe import Recipe
 from quamba.shipped import DEFAULT_CORPUS
-from quamba.transforms.reorder import check_reorderable, prepare_model, reorder_record, x_channel_absmax
+from quamba.transforms.reorder import check_reorderable, prepare_model, reorder_model, reorder_record, x_channel_absmax
+from quamba.transforms.rotation import check_widths
 
-QUAMBA_DEFAULT_ALPHA = {"Mamba1": 0.9995, "Mamba2": 0.99999}  # Quamba1 / Quamba2 calibration
+QUAMBA_DEFAULT_ALPHA = 0.9995  # Quamba's hard-coded alpha, both families (its 0.99999 is never used)
+SSM_INPUT = {"Mamba1": "x_proj:input", "Mamba2": "x_conv_out:input"}
+SSM_STATE = "ssm_state_act:input"
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """What a calibration pass observes; validated against the model before any work."""
+    """How much a calibration pass sees and keeps (Quamba: 512 samples of 512 tokens, batch 1)."""
 
     num_samples: int = 512
     seq_len: int = 512
     batch_size: int = 1
-    seed: int = 0
-    alphas: tuple[float, ...] = (0.9995, 0.99999, 1.0)
-    activation_layers: tuple[int, ...] = (0, 1, 2)
+    seed: int = 0  # seeded orders and the activation sample
+    min_alpha: float = 0.999  # the lowest alpha the stored tails answer
+    activation_layers: tuple[int, ...] | None = None  # None: the first min(3, n_layer) layers
     activation_samples: int = 10_000
     save_activations: bool = True
     mantissa_bits: int = 6  # stream histogram: 2^6 = 64 bins per octave
-    # Model transforms shared with GPTQ and assembly (quamba.transforms.reorder.prepare_model). Both are
-    # off by default, and a stats.json records them only when on, so existing files stay valid.
-    rotate_residual: bool = False  # calibrate the model with its residual stream Hadamard-rotated
-    reorder: bool = False  # Mamba2: Quamba2's head/channel reordering, planned from a first pass
-    head_clusters: int = 4  # reorder: clusters of heads per B/C group
-    channel_clusters: int = 4  # reorder: clusters of the head dim per head cluster
 
-    def validate(self, n_layer: int) -> None:
-        for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "mantissa_bits",
-                    "head_clusters", "channel_clusters"):
+    def sampled_layers(self, n_layer: int) -> tuple[int, ...]:
+        if not self.save_activations:
+            return ()
+        return tuple(range(min(3, n_layer))) if self.activation_layers is None else tuple(self.activation_layers)
+
+    def validate(self, n_layer: int, recipe: Recipe) -> None:
+        for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "mantissa_bits"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
-        if not self.alphas:
-            raise ConfigError("alphas: give at least one percentile alpha in (0, 1]")
-        for alpha in self.alphas:
-            if not 0.0 < alpha <= 1.0:
-                raise ConfigError(f"alphas: {alpha} is outside (0, 1]; 1.0 means no clipping")
-        for layer in self.activation_layers if self.save_activations else ():
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed: must be an integer >= 0, got {self.seed!r}")
+        if not 0.0 < self.min_alpha <= 1.0:
+            raise ConfigError(f"min_alpha: {self.min_alpha} is outside (0, 1]")
+        if recipe.calibration_data == "rows" and self.batch_size != 1:
+            raise ConfigError(f"batch_size: {self.batch_size} with recipe.calibration_data rows: rows keep their own "
+                              f"lengths and run one per forward, as in Quamba; use batch_size 1, or "
+                              f"calibration_data packed for full windows that stack")
+        for layer in self.sampled_layers(n_layer):
             if not 0 <= layer < n_layer:
                 raise ConfigError(f"activation_layers: layer {layer} does not exist; the model has "
                                   f"layers 0..{n_layer - 1}")
 
 
+def percentile_points(layer_type: str, recipe: Recipe) -> frozenset[str]:
+    """The tap points where Quamba's path for this model uses its percentile observer."""
+    if layer_type == "Mamba2" and recipe.reorder:  # Quamba2: min/max everywhere
+        return frozenset()
+    return frozenset({SSM_INPUT[layer_type], SSM_STATE})
 
-@dataclass
+
 class TapObserver:
-    """Everything observed at one tap."""
+    """Everything observed at one tap: moments, the stream histogram, the activation sample and,
+    at percentile taps, each sample's tail of largest |x|."""
 
-    tap: Tap
-    alphas: tuple[float, ...]
-    mantissa_bits: int
-    reservoir: Reservoir | None = None
-    moments: Moments = field(default_factory=Moments)
-    histogram: StreamHistogram = field(init=False)
-    percentile: QuambaPercentile | None = field(init=False)
-    shape: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.histogram = StreamHistogram(self.mantissa_bits)
-        below_one = [a for a in self.alphas if a < 1.0]
-        self.percentile = QuambaPercentile(below_one) if self.tap.percentile and below_one else None
+    def __init__(self, tap: Tap, percentile: bool, min_alpha: float, mantissa_bits: int, hadamard: str,
+                 reservoir: Reservoir | None):
+        self.tap, self.percentile, self.min_alpha, self.hadamard = tap, percentile, min_alpha, hadamard
+        self.moments, self.histogram, self.reservoir = Moments(), StreamHistogram(mantissa_bits), reservoir
+        self.tails: list[torch.Tensor] = []  # per sample, descending, in the activations' dtype
+        self.numels: list[int] = []
+        self.finite: list[torch.Tensor] = []  # per sample, a bool on the device: no host sync per batch
+        self.shape: list[int] = []
 
     def update(self, x: torch.Tensor) -> None:
         if self.tap.rotated:  # the quantizer sits after the Hadamard rotation Quamba inserts
-            x = hadamard_transform(x)
+            x = hadamard_transform(x, self.hadamard)
         self.shape = list(x.shape)
-        self.moments.update(x)
+        self.finite.append(torch.isfinite(self.moments.update(x)).all())  # NaN/inf in x make its sums so
         self.histogram.update(x)
-        if self.percentile is not None:
-            self.percentile.update(x)
+        if self.percentile:
+            self.tails.append(abs_tail(x, tail_length(x.numel(), self.min_alpha)))
+            self.numels.append(x.numel())
         if self.reservoir is not None:
             self.reservoir.update(x)
 
+    def first_nonfinite_sample(self) -> int | None:
+        bad = (~torch.stack(self.finite)).nonzero()
+        return int(bad[0]) if bad.numel() else None
+
     def summary(self) -> dict:
+        """stats.json's entry for this tap (alpha-free)."""
         m = self.moments
-        value_range = m.max - m.min
-        per_alpha = {}
-        for alpha in self.alphas:
-            if self.percentile is not None and alpha < 1.0:
-                threshold = min(self.percentile.values[alpha], m.absmax)
-            else:  # min/max observer, or alpha = 1.0: no clipping
-                threshold = m.absmax
-            low, high = self.histogram.quantile_bracket(alpha)
-            clipped_min, clipped_max = max(m.min, -threshold), min(m.max, threshold)
-            fraction, error = self.histogram.fraction_above(threshold) if threshold < m.absmax else (0.0, 0.0)
-            per_alpha[alpha_key(alpha)] = {
-                "threshold": threshold,
-                "scale": max(threshold, 1e-5 * 127) / 127,  # symmetric int8, Quamba's 1e-5 floor
-                "stream_percentile": {"low": min(low, m.absmax), "high": min(high, m.absmax)},
-                "clipped_min": clipped_min,
-                "clipped_max": clipped_max,
-                "clipped_range": clipped_max - clipped_min,
-                "range_reduction": 1.0 - (clipped_max - clipped_min) / value_range if value_range > 0 else 0.0,
-                "clipped_fraction": fraction,
-                "clipped_fraction_error": error,
-            }
-        return {
-            "observer": "percentile" if self.percentile is not None else "minmax",
-            "rotated": self.tap.rotated,
-            "batch_shape": self.shape,
-            "numel": m.numel, "min": m.min, "max": m.max, "absmax": m.absmax, "mean": m.mean, "std": m.std,
-            "alphas": per_alpha,
-        }
+        entry = {"observer": "percentile" if self.percentile else "minmax", "rotated": self.tap.rotated,
+                 "batch_shape": self.shape, "samples": len(self.finite),
+                 "numel": m.numel, "min": m.min, "max": m.max, "absmax": m.absmax, "mean": m.mean, "std": m.std}
+        if self.percentile:
+            entry["tail_values"] = sum(len(t) for t in self.tails)
+        return entry
+
+    def record(self) -> TapRecord:
+        """calibration.safetensors' entry for this tap."""
+        offset, counts = self.histogram.stored()
+        if not self.percentile:
+            return TapRecord(offset, counts, None, None)
+        return TapRecord(offset, counts, [t.cpu() for t in self.tails], list(self.numels))
 
 
 def _tap_seed(seed: int, name: str) -> int:
@@ -137,79 +145,91 @@ def _tap_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def calibrate(model: MambaLMHeadModel, windows: torch.Tensor, settings: CalibrationSettings,
-              progress: bool = True) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """Observe every tap over windows (num_samples, seq_len) in batches.
+def calibrate(model: MambaLMHeadModel, batches: list[torch.Tensor], settings: CalibrationSettings,
+              recipe: Recipe = Recipe(), progress: bool = True
+              ) -> tuple[dict[str, dict], dict[str, TapRecord], dict[str, np.ndarray]]:
+    """Observe every tap over `batches` ((b, length) token ids each; one sample per batch).
 
-    Returns per-tap statistics (stats.json's `taps`) and, for the taps of
-    settings.activation_layers when save_activations is on, a uniform sample per tap.
+    Returns stats.json's `taps`, calibration.safetensors' records, and a uniform activation
+    sample per tap of the sampled layers. Non-finite activations fail, naming tap and sample.
     """
-    settings.validate(model.config.n_layer)
+    config = model.config
+    recipe = recipe.for_model(config.layer)
+    settings.validate(config.n_layer, recipe)
+    percentile = percentile_points(config.layer, recipe)
+    sampled = settings.sampled_layers(config.n_layer)
     observers: dict[str, TapObserver] = {}
     for name, tap in named_taps(model).items():
-        sampled = settings.save_activations and tap_layer(name) in settings.activation_layers
-        reservoir = Reservoir(settings.activation_samples, _tap_seed(settings.seed, name)) if sampled else None
-        observers[name] = TapObserver(tap, tuple(settings.alphas), settings.mantissa_bits, reservoir)
+        reservoir = (Reservoir(settings.activation_samples, _tap_seed(settings.seed, name))
+                     if tap_layer(name) in sampled else None)
+        observers[name] = TapObserver(tap, tap.point in percentile, settings.min_alpha, settings.mantissa_bits,
+                                      recipe.hadamard, reservoir)
     hooks = [obs.tap.register_forward_hook(lambda _m, _i, out, obs=obs: obs.update(out))
              for obs in observers.values()]
     device = model.lm_head.weight.device
     try:
         model.eval()
-        for batch in tqdm(windows.split(settings.batch_size), desc="calibrate", disable=not progress):
+        for batch in tqdm(batches, desc="calibrate", disable=not progress):
             model(batch.to(device))
     finally:
         for hook in hooks:
             hook.remove()
-    stats = {name: obs.summary() for name, obs in observers.items()}
-    samples = {name: obs.reservoir.sample().numpy() for name, obs in observers.items()
-               if obs.reservoir is not None}
-    return stats, samples
+    for name, obs in observers.items():
+        sample = obs.first_nonfinite_sample()
+        if sample is not None:
+            raise ConfigError(f"calibration: tap {name} saw a non-finite value (NaN or inf) in sample {sample}; "
+                              f"check the model's weights and the calibration data")
+    taps = {name: obs.summary() for name, obs in observers.items()}
+    records = {name: obs.record() for name, obs in observers.items()}
+    samples = {name: obs.reservoir.sample().numpy() for name, obs in observers.items() if obs.reservoir is not None}
+    return taps, records, samples
 
 
-def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSettings,
-                        data: str | Path | None = None, device: str | None = None,
-                        progress: bool = True) -> dict:
-    """`quamba calibrate`: everything checked first, then one pass, then stats.json and
-    activations.npz written atomically into out_dir. Returns the stats document."""
+def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSettings, recipe: Recipe = Recipe(),
+                        data: str | Path | None = None, device: str | None = None, progress: bool = True) -> dict:
+    """`quamba calibrate`: everything checked first, then one pass, then stats.json,
+    calibration.safetensors and activations.npz written atomically into out_dir. Returns the
+    stats document."""
     model_dir = resolve_model_dir(model_dir)
     config, _ = read_config(model_dir)  # fails on a dir without config before any work
-    settings.validate(config.n_layer)
+    recipe = recipe.for_model(config.layer)
+    settings.validate(config.n_layer, recipe)
+    check_widths(config, recipe.rotate_residual, recipe.hadamard)
+    if recipe.reorder:
+        check_reorderable(config, recipe.head_clusters, recipe.channel_clusters)
     tokenizer = load_tokenizer(model_dir)
     if len(tokenizer) > config.padded_vocab_size:
         raise ConfigError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocabulary has {config.padded_vocab_size}; pair the model with its own tokenizer")
-    if settings.rotate_residual and not supported(config.d_model):
-        raise ConfigError(f"rotate_residual: d_model={config.d_model} has no Hadamard rotation; supported: {ALLOWED}")
-    if settings.reorder:
-        check_reorderable(config, settings.head_clusters, settings.channel_clusters)
-    windows = token_windows(data or DEFAULT_CORPUS, tokenizer, settings.num_samples, settings.seq_len,
-                            settings.seed)
-    model = prepare_model(load(model_dir, device=device), rotate_residual=settings.rotate_residual)
+    tokens: TokenSamples = calibration_samples(data or DEFAULT_CORPUS, tokenizer, settings.num_samples,
+                                               settings.seq_len, settings.seed, recipe.calibration_data,
+                                               recipe.calibration_order)
+    batches = tokens.batches(settings.batch_size)
+    model = prepare_model(load(model_dir, device=device), recipe)
     reorder = None
-    if settings.reorder:  # Quamba2: a first pass for x's ranges, then observers on the reordered model
-        absmax = x_channel_absmax(model, windows.ids, settings.batch_size)
-        reorder = reorder_record(model, absmax, settings.head_clusters, settings.channel_clusters)
-        prepare_model(model, reorder=reorder)
-    stats, samples = calibrate(model, windows.ids, settings, progress=progress)
+    if recipe.reorder:  # Quamba2: a first pass for x's ranges, then observers on the reordered model
+        absmax = x_channel_absmax(model, batches)
+        reorder = reorder_record(model, absmax, recipe.head_clusters, recipe.channel_clusters)
+        reorder_model(model, reorder)
+    taps, records, samples = calibrate(model, batches, settings, recipe, progress=progress)
     doc = {
         "schema_version": SCHEMA_VERSION,
         "kind": "quamba-calibration-stats",
+        "recipe": recipe.record("calibrate"),
         "model": {"path": str(model_dir), "sha256": model_sha256(model_dir),
                   "layer": config.layer, "n_layer": config.n_layer},
-        "data": {"source": windows.source, "sha256": windows.source_sha256,
-                 "tokens_sha256": windows.sha256, "selection": windows.selection},
+        "data": {"source": tokens.source, "sha256": tokens.source_sha256,
+                 "tokens_sha256": tokens.sha256, "selection": tokens.selection, "tokens": tokens.tokens},
         "seed": settings.seed, "num_samples": settings.num_samples, "seq_len": settings.seq_len,
-        "batch_size": settings.batch_size, "alphas": sorted(settings.alphas),
-        "default_alpha": QUAMBA_DEFAULT_ALPHA[config.layer],
-        "bins_per_octave": 2 ** settings.mantissa_bits, "ema_sigma": EMA_SIGMA,
-        "activation_layers": sorted(settings.activation_layers) if settings.save_activations else [],
+        "batch_size": settings.batch_size, "min_alpha": settings.min_alpha,
+        "default_alpha": QUAMBA_DEFAULT_ALPHA, "bins_per_octave": 2 ** settings.mantissa_bits,
+        "ema_sigma": EMA_SIGMA, "absmax_floor": ABSMAX_FLOOR,
+        "activation_layers": sorted(settings.sampled_layers(config.n_layer)),
         "activation_samples": settings.activation_samples,
         "versions": package_versions(),
-        "taps": stats,
+        "taps": taps,
     }
-    if settings.rotate_residual:
-        doc["rotate_residual"] = True
     if reorder is not None:
         doc["reorder"] = reorder
-    write_calibration(Path(out_dir), doc, samples if settings.save_activations else None)
+    write_calibration(Path(out_dir), doc, records, samples if settings.save_activations else None)
     return doc

@@ -1,17 +1,15 @@
-"""GPTQ over a whole model, as Quamba runs it: block by block, each block's inputs produced by
-the already-quantized blocks before it.
+"""The `gptq` stage: GPTQ over a whole model, as Quamba runs it: block by block, each block's
+inputs produced by the already-quantized blocks before it.
 
 For each block: stream the Hessians of in_proj's input and of out_proj's (Hadamard-rotated)
 input over all calibration windows, quantize both weights, then run the block again with the
 quantized weights to produce the next block's inputs. GPTQ never reads activation scales,
 so its result depends on (model, w_bits, group size, seed, data) and serves every alpha.
 
-Options that change the model GPTQ sees (all off by default; gptq.json records them only when
-on, so default outputs are byte-identical to earlier versions): `rotate_residual` (the
-residual stream in the Hadamard basis), `reorder` (Quamba2's Mamba2 reordering, read from a
-stats.json, since out_proj's rotated input depends on the channel order), and `lm_head`
-(quantize lm_head last, from the final norm's outputs of the quantized blocks, as Quamba does).
-Assembly refuses stats.json and GPTQ dirs built with different options.
+The recipe's model transforms decide the model GPTQ sees (rotate_residual and its Hadamard
+kind; reorder, whose plan comes from a calibration dir, since out_proj's rotated input depends on
+the channel order); gptq.json records them and assembly refuses a GPTQ dir built otherwise.
+`lm_head` quantizes lm_head last, from the final norm's outputs of the quantized blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quamba.data import TokenWindows, load_tokenizer, random_windows
+from quamba.data import TokenSamples, load_tokenizer, random_windows
 from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
 from quamba.formats.gptq_dir import save_gptq
@@ -34,14 +32,14 @@ from quamba.models.lm import MambaLMHeadModel
 from quamba.models.load import load
 from quamba.models.quantized import quantized_linears
 from quamba.numerics.gptq import GPTQ, QuantizedLinearWeight
-from quamba.numerics.hadamard import ALLOWED, supported
+from quamba.recipe import Recipe
 from quamba.schemes import WEIGHT_GRANULARITY
 from quamba.shipped import DEFAULT_CORPUS
 from quamba.transforms.reorder import check_reorderable, plan_sha256, prepare_model
-from quamba.transforms.rotation import rotate_out_projs
+from quamba.transforms.rotation import check_widths, rotate_out_projs
 
 ROUNDING = "half away from zero (CUDA roundf), on every path"
-OPTIONAL_SETTINGS = ("rotate_residual", "reorder", "lm_head")
+OPTIONAL_SETTINGS = ("lm_head",)
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,6 @@ class GPTQSettings:
     act_order: bool = False
     blocksize: int = 128
     batch_size: int = 8
-    rotate_residual: bool = False  # GPTQ the model with its residual stream Hadamard-rotated
-    reorder: bool = False  # Mamba2: GPTQ the model reordered by the plan in a stats.json
     lm_head: bool = False  # also quantize lm_head (Hessian from the final norm's outputs)
 
     @property
@@ -85,13 +81,13 @@ class GPTQSettings:
 
 @torch.no_grad()
 def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings: GPTQSettings,
-                        progress: bool = True) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
+                        hadamard: str = "quamba", progress: bool = True) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
     """Quantize in_proj and out_proj of every block (and lm_head with settings.lm_head); returns
     the weights and per-layer logs. `model` must already be in the basis the quantized model
     uses (`quamba.transforms.reorder.prepare_model`); GPTQ works on a copy with out_proj's input rotated,
     and `model` itself is left unchanged."""
     settings.validate()
-    model = rotate_out_projs(copy.deepcopy(model)).eval()
+    model = rotate_out_projs(copy.deepcopy(model), hadamard).eval()
     linears = quantized_linears(model)
     device = model.lm_head.weight.device
     residuals = []  # inputs of the current block, one tensor per batch of windows
@@ -130,50 +126,53 @@ def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings
     return results, logs
 
 
-def _reorder_from_stats(stats_path: Path | None, model_dir: Path) -> tuple[dict, dict]:
-    """The reorder plan of a stats.json calibrated on this model with reordering on."""
-    from quamba.formats.stats import read_stats
+def _reorder_from_calibration(calib_dir: Path | None, model_dir: Path) -> tuple[dict, dict]:
+    """The reorder plan of a calibration dir calibrated on this model with reordering on."""
+    from quamba.formats.calibration import read_stats, stats_path
 
-    if stats_path is None:
-        raise ConfigError("reorder: GPTQ of a reordered model needs the stats.json whose plan it uses; "
-                          "give stats (calibrated with reorder on)")
-    stats = read_stats(stats_path)
+    if calib_dir is None:
+        raise ConfigError("reorder: GPTQ of a reordered model needs the calibration dir whose plan it uses "
+                          "(calibrated with reorder on)")
+    path = stats_path(calib_dir)
+    stats = read_stats(path)
     if "reorder" not in stats:
-        raise ConfigError(f"stats: {stats_path} has no reorder plan; calibrate with reorder on")
+        raise ConfigError(f"calib: {path} has no reorder plan; calibrate with reorder on")
     if stats["model"]["sha256"] != model_sha256(model_dir):
-        raise ConfigError(f"stats: {stats_path} was calibrated on another model ({stats['model']['path']}), "
+        raise ConfigError(f"calib: {path} was calibrated on another model ({stats['model']['path']}), "
                           f"not {model_dir}")
-    return stats["reorder"], {"stats": str(stats_path), "stats_sha256": sha256_file(Path(stats_path)),
+    return stats["reorder"], {"stats": str(path), "stats_sha256": sha256_file(path),
                               "plan_sha256": plan_sha256(stats["reorder"])}
 
 
-def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, data: str | Path | None = None,
-                   device: str | None = None, progress: bool = True, stats: Path | None = None) -> dict:
+def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recipe: Recipe = Recipe(),
+                   data: str | Path | None = None, device: str | None = None, progress: bool = True,
+                   calib_dir: Path | None = None) -> dict:
     """`quamba gptq`: validated first, then sequential GPTQ, then the GPTQ dir written atomically.
-    `stats`: the stats.json whose reorder plan to apply (only with settings.reorder)."""
+    `calib_dir`: the calibration whose reorder plan to apply (only with the recipe's reorder)."""
     settings.validate()
     model_dir = resolve_model_dir(model_dir)
     config, _ = read_config(model_dir)
-    if settings.rotate_residual and not supported(config.d_model):
-        raise ConfigError(f"rotate_residual: d_model={config.d_model} has no Hadamard rotation; supported: {ALLOWED}")
+    recipe = recipe.for_model(config.layer)
+    check_widths(config, recipe.rotate_residual, recipe.hadamard)
     reorder, reorder_info = None, None
-    if settings.reorder:
-        check_reorderable(config, 1, 1)
-        reorder, reorder_info = _reorder_from_stats(stats, model_dir)
+    if recipe.reorder:
+        check_reorderable(config, recipe.head_clusters, recipe.channel_clusters)
+        reorder, reorder_info = _reorder_from_calibration(calib_dir, model_dir)
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
-    windows: TokenWindows = random_windows(data or DEFAULT_CORPUS, tokenizer, settings.nsamples,
+    windows: TokenSamples = random_windows(data or DEFAULT_CORPUS, tokenizer, settings.nsamples,
                                            settings.seqlen, settings.seed)
-    model = prepare_model(load(model_dir, device=device, dtype=torch.float32), settings.rotate_residual, reorder)
-    results, logs = gptq_quantize_model(model, windows.ids, settings, progress=progress)
+    model = prepare_model(load(model_dir, device=device, dtype=torch.float32), recipe, reorder)
+    results, logs = gptq_quantize_model(model, windows.stacked(), settings, recipe.hadamard, progress=progress)
     info = {
-        "schema_version": 1, "kind": "quamba-gptq",
+        "schema_version": 2, "kind": "quamba-gptq",
+        "recipe": recipe.record("gptq"),
         "model": {"path": str(model_dir), "sha256": model_sha256(model_dir), "layer": config.layer},
         "settings": settings.record(),
         "data": {"source": windows.source, "sha256": windows.source_sha256,
                  "tokens_sha256": windows.sha256, "selection": windows.selection},
-        "hadamard": "out_proj input rotated, inverse fused into the weight before GPTQ",
+        "hadamard": {"kind": recipe.hadamard, "out_proj_input": True, "residual_stream": recipe.rotate_residual},
         "rounding": ROUNDING,
         "layers": {name: {"error": round(log["error"], 6)} for name, log in logs.items()},
         "versions": package_versions(),

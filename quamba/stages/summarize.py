@@ -1,9 +1,11 @@
-"""The study's tables, built from the per-run files under results/ (nothing is re-measured).
+"""The `summarize` stage: the study's tables, built from the per-run files under results/ (nothing
+is re-measured). Which model and calibration a file belongs to is its place in the tree
+(quamba.formats.layout); what a run was (scheme, alpha, seed) comes from its own records.
 
 - accuracy.csv: tidy, one row per (model, variant, task, metric) from the eval JSONs.
 - aggregate.csv: mean, std, n and a 95% t-interval across seeds per (model, scheme, alpha, task,
-  metric), with the FP16 value and the delta to it.
-- clipping.csv: one row per (model, calib, tap, alpha) from stats.json.
+  metric), with the FP16 value and the delta to it; alpha is empty for FP16 and for w4a16.
+- clipping.csv: one row per (model, calib, tap, alpha) from each alpha's scales.json.
 - runs.csv: one row per quantized run, what the user's experiments.jsonl held: its config, a
   clipping summary of the first layers, every metric, and the paths it came from.
 """
@@ -19,8 +21,10 @@ from typing import Any
 import pandas as pd
 
 from quamba.errors import ConfigError
+from quamba.formats import layout
+from quamba.formats.calibration import read_stats
 from quamba.formats.layout import alpha_key
-from quamba.formats.stats import read_stats
+from quamba.formats.scales import read_scales
 from quamba.io import atomic_path
 from quamba.models.taps import tap_layer
 from quamba.stages.evaluate import PERPLEXITY_METRICS, PERPLEXITY_TASK
@@ -35,20 +39,27 @@ CLIPPING_COLUMNS = ["model", "calib", "tap", "layer", "observer", "alpha", "min"
 
 
 # -- reading one run -----------------------------------------------------------------------------
-def read_eval(path: Path) -> dict[str, Any]:
-    """An eval JSON written by quamba.stages.evaluate.evaluate, with model and variant read from its place in
-    results/{model}/{variant}/eval/{task}.json (variant: fp16 or {scheme}/pa{alpha}/seed{seed})."""
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable {what} ({err}); rerun the job that writes it") from None
+
+
+def read_eval(path: Path, results_dir: Path = Path(layout.RESULTS)) -> dict[str, Any]:
+    """An eval JSON written by quamba.stages.evaluate.evaluate: its model is its place in the
+    results/ tree; its scheme, alpha and seed come from the quant_config it records."""
     path = Path(path)
-    doc = json.loads(path.read_text())
-    if doc.get("kind") != "quamba-eval" or path.parent.name != "eval":
-        raise ConfigError(f"{path}: not an eval JSON under results/{{model}}/{{variant}}/eval/")
+    place = layout.match(layout.EVAL, path, results_dir)
+    doc = read_json(path, "eval JSON")
+    if doc.get("kind") != "quamba-eval" or place is None:
+        raise ConfigError(f"{path}: not an eval JSON at {layout.EVAL} under {results_dir}")
     quant = doc["model"].get("quant_config")
-    depth = 1 if quant is None else 3  # fp16 | scheme/pa{alpha}/seed{seed}
-    parts = path.parent.parent.parts
-    doc["_model"], doc["_variant"] = parts[-depth - 1], "/".join(parts[-depth:])
+    doc["_model"] = place["model"]
     doc["_scheme"] = "fp16" if quant is None else quant["scheme"]
     doc["_alpha"] = None if quant is None else quant["alpha"]
     doc["_seed"] = None if quant is None else quant["seed"]
+    doc["_variant"] = layout.variant(doc["_scheme"], doc["_alpha"], doc["_seed"])
     return doc
 
 
@@ -77,11 +88,11 @@ def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # -- tables --------------------------------------------------------------------------------------
-def accuracy_table(eval_files: Iterable[Path]) -> pd.DataFrame:
-    """Tidy metrics of every eval JSON (fp16 rows have no alpha or seed)."""
+def accuracy_table(eval_files: Iterable[Path], results_dir: Path = Path(layout.RESULTS)) -> pd.DataFrame:
+    """Tidy metrics of every eval JSON (fp16 rows have no alpha or seed, w4a16 rows no alpha)."""
     rows = []
     for path in eval_files:
-        rows += [{**row, "path": str(path)} for row in metric_rows(read_eval(path))]
+        rows += [{**row, "path": str(path)} for row in metric_rows(read_eval(path, results_dir))]
     frame = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
     return frame.sort_values(["model", "scheme", "alpha", "seed", "task", "metric"], na_position="first",
                              kind="stable", ignore_index=True)
@@ -114,26 +125,29 @@ def aggregate_table(accuracy: pd.DataFrame) -> pd.DataFrame:
                                        "delta_fp16"])
 
 
-def clipping_rows(stats_path: Path) -> list[dict[str, Any]]:
-    """Per tap and alpha of one stats.json: the range before and after clipping, the share clipped.
-    The model and calibration names come from results/{model}/calib/{calib}/stats.json."""
-    stats_path = Path(stats_path)
-    doc = read_stats(stats_path)
-    model, calib = stats_path.parent.parent.parent.name, stats_path.parent.name
+def clipping_rows(scales_path: Path, results_dir: Path = Path(layout.RESULTS)) -> list[dict[str, Any]]:
+    """Per tap of one alpha's scales.json: the range before and after clipping, the share clipped.
+    The range before clipping comes from the stats.json of the same calibration dir."""
+    place = layout.match(layout.SCALES, scales_path, results_dir)
+    if place is None:
+        raise ConfigError(f"{scales_path}: not a scales.json at {layout.SCALES} under {results_dir}")
+    scales = read_scales(scales_path)
+    stats = read_stats(Path(results_dir) / layout.path(layout.STATS, **place).removeprefix(layout.RESULTS + "/"))
     rows = []
-    for tap, entry in doc["taps"].items():
-        for alpha, clip in entry["alphas"].items():
-            rows.append({"model": model, "calib": calib, "tap": tap, "layer": tap_layer(tap),
-                         "observer": entry["observer"], "alpha": float(alpha),
-                         **{k: entry[k] for k in ("min", "max", "absmax")},
-                         **{k: clip[k] for k in ("threshold", "clipped_min", "clipped_max", "clipped_range",
-                                                 "range_reduction", "clipped_fraction")}})
+    for tap, clip in scales["taps"].items():
+        entry = stats["taps"][tap]
+        rows.append({"model": place["model"], "calib": place["calib"], "tap": tap, "layer": tap_layer(tap),
+                     "observer": clip["observer"], "alpha": scales["alpha"],
+                     **{k: entry[k] for k in ("min", "max", "absmax")},
+                     **{k: clip[k] for k in ("threshold", "clipped_min", "clipped_max", "clipped_range",
+                                             "range_reduction", "clipped_fraction")}})
     return rows
 
 
-def clipping_table(stats_files: Iterable[Path]) -> pd.DataFrame:
-    rows = [row for path in stats_files for row in clipping_rows(path)]
+def clipping_table(scales_files: Iterable[Path], results_dir: Path = Path(layout.RESULTS)) -> pd.DataFrame:
+    rows = [row for path in scales_files for row in clipping_rows(path, results_dir)]
     frame = pd.DataFrame(rows, columns=CLIPPING_COLUMNS)
+    frame["layer"] = frame["layer"].astype("Int64")  # lm_head:input has no layer: empty, not a float
     return frame.sort_values(["model", "calib", "layer", "tap", "alpha"], na_position="last", kind="stable",
                              ignore_index=True)
 
@@ -151,18 +165,20 @@ def ssm_input_clipping(clipping: pd.DataFrame, model: str, alpha: float, first_l
 
 def run_files(results_dir: Path, model: str, variant: str) -> tuple[dict, dict, str | None]:
     """A quantized run's quant_config, provenance and the calibration setting it was built from."""
-    model_dir = Path(results_dir) / model / variant / "model"
-    quant = json.loads((model_dir / "quant_config.json").read_text())
-    provenance = json.loads((model_dir / "provenance.json").read_text())
+    model_dir = Path(results_dir) / layout.path(layout.VARIANT_MODEL, model=model, variant=variant).removeprefix(
+        layout.RESULTS + "/")
+    quant = read_json(model_dir / "quant_config.json", "quant_config.json")
+    provenance = read_json(model_dir / "provenance.json", "provenance.json")
     stats = provenance.get("stats") or {}
-    return quant, provenance, Path(stats["path"]).parent.name if stats.get("path") else None
+    place = layout.match(layout.STATS, stats["path"], results_dir) if stats.get("path") else None
+    return quant, provenance, None if place is None else place["calib"]
 
 
 def run_ssm_input_clipping(clipping: pd.DataFrame, quant: dict, calib: str | None, model: str,
                            first_layers: int | None = None) -> dict:
     """What the run's alpha did to its SSM input. With Quamba2's reordering, x is quantized with
     grouped min/max scales that alpha does not set, so there is nothing to report (NaN)."""
-    if "reorder" in quant or calib is None:
+    if "reorder" in quant or calib is None or quant["alpha"] is None:
         return {"clipped_fraction": math.nan, "range_reduction": math.nan}
     return ssm_input_clipping(clipping[clipping.calib == calib], model, quant["alpha"], first_layers)
 
@@ -173,8 +189,8 @@ def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path
     rows = []
     quantized = accuracy[accuracy.scheme != "fp16"]
     for (model, variant), group in quantized.groupby(["model", "variant"], sort=True):
-        model_dir = Path(results_dir) / model / variant / "model"
         quant, provenance, calib = run_files(results_dir, model, variant)
+        model_dir = Path(layout.path(layout.VARIANT_MODEL, model=model, variant=variant))
         gptq = quant["gptq"]["settings"]
         stats = provenance.get("stats") or {}
         row = {"model": model, "scheme": quant["scheme"], "alpha": quant["alpha"], "seed": quant["seed"],
@@ -185,11 +201,13 @@ def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path
         row.update({f"ssm_input_{k}_first{FIRST_LAYERS}": v for k, v in clip.items()})
         for metric in group.itertuples():
             row[f"{metric.task}:{metric.metric}"] = metric.value
-        row.update({"model_dir": str(model_dir), "stats": stats.get("path"),
+        row.update({"recipe_departures": ",".join(quant["recipe"]["departures"]),
+                    "model_dir": str(model_dir), "stats": stats.get("path"),
                     "gptq_dir": provenance["gptq"]["path"], "eval_dir": str(model_dir.parent / "eval")})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    return frame.sort_values(["model", "scheme", "alpha", "seed"], kind="stable", ignore_index=True) if rows else frame
+    return (frame.sort_values(["model", "scheme", "alpha", "seed"], kind="stable", na_position="first",
+                              ignore_index=True) if rows else frame)
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -200,11 +218,11 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def write_summary(results_dir: Path, eval_files: Sequence[Path], stats_files: Sequence[Path],
+def write_summary(results_dir: Path, eval_files: Sequence[Path], scales_files: Sequence[Path],
                   out_dir: Path) -> dict[str, pd.DataFrame]:
     """All four tables into out_dir; returns them by file stem."""
-    accuracy = accuracy_table(eval_files)
-    clipping = clipping_table(stats_files)
+    accuracy = accuracy_table(eval_files, results_dir)
+    clipping = clipping_table(scales_files, results_dir)
     tables = {"accuracy": accuracy, "aggregate": aggregate_table(accuracy), "clipping": clipping,
               "runs": runs_table(accuracy, clipping, results_dir)}
     for name, frame in tables.items():
@@ -213,14 +231,15 @@ def write_summary(results_dir: Path, eval_files: Sequence[Path], stats_files: Se
 
 
 def discover(results_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Every eval JSON and stats.json under a results/ tree (for use without Snakemake)."""
+    """Every eval JSON and scales.json under a results/ tree (for use without Snakemake)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ConfigError(f"{results_dir}: no such results directory; run the study first (snakemake --cores N)")
-    evals = sorted(p for p in results_dir.glob("*/**/eval/*.json") if "summary" not in p.parts)
-    stats = sorted(results_dir.glob("*/calib/*/stats.json"))
-    return evals, stats
+    evals = [path for path, _ in layout.find(layout.EVAL, results_dir)]
+    scales = [path for path, _ in layout.find(layout.SCALES, results_dir)]
+    return evals, scales
 
 
-def alpha_label(alpha: float | None) -> str:
-    return "fp16" if alpha is None or (isinstance(alpha, float) and math.isnan(alpha)) else alpha_key(alpha)
+def alpha_label(alpha: float | None, none: str = "fp16") -> str:
+    """An alpha as shown in tables and plots; `none` for runs without one."""
+    return none if alpha is None or (isinstance(alpha, float) and math.isnan(alpha)) else alpha_key(alpha)

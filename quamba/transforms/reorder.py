@@ -162,7 +162,7 @@ def reorder_mixer(mixer: nn.Module, plan: ReorderPlan) -> None:
 
 
 @torch.no_grad()
-def x_channel_absmax(model: nn.Module, windows: torch.Tensor, batch_size: int) -> dict[int, torch.Tensor]:
+def x_channel_absmax(model: nn.Module, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Pass one of Quamba2's calibration: absmax of x per channel (d_inner,) for every layer."""
     absmax: dict[int, torch.Tensor] = {}
 
@@ -174,7 +174,7 @@ def x_channel_absmax(model: nn.Module, windows: torch.Tensor, batch_size: int) -
         lambda _m, _i, out, layer=i: observe(layer, out)) for i, block in enumerate(model.backbone.layers)]
     device = model.lm_head.weight.device
     try:
-        for batch in windows.split(batch_size):
+        for batch in batches:
             model(batch.to(device))
     finally:
         for hook in hooks:
@@ -223,23 +223,17 @@ def reorder_model(model: nn.Module, record: dict) -> nn.Module:
     return model
 
 
-def prepare_model(model: nn.Module, rotate_residual: bool = False, reorder: dict | None = None) -> nn.Module:
-    """The FP model in the basis every stage must share: residual rotated and/or heads reordered.
+def prepare_model(model: nn.Module, recipe, reorder: dict | None = None) -> nn.Module:
+    """The FP model in the basis every stage must share: the residual stream rotated (the recipe's
+    rotate_residual, with its Hadamard kind) and/or the heads reordered by a stats.json plan.
 
-    Calibration, GPTQ and assembly all call this with the same options, so activation scales,
+    Calibration, GPTQ and assembly all call this with the same recipe, so activation scales,
     GPTQ weights and the stored fp16 weights describe one and the same model. The two commute.
     """
-    from quamba.transforms.rotation import rotate_residual as rotate
+    from quamba.transforms.rotation import rotate_residual
 
-    if rotate_residual:
-        rotate(model)
+    if recipe.rotate_residual:
+        rotate_residual(model, recipe.hadamard)
     if reorder is not None:
         reorder_model(model, reorder)
     return model
-
-
-def reorders(model_dir, requested: bool) -> bool:
-    """A study's `reorder` applies to its Mamba2 models; Mamba1 models of the same study go without."""
-    from quamba.models.checkpoint import read_config
-
-    return requested and read_config(model_dir)[0].layer == "Mamba2"

@@ -1,9 +1,10 @@
-"""Quamba's Hadamard rotations fused into the weights: out_proj's input, and optionally the
-residual stream (embedding, norms, in_proj, out_proj's output, lm_head).
+"""Quamba's Hadamard rotations fused into the weights: out_proj's input always, and the residual
+stream (embedding, norms, in_proj, out_proj's output, lm_head) with the recipe's rotate_residual.
 
-out_proj(y) = W y = (W R^T)(R y) for the orthonormal Hadamard R: the rotated input R y has
+out_proj(y) = W y = (W T^T)(T y) for the orthonormal Hadamard T: the rotated input T y has
 far smaller outliers, which is what makes its static int8 quantization work; the inverse
-rotation is folded into the weight once, so the FP model's output does not change.
+rotation is folded into the weight once, so the FP model's output does not change. `kind` is
+the recipe's `hadamard` option (quamba.numerics.hadamard): which matrix T is.
 """
 
 from __future__ import annotations
@@ -15,73 +16,84 @@ from quamba.errors import ConfigError
 from quamba.numerics.hadamard import ALLOWED, hadamard_transform, supported
 
 
-class RotatedLinear(nn.Module):
-    """A Linear whose weight is W R^T and whose input is rotated by R on the way in."""
+def check_widths(config, rotate_residual: bool, kind: str) -> None:
+    """Fail before any work when a width the recipe rotates has no Hadamard matrix of `kind`:
+    d_inner (out_proj's input, always) and d_model (with rotate_residual)."""
+    widths = {"d_inner (out_proj's input)": config.d_inner}
+    if rotate_residual:
+        widths["d_model (rotate_residual)"] = config.d_model
+    for what, n in widths.items():
+        if not supported(n, kind):
+            raise ConfigError(f"recipe.hadamard: {what} = {n} has no Hadamard matrix with hadamard={kind!r}; "
+                              f"supported: {ALLOWED[kind]}"
+                              + ("; hadamard: extended adds 20 * 2^k and 28 * 2^k" if kind == "quamba" else ""))
 
-    def __init__(self, linear: nn.Linear):
+
+class RotatedLinear(nn.Module):
+    """A Linear whose weight is W T^T and whose input is rotated by T on the way in."""
+
+    def __init__(self, linear: nn.Linear, kind: str):
         super().__init__()
-        self.linear = linear
+        self.linear, self.kind = linear, kind
 
     @classmethod
     @torch.no_grad()
-    def fuse(cls, linear: nn.Linear) -> RotatedLinear:
-        """W -> W R^T: row i of the new weight is R applied to row i of W."""
-        linear.weight.copy_(hadamard_transform(linear.weight))  # (out, in): rows rotated
-        return cls(linear)
+    def fuse(cls, linear: nn.Linear, kind: str) -> RotatedLinear:
+        """W -> W T^T: row i of the new weight is T applied to row i of W."""
+        linear.weight.copy_(hadamard_transform(linear.weight, kind))  # (out, in): rows rotated
+        return cls(linear, kind)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(hadamard_transform(x))
+        return self.linear(hadamard_transform(x, self.kind))
 
 
-def rotate_out_projs(model: nn.Module) -> nn.Module:
+def rotate_out_projs(model: nn.Module, kind: str) -> nn.Module:
     """Replace every mixer's out_proj by its rotated, fused form (in place; returns the model)."""
     for block in model.backbone.layers:
         if not isinstance(block.mixer.out_proj, RotatedLinear):
-            block.mixer.out_proj = RotatedLinear.fuse(block.mixer.out_proj)
+            block.mixer.out_proj = RotatedLinear.fuse(block.mixer.out_proj, kind)
     return model
 
 
-def _rotate_columns(weight: torch.Tensor) -> torch.Tensor:
-    """R W for W (out, in): each column rotated, i.e. the layer's output moved into the rotated basis."""
-    return hadamard_transform(weight.T).T  # (out, in)
+def _rotate_columns(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """T W for W (out, in): each column rotated, i.e. the layer's output moved into the rotated basis."""
+    return hadamard_transform(weight.T, kind).T  # (out, in)
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module) -> nn.Module:
-    """Move the residual stream into the Hadamard basis, as Quamba does with Hadamard on (in place).
+def rotate_residual(model: nn.Module, kind: str) -> nn.Module:
+    """Move the residual stream into the Hadamard basis, as Quamba always does (in place).
 
-    With R the orthonormal Hadamard of width d_model, the residual h becomes R h everywhere:
-    the embedding rows are rotated; every RMSNorm weight is fused into the Linear after it
-    (in_proj, lm_head) and set to one, because RMSNorm commutes with R only without its weight
-    (rms(R h) = rms(h)); in_proj becomes W diag(w) R^T, out_proj R W (its bias R b), and lm_head
-    W diag(w_f) R^T. lm_head is untied from the embedding first, since the two now differ; the
-    model's config says tie_embeddings=False afterwards. The FP output is unchanged up to
-    rounding; in_proj:input and lm_head:input then see rotated, unweighted activations.
+    With T the orthonormal Hadamard of width d_model, the residual h becomes T h everywhere:
+    the embedding rows are rotated; every RMSNorm weight is folded into the Linear after it
+    (in_proj, lm_head) and set to one, because RMSNorm commutes with T only without its weight
+    (rms(T h) = rms(h)); in_proj becomes W diag(g) T^T, out_proj T W (its bias T b), and lm_head
+    W diag(g_f) T^T. lm_head is untied from the embedding first, since the two now differ; the
+    model's config says tie_embeddings=False afterwards. As in Quamba, block norms are folded in
+    float64 and norm_f into lm_head in float16. The FP output is unchanged up to rounding.
     """
-    d_model = model.config.d_model
-    if not supported(d_model):
-        raise ConfigError(f"rotate_residual: d_model={d_model} has no Hadamard rotation; supported: {ALLOWED}")
+    check_widths(model.config, True, kind)
     if model.config.tie_embeddings:
         model.lm_head.weight = nn.Parameter(model.backbone.embedding.weight.detach().clone())
         model.config = model.config.replace(tie_embeddings=False)
     embedding = model.backbone.embedding.weight
-    embedding.copy_(hadamard_transform(embedding))  # (vocab, d_model): rows h -> R h
-    _fuse_norm_then_rotate(model.backbone.norm_f, model.lm_head)
+    embedding.copy_(hadamard_transform(embedding, kind))  # (vocab, d_model): rows h -> T h
+    _fold_norm_then_rotate(model.backbone.norm_f, model.lm_head, torch.float16, kind)
     for block in model.backbone.layers:
-        _fuse_norm_then_rotate(block.norm, block.mixer.in_proj)
+        _fold_norm_then_rotate(block.norm, block.mixer.in_proj, torch.float64, kind)
         out_proj = getattr(block.mixer.out_proj, "linear", block.mixer.out_proj)  # RotatedLinear or Linear
-        out_proj.weight.copy_(_rotate_columns(out_proj.weight))  # (d_model, d_inner): R W
+        out_proj.weight.copy_(_rotate_columns(out_proj.weight, kind))  # (d_model, d_inner): T W
         if out_proj.bias is not None:
-            out_proj.bias.copy_(hadamard_transform(out_proj.bias))
+            out_proj.bias.copy_(hadamard_transform(out_proj.bias, kind))
     return model
 
 
-def _fuse_norm_then_rotate(norm: nn.Module, linear: nn.Linear) -> None:
-    """W -> W diag(w) R^T and w -> 1: the norm's scale moves into the Linear that reads it."""
-    fused = linear.weight.float() * norm.weight.float()  # (out, d_model)
-    linear.weight.copy_(hadamard_transform(fused))  # rows r -> R r: W diag(w) R^T
+def _fold_norm_then_rotate(norm: nn.Module, linear: nn.Linear, fold_dtype: torch.dtype, kind: str) -> None:
+    """W -> W diag(g) T^T and g -> 1: the norm's scale moves into the Linear that reads it."""
+    folded = linear.weight.to(fold_dtype) * norm.weight.to(fold_dtype)  # (out, d_model)
+    linear.weight.copy_(hadamard_transform(folded.to(torch.promote_types(fold_dtype, torch.float32)), kind))
     norm.weight.fill_(1.0)

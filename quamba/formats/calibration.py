@@ -1,0 +1,147 @@
+"""A calibration dir: what one calibration pass keeps, as persistent, versioned formats.
+
+- stats.json (schemas/stats.schema.yaml): the alpha-free summary a person reads: per tap its
+  observer, moments and extremes; the recipe, model, data and settings; the reorder plan.
+- calibration.safetensors: what any alpha >= min_alpha needs after the fact, exactly as the
+  in-pass observer would have computed it: per percentile tap and calibration sample the
+  largest |x| (a descending tail, in the activations' dtype) with the sample's numel; per tap
+  the stream histogram. Never pickle.
+- activations.npz: a uniform sample of each sampled tap's values (the seed note's file).
+All are written atomically and deterministically: the same inputs and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from quamba.errors import ConfigError
+from quamba.io import atomic_path
+from quamba.shipped import SCHEMAS
+
+SCHEMA_VERSION = 2
+STATS_FILE, STORE_FILE, ACTIVATIONS_FILE = "stats.json", "calibration.safetensors", "activations.npz"
+SCHEMA_PATH = SCHEMAS / "stats.schema.yaml"
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class TapRecord:
+    """What calibration.safetensors holds for one tap."""
+
+    histogram_offset: int  # first bin of `histogram` in the full float32-bits histogram
+    histogram: torch.Tensor  # int64 (bins,): counts from histogram_offset on
+    tails: list[torch.Tensor] | None  # percentile taps: per sample the largest |x|, descending
+    numels: list[int] | None  # percentile taps: per sample its number of values
+
+
+def validate_stats(doc: dict, source: str = STATS_FILE) -> dict:
+    """Check a stats document against schemas/stats.schema.yaml; name the offending key."""
+    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"{source}: schema_version {version!r}, but this quamba-flow reads version "
+                          f"{SCHEMA_VERSION} (calibration statistics that answer any alpha after the fact); "
+                          f"rebuild it: rerun `quamba calibrate`, or delete its calib dir and rerun snakemake")
+    try:
+        jsonschema.validate(doc, yaml.safe_load(SCHEMA_PATH.read_text()))
+    except jsonschema.ValidationError as err:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise ConfigError(f"{source}: {where}: {err.message}") from None
+    return doc
+
+
+def stats_path(path: str | Path) -> Path:
+    """stats.json of a calibration dir, or the path itself when it names the file."""
+    path = Path(path)
+    return path / STATS_FILE if path.is_dir() else path
+
+
+def read_stats(path: str | Path) -> dict:
+    """A validated stats.json (given as the file or its calibration dir)."""
+    path = stats_path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such stats file")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
+    return validate_stats(doc, str(path))
+
+
+def read_store(calib_dir: str | Path, taps: list[str]) -> dict[str, TapRecord]:
+    """The stored tails and histograms of `taps` from a calibration dir's calibration.safetensors."""
+    path = Path(calib_dir) / STORE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; a calibration dir needs it (rerun `quamba calibrate`)")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: unreadable ({err}); rerun `quamba calibrate`") from err
+    records = {}
+    for tap in taps:
+        try:
+            histogram = tensors[f"{tap}/histogram"]
+            offset = int(tensors[f"{tap}/histogram_offset"])
+        except KeyError:
+            raise ConfigError(f"{path}: has no histogram of tap {tap}; rerun `quamba calibrate`") from None
+        tails = numels = None
+        if f"{tap}/tails" in tensors:
+            lengths = tensors[f"{tap}/tail_lengths"].tolist()
+            tails = list(tensors[f"{tap}/tails"].split(lengths))
+            numels = tensors[f"{tap}/numels"].tolist()
+        records[tap] = TapRecord(offset, histogram, tails, numels)
+    return records
+
+
+def store_bytes(records: dict[str, TapRecord]) -> bytes:
+    """calibration.safetensors' bytes: per tap its histogram and, for percentile taps, its tails."""
+    tensors = {}
+    for tap, record in records.items():
+        tensors[f"{tap}/histogram"] = record.histogram.to(torch.int64).contiguous()
+        tensors[f"{tap}/histogram_offset"] = torch.tensor([record.histogram_offset], dtype=torch.int64)
+        if record.tails is not None:
+            tensors[f"{tap}/tails"] = torch.cat(record.tails).contiguous()
+            tensors[f"{tap}/tail_lengths"] = torch.tensor([len(t) for t in record.tails], dtype=torch.int64)
+            tensors[f"{tap}/numels"] = torch.tensor(record.numels, dtype=torch.int64)
+    # one metadata key: safetensors writes a map of several in a random order
+    return save(dict(sorted(tensors.items())), metadata={"format": "quamba-calibration-2"})
+
+
+def stats_bytes(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """np.savez_compressed's format, but with fixed zip timestamps so reruns are byte-identical."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            array_buffer = io.BytesIO()
+            np.lib.format.write_array(array_buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            archive.writestr(info, array_buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_calibration(out_dir: Path, doc: dict, records: dict[str, TapRecord],
+                      samples: dict[str, np.ndarray] | None) -> None:
+    """Write stats.json, calibration.safetensors (and activations.npz) into out_dir; each file
+    appears whole or not at all."""
+    validate_stats(doc)
+    payloads = {STATS_FILE: stats_bytes(doc), STORE_FILE: store_bytes(records)}
+    if samples is not None:
+        payloads[ACTIVATIONS_FILE] = npz_bytes(samples)
+    for name, payload in payloads.items():
+        with atomic_path(Path(out_dir) / name) as tmp:
+            tmp.write_bytes(payload)

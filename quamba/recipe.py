@@ -1,0 +1,166 @@
+"""The recipe: what the official Quamba code does (the default), and every named departure from it.
+
+Users study Quamba, so by default every stage does what enyac-group/Quamba does (facts with
+file:line in ../shared/QUAMBA.md), quirks included. Each place where this project offers
+something else is an option with a name, a Quamba value and the values allowed; nothing departs
+silently. A `Recipe` is validated once, where it enters (the config schema and `from_mapping`,
+or the CLI), travels as one frozen record through calibrate, gptq and assemble, is written into
+stats.json, gptq.json, quant_config.json and provenance, and is compared once
+(`check_built_alike`) where a stage reads what another built.
+
+Each artifact records only the options that acted on it (`record(stage)`), so flipping an option
+changes exactly the files, and reruns exactly the jobs, that it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quamba.errors import ConfigError
+
+RECIPES = ("quamba",)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One recipe option: its Quamba value, what else is allowed, and which stages read it."""
+
+    quamba: Any
+    allowed: tuple[Any, ...] | None  # None: any positive integer
+    stages: frozenset[str]
+    quamba_does: str
+    option_does: str
+
+
+MODEL = frozenset({"calibrate", "gptq", "assemble"})  # options that change the model every stage must share
+OPTIONS: dict[str, Option] = {
+    "alpha_one": Option(
+        "quamba", ("quamba", "stream_max"), frozenset({"scales"}),
+        "alpha 1.0 at a percentile tap is still its observer: the EMA of per-sample maxima, which clips",
+        "stream_max: alpha 1.0 is the true maximum of the whole calibration stream (no clipping)"),
+    "rotate_residual": Option(
+        True, (True, False), MODEL,
+        "the residual stream is always Hadamard-rotated (embedding, lm_head untied with norm_f folded "
+        "in, block norms folded into in_proj, out_proj writing the rotated basis)",
+        "false: only out_proj's input is rotated"),
+    "hadamard": Option(
+        "quamba", ("quamba", "extended"), MODEL,
+        "Hadamard widths 2^k, 12 * 2^k and 40 * 2^k with its 12 x 12 and 40 x 40 base matrices",
+        "extended: also 20 * 2^k (its own 20 x 20 base, also for 40 * 2^k) and 28 * 2^k"),
+    "calibration_data": Option(
+        "rows", ("rows", "packed"), frozenset({"calibrate"}),
+        "each dataset row tokenized alone, truncated to seq_len, never padded; batch 1",
+        "packed: rows joined with end-of-text into one stream cut into full seq_len windows"),
+    "calibration_order": Option(
+        "file", ("file", "seeded"), frozenset({"calibrate"}),
+        "the first rows (windows) in file order",
+        "seeded: a permutation drawn from the calibration seed"),
+    "reorder": Option(
+        False, (False, True), MODEL,
+        "off in main.py's defaults (--group_heads); eval.sh turns it on for Mamba2",
+        "true (Mamba2): Quamba2's head/channel reordering with grouped scales"),
+    "head_clusters": Option(
+        4, None, MODEL, "4 head groups per SSD group", "any positive number of head clusters"),
+    "channel_clusters": Option(
+        4, None, MODEL, "4 channel groups per head group", "any positive number of channel clusters"),
+}
+REORDER_ONLY = ("head_clusters", "channel_clusters")  # act only with reorder on
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Recipe `name` plus its options; every field defaults to what Quamba's code does."""
+
+    name: str = "quamba"
+    alpha_one: str = "quamba"
+    rotate_residual: bool = True
+    hadamard: str = "quamba"
+    calibration_data: str = "rows"
+    calibration_order: str = "file"
+    reorder: bool = False
+    head_clusters: int = 4
+    channel_clusters: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPES:
+            raise ConfigError(f"recipe.name: {self.name!r} is not a recipe; allowed: {list(RECIPES)}")
+        for key, option in OPTIONS.items():
+            value = getattr(self, key)
+            if option.allowed is None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"recipe.{key}: {value!r} is not allowed; allowed: a positive integer")
+            elif not any(value is allowed or (type(value) is type(allowed) and value == allowed)
+                         for allowed in option.allowed):
+                raise ConfigError(f"recipe.{key}: {value!r} is not allowed; allowed: {list(option.allowed)}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None, where: str = "recipe") -> Recipe:
+        """A recipe from a config mapping (`name` plus options); unknown keys fail naming them."""
+        mapping = dict(mapping or {})
+        unknown = sorted(set(mapping) - {"name", *OPTIONS})
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown}; allowed: name, {', '.join(OPTIONS)}")
+        try:
+            return cls(**mapping)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("recipe.", f"{where}.", 1)) from None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Recipe:
+        """The recipe a file records; options it does not record take Quamba's value."""
+        return cls(name=record["name"], **record["options"])
+
+    def options(self, stage: str | None = None) -> dict[str, Any]:
+        """The options `stage` reads (all with stage None); the cluster counts only with reorder."""
+        return {key: getattr(self, key) for key, option in OPTIONS.items()
+                if (stage is None or stage in option.stages) and (self.reorder or key not in REORDER_ONLY)}
+
+    def departures(self, stage: str | None = None) -> list[str]:
+        """The options (of `stage`) that differ from what Quamba's code does."""
+        return [key for key, value in self.options(stage).items() if value != OPTIONS[key].quamba]
+
+    def record(self, stage: str | None = None) -> dict[str, Any]:
+        """What an artifact records: the recipe name, the options that acted on it, the departures."""
+        return {"name": self.name, "options": self.options(stage), "departures": self.departures(stage)}
+
+    def model_transforms(self) -> dict[str, Any]:
+        """The options that change the model itself: calibration, GPTQ and assembly must agree on them."""
+        return {key: value for key, value in self.options().items() if OPTIONS[key].stages == MODEL}
+
+    def for_model(self, layer: str) -> Recipe:
+        """The recipe as it applies to one model: reordering is Quamba2's, so Mamba1 goes without."""
+        return self if layer == "Mamba2" or not self.reorder else dataclasses.replace(self, reorder=False)
+
+    def check_built_alike(self, record: Mapping[str, Any], what: str) -> None:
+        """Fail unless `what` (a file, by its record) was built from the same model transforms."""
+        built, asked = Recipe.from_record(record).model_transforms(), self.model_transforms()
+        for key in [k for k in OPTIONS if k in built or k in asked]:
+            if built.get(key) != asked.get(key):
+                raise ConfigError(f"recipe.{key}: {what} was built with {key}={built.get(key)!r}, but this run "
+                                  f"asks for {asked.get(key)!r}; calibration, GPTQ and assembly must use the "
+                                  f"same {key}")
+
+    @classmethod
+    def describe(cls) -> list[dict[str, str]]:
+        """Every option: its Quamba value, the alternatives and what they do (README's table)."""
+        return [{"option": key, "quamba": repr(o.quamba), "allowed": "positive integer" if o.allowed is None
+                 else ", ".join(map(repr, o.allowed)), "quamba does": o.quamba_does, "option does": o.option_does}
+                for key, o in OPTIONS.items()]
+
+
+def merge_records(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """One record of everything that acted on an artifact built from several inputs (each input's
+    record holds the options of its stage). Two inputs that disagree on an option are an error."""
+    options: dict[str, Any] = {}
+    for record in records:
+        if record["name"] != records[0]["name"]:
+            raise ConfigError(f"recipe.name: inputs were built with recipes {records[0]['name']!r} and {record['name']!r}")
+        for key, value in record["options"].items():
+            if options.setdefault(key, value) != value:
+                raise ConfigError(f"recipe.{key}: the inputs were built with {key}={options[key]!r} and {value!r}")
+    ordered = {key: options[key] for key in OPTIONS if key in options}
+    return {"name": records[0]["name"], "options": ordered,
+            "departures": [key for key, value in ordered.items() if value != OPTIONS[key].quamba]}
