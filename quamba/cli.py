@@ -20,6 +20,13 @@ def _normalize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _random_checkpoint(args: argparse.Namespace) -> None:
+    from quamba.models.random_checkpoint import write_random_checkpoint
+
+    out = write_random_checkpoint(args.arch, args.out, seed=args.seed, n_layer=args.layers, tokenizer=args.tokenizer)
+    print(f"wrote {out}")
+
+
 def _recipe(args: argparse.Namespace):
     """The Recipe of the options given; each one not given is Quamba's."""
     from quamba.recipe import OPTIONS, Recipe
@@ -130,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     normalize.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the source)")
     normalize.add_argument("--out", type=Path, required=True, help="output directory")
     normalize.set_defaults(run=_normalize)
+
+    random = command("random-checkpoint", help="a random-weight checkpoint of a published architecture "
+                                                "(offline real-size studies and benchmarks)")
+    random.add_argument("arch", help="mamba-130m, mamba-370m, mamba-790m, mamba-1.4b, mamba-2.8b, mamba2-130m, "
+                                     "mamba2-370m, mamba2-780m, mamba2-1.3b or mamba2-2.7b")
+    random.add_argument("--seed", type=int, default=0, help="draws every tensor (same seed: same bytes)")
+    random.add_argument("--layers", type=int, help="write only this many layers (default: the published depth)")
+    random.add_argument("--tokenizer", help="tokenizer dir or hub id to ship with it (default: the shipped one)")
+    random.add_argument("--out", type=Path, required=True, help="output directory")
+    random.set_defaults(run=_random_checkpoint)
 
     calibrate = command("calibrate", help="one calibration pass: statistics that answer every alpha >= --min-alpha "
                                           "(stats.json, calibration.safetensors, activations.npz)")
