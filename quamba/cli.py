@@ -31,7 +31,8 @@ def _recipe(args: argparse.Namespace):
     """The Recipe of the options given; each one not given is Quamba's."""
     from quamba.recipe import OPTIONS, Recipe
 
-    return Recipe(**{key: getattr(args, key) for key in OPTIONS if getattr(args, key, None) is not None})
+    given = {key: getattr(args, f"recipe_{key}", None) for key in OPTIONS}
+    return Recipe(**{key: value for key, value in given.items() if value is not None})
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -48,7 +49,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _scales(args: argparse.Namespace) -> None:
     from quamba.stages.scales import scales_file
 
-    doc = scales_file(args.calib_dir, args.alpha, args.out, alpha_one=args.alpha_one or "quamba")
+    doc = scales_file(args.calib_dir, args.alpha, args.out, alpha_one=args.recipe_alpha_one or "quamba")
     print(f"wrote {args.out} ({len(doc['taps'])} taps at alpha {doc['alpha']})")
 
 
@@ -61,15 +62,14 @@ def _compare(args: argparse.Namespace) -> None:
 def _view(args: argparse.Namespace) -> None:
     from quamba.report.view import render
 
-    print(render(args.calib, args.alphas, args.alpha_one or "quamba", args.filter, args.compare))
+    print(render(args.calib, args.alphas, args.recipe_alpha_one or "quamba", args.filter, args.compare))
 
 
 def _gptq(args: argparse.Namespace) -> None:
     from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
     settings = GPTQSettings(w_bits=args.w_bits, group_size=args.group_size, percdamp=args.percdamp,
-                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order,
-                            lm_head=args.lm_head)
+                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order)
     result = gptq_model_dir(args.fp16_dir, args.out, settings, _recipe(args), data=args.data, device=args.device,
                             calib_dir=args.calib)
     print(f"wrote {args.out} in {sum(result['seconds'].values()):.1f} s of GPTQ")
@@ -87,7 +87,7 @@ def _quantize(args: argparse.Namespace) -> None:
             if args.calib is None:
                 raise QuambaError("quantize: --alpha needs --calib CALIB_DIR to derive the scales from")
             scales = Path(tmp) / "scales.json"
-            scales_file(args.calib, args.alpha, scales, alpha_one=args.alpha_one or "quamba")
+            scales_file(args.calib, args.alpha, scales, alpha_one=args.recipe_alpha_one or "quamba")
         quantize_model_dir(args.fp16_dir, args.out, args.gptq, args.scheme, _recipe(args), args.calib, scales)
     print(f"wrote {args.out}")
 
@@ -110,14 +110,14 @@ def add_recipe_options(parser: argparse.ArgumentParser, stage: str) -> None:
     for key, option in OPTIONS.items():
         if stage not in option.stages:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag, dest = "--" + key.replace("_", "-"), f"recipe_{key}"
         help_text = f"{option.option_does} (Quamba: {option.quamba!r})"
         if option.allowed == (True, False) or option.allowed == (False, True):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif option.allowed is None:
-            group.add_argument(flag, type=int, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, type=int, default=None, help=help_text)
         else:
-            group.add_argument(flag, choices=option.allowed, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, choices=option.allowed, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="damping added to the Hessian diagonal, as a share of its mean")
     gptq.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     gptq.add_argument("--calib", type=Path, help="calibration dir whose reorder plan to use (with --reorder)")
-    gptq.add_argument("--lm-head", action="store_true", help="also quantize lm_head (Quamba's last GPTQ step)")
     gptq.add_argument("--data", help="text file or hub dataset id, e.g. wikitext:wikitext-2-raw-v1 "
                                      "(default: the shipped corpus)")
     gptq.add_argument("--device", help="cpu or cuda (default: cuda when present)")
@@ -220,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--alpha", type=float, help="or: derive the scales at this alpha from --calib on the way")
     quantize.add_argument("--out", type=Path, required=True, help="output directory")
     add_recipe_options(quantize, "assemble")
-    quantize.add_argument("--alpha-one", choices=OPTIONS["alpha_one"].allowed, default=None,
+    quantize.add_argument("--alpha-one", dest="recipe_alpha_one", choices=OPTIONS["alpha_one"].allowed, default=None,
                           help=f"with --alpha 1.0: {OPTIONS['alpha_one'].option_does}")
     quantize.set_defaults(run=_quantize)
 

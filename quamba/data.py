@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,18 +214,19 @@ def _packed(source, tokenizer, num_samples: int, seq_len: int, seed: int, order:
 
 
 def random_windows(source: str | Path, tokenizer, num_samples: int, seq_len: int, seed: int) -> TokenSamples:
-    """GPTQ's sampling: windows of seq_len tokens at random offsets of the joined token stream,
-    drawn from a generator seeded by `seed` (the official loader seeds Python's random; the
-    seed note's runs drew them unseeded, the cause of its irreproducible weights)."""
+    """GPTQ's windows as Quamba draws them: the rows joined with blank lines and tokenized as one
+    stream, then per window a start random.randint(0, T - seq_len - 1) (inclusive) from Python's
+    random seeded with `seed` (Quamba seeds 0), so seed 0 gives exactly Quamba's windows on the
+    same text and tokenizer; the seed note's runs drew them unseeded."""
     if num_samples <= 0 or seq_len <= 0:
         raise ConfigError(f"nsamples and seqlen must be positive, got {num_samples} and {seq_len}")
     rows, digest = read_documents(source, max_chars=None if Path(source).is_file() else 4_000_000)
     stream = tokenizer("\n\n".join(rows), return_tensors="pt")["input_ids"][0]  # (n_tokens,)
     if stream.numel() <= seq_len:
         raise ConfigError(f"{source}: {stream.numel()} tokens, fewer than one window of {seq_len}")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len, (num_samples,), generator=generator)
-    ids = stream[starts[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
-    selection = (f"documents joined with blank lines, {num_samples} windows of {seq_len} tokens at "
-                 f"offsets from torch.randint(seed={seed})")
+    draw = random.Random(seed)
+    starts = [draw.randint(0, stream.numel() - seq_len - 1) for _ in range(num_samples)]
+    ids = stream[torch.tensor(starts)[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
+    selection = (f"rows joined with blank lines, {num_samples} windows of {seq_len} tokens starting at "
+                 f"random.Random({seed}).randint(0, T - {seq_len} - 1)")
     return TokenSamples(tuple(ids), shown(source), digest, selection)

@@ -183,3 +183,11 @@ def _acquire(candidates: list[str], directory: Path, label: str, timeout: float,
                         timeout, holders)
             waiting = True
         time.sleep(min(poll, remaining))
+
+
+def lease_for(device: str | None, label: str, devices: Sequence[str | int] | None = None,
+              logger: logging.Logger | None = None) -> contextlib.AbstractContextManager:
+    """What a job on `device` holds while it works: a GPU lease for cuda, nothing otherwise."""
+    if device is None or not str(device).startswith("cuda"):
+        return contextlib.nullcontext(None)
+    return gpu_lease(label=label, devices=devices, logger=logger)

@@ -66,6 +66,32 @@ OPTIONS: dict[str, Option] = {
         4, None, MODEL, "4 head groups per SSD group", "any positive number of head clusters"),
     "channel_clusters": Option(
         4, None, MODEL, "4 channel groups per head group", "any positive number of channel clusters"),
+    "gptq": Option(
+        True, (True, False), frozenset({"gptq"}),
+        "GPTQ of in_proj and out_proj (its --apply_gptq; its own W8A8 script eval.sh runs none)",
+        "false: round-to-nearest weights everywhere, Quamba's W8A8 paper setting"),
+    "w8_gptq": Option(
+        "quamba", ("quamba", "per_tensor"), frozenset({"gptq", "assemble"}),
+        "8-bit GPTQ with groups of 128, then re-rounded to one per-tensor scale when the W8A8 layer is built",
+        "per_tensor: GPTQ directly on the per-tensor int8 grid the W8A8 layer uses"),
+    "int4_grid": Option(
+        "quamba", ("quamba", "symmetric"), frozenset({"gptq"}),
+        "int4 scale 2 absmax / 15 per group, levels -8..7",
+        "symmetric: scale absmax / 7, levels -7..7"),
+    "lm_head_gptq": Option(
+        "quamba", ("quamba", "none", "w_bits"), frozenset({"gptq"}),
+        "every GPTQ run also GPTQs lm_head at 4 bits (fp16 solve), even at w_bits 8 and when lm_head "
+        "stays an fp16 layer (it then holds the 4-bit values)",
+        "none: lm_head untouched; w_bits: lm_head GPTQ at the scheme's weight bits"),
+    "quantize_lm_head": Option(
+        False, (False, True), frozenset({"assemble"}),
+        "off in main.py's defaults (--quantize_lm_head); eval.sh turns it on for W8A8",
+        "true: lm_head an integer layer at the scheme's bits, its input quantized at lm_head:input (A8)"),
+    "rounding": Option(
+        "quamba", ("quamba", "half_away"), frozenset({"gptq", "assemble"}),
+        "ties to even for weights, norm and GEMM int8 outputs; away from zero for the conv, the quantized "
+        "Hadamard and the state",
+        "half_away: ties away from zero everywhere"),
 }
 REORDER_ONLY = ("head_clusters", "channel_clusters")  # act only with reorder on
 
@@ -83,6 +109,12 @@ class Recipe:
     reorder: bool = False
     head_clusters: int = 4
     channel_clusters: int = 4
+    gptq: bool = True
+    w8_gptq: str = "quamba"
+    int4_grid: str = "quamba"
+    lm_head_gptq: str = "quamba"
+    quantize_lm_head: bool = False
+    rounding: str = "quamba"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -134,14 +166,16 @@ class Recipe:
         """The recipe as it applies to one model: reordering is Quamba2's, so Mamba1 goes without."""
         return self if layer == "Mamba2" or not self.reorder else dataclasses.replace(self, reorder=False)
 
-    def check_built_alike(self, record: Mapping[str, Any], what: str) -> None:
-        """Fail unless `what` (a file, by its record) was built from the same model transforms."""
-        built, asked = Recipe.from_record(record).model_transforms(), self.model_transforms()
-        for key in [k for k in OPTIONS if k in built or k in asked]:
-            if built.get(key) != asked.get(key):
-                raise ConfigError(f"recipe.{key}: {what} was built with {key}={built.get(key)!r}, but this run "
-                                  f"asks for {asked.get(key)!r}; calibration, GPTQ and assembly must use the "
-                                  f"same {key}")
+    def check_built_alike(self, record: Mapping[str, Any], what: str, stage: str) -> None:
+        """Fail unless `what` (a file, by its record) was built with the same options wherever both
+        this run's `stage` and that file read them: the model transforms, and e.g. w8_gptq."""
+        built = Recipe.from_record(record)
+        shared = [key for key in self.options(stage) if key in record["options"] or OPTIONS[key].stages == MODEL]
+        for key in shared:
+            asked, was = self.options(stage).get(key), built.options().get(key)
+            if was != asked:
+                raise ConfigError(f"recipe.{key}: {what} was built with {key}={was!r}, but this run asks for "
+                                  f"{asked!r}; the stages must use the same {key}")
 
     @classmethod
     def describe(cls) -> list[dict[str, str]]:

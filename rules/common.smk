@@ -80,9 +80,15 @@ wildcard_constraints:
     bits="4|8",
 
 
+def canonical(mapping):
+    """A mapping with sorted keys: Snakemake compares params by their text, so the order in which
+    a config file lists keys must not count as a change."""
+    return {key: canonical(value) if isinstance(value, dict) else value for key, value in sorted(mapping.items())}
+
+
 def calibration_setting(calib):
     """A calibration setting; validate() has filled in the schema's defaults."""
-    return config["calibrations"][calib]
+    return canonical(config["calibrations"][calib])
 
 
 def model_source(model):

@@ -10,7 +10,7 @@ rule gptq:
     output:
         directory(layout.GPTQ_DIR),
     params:
-        settings=config["gptq"],
+        settings=canonical(config["gptq"]),
         recipe=recipe_options("gptq"),
         device=DEVICE,
     log:

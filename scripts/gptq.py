@@ -4,18 +4,20 @@ from pathlib import Path
 
 import torch
 
+from quamba.gpu_lease import lease_for
 from quamba.logs import job_log
 from quamba.recipe import Recipe
 from quamba.stages.gptq import GPTQSettings, gptq_model_dir
 
-with job_log(snakemake.log[0]) as log:  # noqa: F821
+with job_log(snakemake.log[0]) as log, lease_for(snakemake.params.device, f"gptq {snakemake.output[0]}",  # noqa: F821
+                                                 snakemake.config.get("gpus"), log):  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     setting = dict(snakemake.params.settings)  # noqa: F821
     recipe = Recipe(**snakemake.params.recipe)  # noqa: F821
     settings = GPTQSettings(w_bits=int(snakemake.wildcards.bits), seed=int(snakemake.wildcards.seed),  # noqa: F821
                             nsamples=setting["nsamples"], seqlen=setting["seqlen"],
                             group_size=setting["group_size"], percdamp=setting["percdamp"],
-                            act_order=setting["act_order"], lm_head=setting["lm_head"])
+                            act_order=setting["act_order"])
     log.info("GPTQ of %s with %s, %s (data: %s)", snakemake.input.model, settings, recipe,  # noqa: F821
              setting.get("data") or "shipped corpus")
     stats = getattr(snakemake.input, "stats", None)  # noqa: F821  (only with reorder)

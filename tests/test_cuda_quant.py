@@ -94,11 +94,11 @@ def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
 
     config = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2, chunk_size=64)
     fp16 = save_fp16(random_model(config), tmp_path / "fp16", REPO / "resources" / "tokenizer")
-    recipe = Recipe(reorder=True)
+    recipe = Recipe(reorder=True, quantize_lm_head=True)
     calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=8, seq_len=128, save_activations=False),
                         recipe, device="cpu", progress=False)
     scales_file(tmp_path / "calib", 0.99999, tmp_path / "scales.json")
-    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=8, nsamples=8, seqlen=128, lm_head=True), recipe,
+    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=8, nsamples=8, seqlen=128), recipe,
                    device="cpu", progress=False, calib_dir=tmp_path / "calib")
     quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", "w8a8", recipe, tmp_path / "calib", tmp_path / "scales.json")
     diff = cuda_vs_cpu(tmp_path / "q")

@@ -50,13 +50,13 @@ def snakemake(workdir: Path, *args: str, **kwargs) -> subprocess.CompletedProces
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
 
 
-def planned(workdir: Path, config: dict) -> set[str]:
+def planned(workdir: Path, config: dict, sort_keys: bool = True) -> set[str]:
     """The outputs a run with `config` would (re)build, from Snakemake's dry run (nothing runs)."""
     from snakemake.api import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings, SnakemakeApi
     from snakemake.settings.types import Quietness
 
     path = workdir / f"plan-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=sort_keys))
     updated: list[str] = []
     cwd = Path.cwd()
     try:
@@ -200,6 +200,15 @@ def test_second_run_has_nothing_to_do(ran_study):
     assert planned(workdir, tiny_config(source)) == set()
 
 
+def test_the_order_of_keys_in_a_config_file_changes_nothing(ran_study):
+    workdir, source = ran_study
+
+    def reversed_keys(node):
+        return {k: reversed_keys(v) for k, v in reversed(node.items())} if isinstance(node, dict) else node
+
+    assert planned(workdir, reversed_keys(tiny_config(source)), sort_keys=False) == set()
+
+
 def test_adding_an_alpha_listed_nowhere_runs_only_its_scales_assemblies_and_evals(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, quantization__alphas=[0.999, 0.99973, 1.0]))
@@ -337,8 +346,8 @@ def test_study_with_every_transform_on(tmp_path):
         source = write_state_spaces(random_model(config), tmp_path / name)
         models[name] = {"source": str(source), "tokenizer": str(REPO / "resources" / "tokenizer")}
     config = tiny_config(tmp_path, quantization__schemes=["w8a8"], quantization__seeds=[0], quantization__alphas=[0.999],
-                         tasks=["perplexity"], recipe={"reorder": True, "head_clusters": 2, "channel_clusters": 2},
-                         gptq__lm_head=True)
+                         tasks=["perplexity"], recipe={"reorder": True, "head_clusters": 2, "channel_clusters": 2,
+                                                       "quantize_lm_head": True})
     config["models"] = models
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(tmp_path, "--configfile", "study.yaml")

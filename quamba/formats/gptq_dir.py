@@ -44,7 +44,7 @@ def load_gptq(gptq_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]
     for key, value in tensors.items():
         layer, _, field = key.rpartition(".")
         layers.setdefault(layer, {})[field] = value
-    if info["settings"]["w_bits"] == 4:
-        for entry in layers.values():
+    for entry in layers.values():  # int4 is stored packed as uint8 (lm_head can be 4-bit in a w8 dir)
+        if entry["qweight"].dtype == torch.uint8:
             entry["qweight"] = unpack_int4(entry["qweight"])
     return layers, info

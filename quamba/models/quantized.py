@@ -19,7 +19,7 @@ from quamba.models.checkpoint import SAFETENSORS_FILE, build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.taps import LM_HEAD_POINT, named_taps
 from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.quantizers import dequantize, expand_scales, quantize, unpack_int4
+from quamba.numerics.quantizers import HALF_EVEN, dequantize, expand_scales, quantize, unpack_int4
 
 REORDER_TAP = "x_conv_out:input"  # the SSM input x: per reorder cell scales under Quamba2's reordering
 QUANT_CONFIG = "quant_config.json"
@@ -34,9 +34,10 @@ class QuantLinear(nn.Module):
     with int8 activations run as an int8 GEMM (torch._int_mm) where its shape rules allow."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
-                 act_scale: float | None, rotate_input: str | None):
+                 act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN):
         super().__init__()
         self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
+        self.rounding = rounding  # of the int8 input: the norm's (ties to even) or the Hadamard's (away)
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight.to(torch.int8))  # (out, in) integer values
         self.register_buffer("scales", scales.float())  # (out, groups) or (1, 1)
@@ -53,7 +54,7 @@ class QuantLinear(nn.Module):
             x = hadamard_transform(x, self.rotate_input)
         if self.act_scale is None:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        x_q = quantize(x, self.act_scale, 8)  # (..., in) int8
+        x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
         x2d = x_q.reshape(-1, self.in_features)
         if self._int8_gemm_ok(x2d):
             acc = torch._int_mm(x2d, self.qweight.t())  # (m, out) int32, exact
@@ -103,6 +104,7 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
     model = build_model(config, tensors, source=str(model_dir))
     act_scales = quant_config["activation_scales"]
     hadamard = quant_config["hadamard"]["kind"]
+    rounding = quant_config["rounding"]  # per tap point
     linears = quantized_linears(model)
     for i, block in enumerate(model.backbone.layers):
         for kind in ("in_proj", "out_proj"):
@@ -116,15 +118,16 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
             setattr(block.mixer, kind, QuantLinear(
                 qweight, integer[name]["scales"], quant_config["w_bits"],
                 None if bias is None else bias.detach().clone(),
-                act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=hadamard if kind == "out_proj" else None))
+                act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=hadamard if kind == "out_proj" else None,
+                rounding=rounding[LINEAR_INPUT_TAPS[kind]]))
     if "lm_head" in integer:  # its input quantized inside QuantLinear, so its tap stays identity
         qweight = integer["lm_head"]["qweight"]
         model.lm_head = QuantLinear(unpack_int4(qweight) if quant_config["w_bits"] == 4 else qweight,
                                     integer["lm_head"]["scales"], quant_config["w_bits"], None,
-                                    act_scales.get(LM_HEAD_POINT), rotate_input=None)
+                                    act_scales.get(LM_HEAD_POINT), rotate_input=None, rounding=rounding[LM_HEAD_POINT])
     for tap_name, tap in named_taps(model).items():
         if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
-            tap.scale = act_scales.get(tap_name)
+            tap.scale, tap.rounding = act_scales.get(tap_name), rounding[tap.point]
     for i, block in enumerate(model.backbone.layers):
         scales = group_scales.get(f"backbone.layers.{i}.mixer.{X_GROUP_SCALES}")
         if scales is not None:  # Quamba2: x quantized per reorder cell

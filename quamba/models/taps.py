@@ -54,6 +54,7 @@ class Tap(nn.Module):
         self.point = point
         self.rotated = point in ROTATED_POINTS
         self.scale: float | torch.Tensor | None = None
+        self.rounding = "half_away"  # set with the scale from the quantized dir's record
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
@@ -61,7 +62,7 @@ class Tap(nn.Module):
         from quamba.numerics.quantizers import fake_quantize  # the FP path never needs it
 
         scale = self.scale.to(x.device) if isinstance(self.scale, torch.Tensor) else self.scale
-        return fake_quantize(x, scale, 8)
+        return fake_quantize(x, scale, 8, self.rounding)
 
     def extra_repr(self) -> str:
         if self.scale is None:

@@ -1,14 +1,16 @@
-"""Integer formats of the project: symmetric signed integers with float scales, one rounding mode.
+"""Integer formats of the project: signed integers with float scales, and the rounding modes.
 
-Rounding: `round_half_away` (ties away from zero, CUDA's roundf) is THE rounding mode of
-quamba, on every path: simulated quantization, RTN, GPTQ and anything that feeds a kernel.
-The Quamba fork found that torch.round (ties to even) disagreed with the kernels' roundf, so
-never call torch.round on a quantization path.
+Rounding (recipe option `rounding`): Quamba rounds differently by operation (QUAMBA.md section 8):
+ties to even (torch.round, rint, cvt.rni) for every weight, for the norm's int8 output and for
+int8 GEMM outputs; ties away from zero (CUDA roundf) for the conv's int8 output, the quantized
+Hadamard's output and the prefill SSM state. `ROUNDING_BY_POINT` says which each tap is;
+`rounding: half_away` (the project's earlier choice) uses ties away from zero everywhere.
 
-Values: q = clamp(round_half_away(x / scale), qmin, qmax) with (qmin, qmax) = (-2^(b-1),
-2^(b-1) - 1); scales come from absmax / qmax, so +absmax maps to qmax and -absmax to -qmax
-(qmin is reachable only by clamping). Integers of any width up to 8 bits live in torch.int8;
-int4 is packed two per byte only for storage (`pack_int4`).
+Values: q = clamp(round(x / scale), qmin, qmax) with (qmin, qmax) = (-2^(b-1), 2^(b-1) - 1).
+Grids (recipe option `int4_grid`, and GPTQ at 8 bits): Quamba's (GPTQ's symmetric quantizer)
+s = 2 absmax / (2^b - 1), so +absmax lands on 7.5 -> 7 at 4 bits and -absmax on -8: levels -8..7;
+"symmetric" s = absmax / (2^(b-1) - 1): levels -7..7. Integers of any width up to 8 bits live in
+torch.int8; int4 is packed two per byte only for storage (`pack_int4`).
 
 Weight granularities (W is (out_features, in_features), as in nn.Linear):
 - "tensor": one scale (Quamba's W8A8 weights); scales (1, 1).
@@ -23,7 +25,35 @@ import torch
 
 WEIGHT_SCALE_FLOOR = 1e-8  # an all-zero row or group still gets a finite, positive scale
 ACTIVATION_SCALE_FLOOR = 1e-6  # Quamba floors every activation scale here (its observers' scale = value / 127)
+PER_TENSOR_ABSMAX_FLOOR = 1e-5  # Quamba's per-tensor W8 scale: clamp(absmax, 1e-5) / 127
 GRANULARITIES = ("tensor", "channel", "group")
+ROUNDINGS = ("half_even", "half_away")
+GRIDS = ("quamba", "symmetric")
+HALF_EVEN, HALF_AWAY = ROUNDINGS
+# Quamba's rounding of the int8 value each tap's quantizer writes (QUAMBA.md section 8)
+ROUNDING_BY_POINT = {
+    "in_proj:input": HALF_EVEN,  # QRMSNorm -> int8: rint
+    "lm_head:input": HALF_EVEN,  # norm_f as QRMSNorm
+    "in_proj:output": HALF_EVEN,  # int8 GEMM epilogue: cvt.rni
+    "x_proj:output": HALF_EVEN,
+    "dt_proj:output": HALF_EVEN,
+    "z_act:input": HALF_EVEN,  # Mamba2's in_proj splits, GEMM outputs
+    "x_conv_in:input": HALF_EVEN,
+    "B_conv_in:input": HALF_EVEN,
+    "C_conv_in:input": HALF_EVEN,
+    "dt_act:input": HALF_EVEN,
+    "x_proj:input": HALF_AWAY,  # conv1d + SiLU -> int8: roundf
+    "x_conv_out:input": HALF_AWAY,
+    "B_conv_out:input": HALF_AWAY,
+    "C_conv_out:input": HALF_AWAY,
+    "out_proj:input": HALF_AWAY,  # the quantized Hadamard: roundf
+    "ssm_state_act:input": HALF_AWAY,  # the int8 state: roundf
+}
+
+
+def point_rounding(point: str, rounding_option: str) -> str:
+    """The rounding of a tap's quantizer under the recipe's `rounding` option."""
+    return HALF_AWAY if rounding_option == HALF_AWAY else ROUNDING_BY_POINT[point]
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +65,15 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     whole = torch.trunc(x)
     fraction = x - whole  # exact; |fraction| < 1 with the sign of x
     return whole + torch.where(fraction.abs() >= 0.5, torch.sign(fraction), torch.zeros_like(fraction))
+
+
+def round_to_integer(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """x rounded to integers: ties to even (torch.round) or away from zero."""
+    if rounding == HALF_EVEN:
+        return torch.round(x)
+    if rounding == HALF_AWAY:
+        return round_half_away(x)
+    raise ValueError(f"rounding: {rounding!r} is not a rounding mode; allowed: {list(ROUNDINGS)}")
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -51,8 +90,8 @@ def activation_scale(threshold: float, bits: int = 8) -> float:
     return float((torch.tensor(threshold, dtype=torch.float32) / qmax).clamp(min=ACTIVATION_SCALE_FLOOR))
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Integers clamp(round_half_away(x / scale), qmin, qmax) as torch.int8, shape of x.
+def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str = HALF_AWAY) -> torch.Tensor:
+    """Integers clamp(round(x / scale), qmin, qmax) as torch.int8, shape of x.
 
     scale broadcasts against x. Computed in at least float32 (fp16 x / scale would round the
     quotient before the rounding to integers does). We divide by the scale; a kernel that
@@ -61,7 +100,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.T
     qmin, qmax = qrange(bits)
     compute = torch.promote_types(x.dtype, torch.float32)
     scaled = x.to(compute) / (scale.to(compute) if isinstance(scale, torch.Tensor) else scale)
-    return round_half_away(scaled).clamp_(qmin, qmax).to(torch.int8)
+    return round_to_integer(scaled, rounding).clamp_(qmin, qmax).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -69,9 +108,27 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     return q.to(torch.float32) * scale
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str = HALF_AWAY) -> torch.Tensor:
     """x snapped to its quantization grid (dequantize(quantize(x))), in the dtype of x."""
-    return dequantize(quantize(x, scale, bits), scale).to(x.dtype)
+    return dequantize(quantize(x, scale, bits, rounding), scale).to(x.dtype)
+
+
+def grid_scale(absmax: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """The scale of a weight group from its absmax: Quamba's 2 absmax / (2^b - 1), whose all-zero
+    groups get absmax 1 as in GPTQ's quantizer, or the symmetric absmax / (2^(b-1) - 1)."""
+    if grid == "quamba":
+        return torch.where(absmax == 0, torch.ones_like(absmax), absmax) * (2 / (2 ** bits - 1))
+    if grid == "symmetric":
+        return (absmax / qrange(bits)[1]).clamp_(min=WEIGHT_SCALE_FLOOR)
+    raise ValueError(f"grid: {grid!r} is not a weight grid; allowed: {list(GRIDS)}")
+
+
+def per_tensor_w8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quamba's per-tensor int8 weight, in the weight's dtype (fp16 for its linears): s =
+    clamp(absmax, 1e-5) / 127, q = clamp(round_half_even(w / s), -128, 127); s as float32 (1, 1)."""
+    s = weight.abs().amax().clamp(min=PER_TENSOR_ABSMAX_FLOOR) / 127  # in weight's dtype
+    q = torch.round(weight / s).clamp_(-128, 127).to(torch.int8)
+    return q, s.float().reshape(1, 1)
 
 
 def group_width(in_features: int, granularity: str, group_size: int = 128) -> int:
@@ -88,14 +145,14 @@ def group_width(in_features: int, granularity: str, group_size: int = 128) -> in
     return group_size
 
 
-def weight_scales(weight: torch.Tensor, bits: int, granularity: str, group_size: int = 128) -> torch.Tensor:
+def weight_scales(weight: torch.Tensor, bits: int, granularity: str, group_size: int = 128,
+                  grid: str = "symmetric") -> torch.Tensor:
     """Absmax scales of a weight (out, in): float32 (1, 1), (out, 1) or (out, in / group_size).
 
     Use `expand_scales` to get one scale per weight entry.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight: expected (out_features, in_features), got shape {tuple(weight.shape)}")
-    _, qmax = qrange(bits)
     n_out, n_in = weight.shape
     width = group_width(n_in, granularity, group_size)
     magnitude = weight.detach().to(torch.float32).abs()  # (out, in)
@@ -103,7 +160,7 @@ def weight_scales(weight: torch.Tensor, bits: int, granularity: str, group_size:
         absmax = magnitude.amax().reshape(1, 1)  # (1, 1)
     else:
         absmax = magnitude.reshape(n_out, n_in // width, width).amax(dim=-1)  # (out, n_groups)
-    return (absmax / qmax).clamp_(min=WEIGHT_SCALE_FLOOR)
+    return grid_scale(absmax, bits, grid)
 
 
 def expand_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor:

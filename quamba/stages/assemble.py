@@ -25,11 +25,21 @@ from quamba.io import atomic_dir, package_versions, sha256_file, write_json
 from quamba.models.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_fp_model, model_sha256, read_config
 from quamba.models.quantized import QUANT_CONFIG, QUANT_CONFIG_VERSION, X_GROUP_SCALES
 from quamba.models.taps import LM_HEAD_POINT
+from quamba.numerics.gptq import rtn
 from quamba.numerics.observers import ABSMAX_FLOOR
-from quamba.numerics.quantizers import activation_scale, pack_int4
+from quamba.numerics.quantizers import (
+    HALF_AWAY,
+    HALF_EVEN,
+    ROUNDING_BY_POINT,
+    activation_scale,
+    dequantize,
+    expand_scales,
+    pack_int4,
+    per_tensor_w8,
+    point_rounding,
+)
 from quamba.recipe import Recipe, merge_records
 from quamba.schemes import get_scheme
-from quamba.stages.gptq import ROUNDING
 from quamba.transforms.reorder import REORDER_TAP, ReorderPlan, plan_sha256, prepare_model
 
 
@@ -47,7 +57,7 @@ def _check_inputs(fp16_dir: Path, recipe: Recipe, scheme_name: str, gptq_info: d
     if gptq_info["settings"]["w_bits"] != scheme.w_bits:
         raise ConfigError(f"gptq: {gptq_dir} holds w{gptq_info['settings']['w_bits']} weights; scheme "
                           f"{scheme_name} needs w{scheme.w_bits}")
-    recipe.check_built_alike(gptq_info["recipe"], f"the GPTQ dir {gptq_dir}")
+    recipe.check_built_alike(gptq_info["recipe"], f"the GPTQ dir {gptq_dir}", "assemble")
     if (scheme.needs_stats or recipe.reorder) and stats is None:
         raise ConfigError(f"calib: scheme {scheme_name}" + (" with reorder" if recipe.reorder else "")
                           + " needs the calibration dir (stats.json) of this model")
@@ -55,7 +65,7 @@ def _check_inputs(fp16_dir: Path, recipe: Recipe, scheme_name: str, gptq_info: d
         if stats["model"]["sha256"] != fp16_sha:
             raise ConfigError(f"calib: {stats_file} was calibrated on another model ({stats['model']['path']}), "
                               f"not {fp16_dir}")
-        recipe.check_built_alike(stats["recipe"], str(stats_file))
+        recipe.check_built_alike(stats["recipe"], str(stats_file), "assemble")
     if recipe.reorder and plan_sha256(stats["reorder"]) != gptq_info["reorder"]["plan_sha256"]:
         raise ConfigError(f"calib: the reorder plan of {stats_file} is not the one {gptq_dir} was built with "
                           f"({gptq_info['reorder']['stats']}); use that calibration")
@@ -91,6 +101,33 @@ def _x_group_scales(plan_record: dict) -> torch.Tensor:
     return cells[ReorderPlan.from_record(plan_record).cell_of_channel()]  # (d_inner,)
 
 
+def _w8_per_tensor(entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 weight of a W8A8 layer: as it is when GPTQ ran on the per-tensor grid; else, as in
+    Quamba, GPTQ's group-128 values as fp16 re-rounded to one per-tensor scale (in fp16)."""
+    if entry["scales"].numel() == 1:
+        return entry["qweight"], entry["scales"]
+    fp16 = dequantize(entry["qweight"], expand_scales(entry["scales"], entry["qweight"].shape[1])).to(torch.float16)
+    return per_tensor_w8(fp16)
+
+
+def _lm_head_weight(entry: dict | None, tensors: dict, recipe: Recipe, w_bits: int) -> dict | None:
+    """lm_head as the recipe makes it: GPTQ's values (fp16 and integer), or, with quantize_lm_head
+    and no GPTQ of it, round-to-nearest of the fp16 weight; None when it stays as it is."""
+    if entry is not None:
+        fp16 = dequantize(entry["qweight"], expand_scales(entry["scales"], entry["qweight"].shape[1]))
+        return {**entry, "fp16": fp16.to(torch.float16)}
+    if not recipe.quantize_lm_head:
+        return None
+    weight = tensors.get("lm_head.weight", tensors["backbone.embedding.weight"]).to(torch.float16)
+    if w_bits == 8:
+        q, s = per_tensor_w8(weight)
+    else:
+        result = rtn(weight.float(), 4, "group", 128, recipe.int4_grid, HALF_AWAY if recipe.rounding == "half_away"
+                     else HALF_EVEN)
+        q, s = result.q, result.scales
+    return {"qweight": q, "scales": s, "fp16": weight}
+
+
 def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_name: str, recipe: Recipe = Recipe(),
                        calib_dir: Path | None = None, scales_path: Path | None = None) -> dict:
     """`quamba quantize`: FP16 dir + GPTQ dir (+ calibration dir + one alpha's scales.json) -> a
@@ -117,15 +154,24 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         tensors, config = _transformed_fp16_tensors(fp16_dir, recipe, stats["reorder"] if recipe.reorder else None)
     else:
         tensors = {k: v.to(torch.float16) for k, v in load_file(fp16_dir / SAFETENSORS_FILE).items()}
-    for name, entry in gptq_layers.items():
+    weights = {name: entry for name, entry in gptq_layers.items() if name != "lm_head"}
+    head = _lm_head_weight(gptq_layers.get("lm_head"), tensors, recipe, scheme.w_bits)
+    if head is not None and not recipe.quantize_lm_head:  # Quamba: an fp16 lm_head holding GPTQ's values
+        tensors["lm_head.weight"] = head["fp16"]
+        config = config.replace(tie_embeddings=False)
+    elif head is not None:
+        weights["lm_head"] = head
+    for name, entry in weights.items():
         tensors.pop(f"{name}.weight", None)  # a tied lm_head has no weight of its own
-        q = entry["qweight"]
+        q, layer_scales = _w8_per_tensor(entry) if scheme.w_bits == 8 else (entry["qweight"], entry["scales"])
         tensors[f"{name}.qweight"] = pack_int4(q) if scheme.w_bits == 4 else q.to(torch.int8)
-        tensors[f"{name}.scales"] = entry["scales"].float()
+        tensors[f"{name}.scales"] = layer_scales.float()
+    if recipe.quantize_lm_head or "lm_head" in gptq_layers:
+        config = config.replace(tie_embeddings=False)
     act_scales, group_scales = {}, {}
     if scales is not None:
         act_scales = {tap: activation_scale(entry["threshold"]) for tap, entry in scales["taps"].items()
-                      if not tap.startswith("lm_head") or (tap == LM_HEAD_POINT and "lm_head" in gptq_layers)}
+                      if tap != LM_HEAD_POINT or "lm_head" in weights}
         if recipe.reorder:
             for layer, plan_record in stats["reorder"]["layers"].items():
                 tensors[f"backbone.layers.{int(layer.removeprefix('layer_'))}.mixer.{X_GROUP_SCALES}"] = \
@@ -141,9 +187,13 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "group_size": gptq_info["settings"]["group_size"], "alpha": None if scales is None else scales["alpha"],
         "seed": gptq_info["settings"]["seed"],
         "gptq": {"settings": gptq_info["settings"], "data": gptq_info["data"]},
-        "rounding": ROUNDING,
+        "rounding": {point: point_rounding(point, recipe.rounding) for point in sorted(ROUNDING_BY_POINT)},
+        "weights": {"grids": gptq_info["grids"], "method": gptq_info["method"],
+                    "w8": "re-rounded to one per-tensor scale from GPTQ's fp16 values" if scheme.w_bits == 8 else None,
+                    "lm_head": None if head is None else ("integer" if recipe.quantize_lm_head else
+                                                          "fp16, holding its quantized values")},
         "hadamard": {"kind": recipe.hadamard, "out_proj_input": True, "residual_stream": recipe.rotate_residual},
-        "quantized_linears": sorted(gptq_layers),
+        "quantized_linears": sorted(weights),
         "activation_scales": act_scales,
     }
     if recipe.reorder:
@@ -155,10 +205,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / SAFETENSORS_FILE,
                   metadata={"format": "quamba-quantized"})
-        if recipe.rotate_residual:  # lm_head is untied now
-            write_json(tmp / CONFIG_FILE, config.to_state_spaces())
-        else:
-            shutil.copy(fp16_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+        write_json(tmp / CONFIG_FILE, config.to_state_spaces())  # lm_head untied by rotation or quantization
         for tokenizer_file in fp16_dir.glob("tokenizer*"):
             shutil.copy(tokenizer_file, tmp / tokenizer_file.name)
         write_json(tmp / QUANT_CONFIG, quant_config)

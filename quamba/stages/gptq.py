@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quamba.data import TokenSamples, load_tokenizer, random_windows
+from quamba.data import load_tokenizer, random_windows
 from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
 from quamba.formats.gptq_dir import save_gptq
@@ -31,20 +31,20 @@ from quamba.models.checkpoint import model_sha256, read_config, resolve_model_di
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.load import load
 from quamba.models.quantized import quantized_linears
-from quamba.numerics.gptq import GPTQ, QuantizedLinearWeight
+from quamba.numerics.gptq import GPTQ, QuantizedLinearWeight, rtn
+from quamba.numerics.quantizers import HALF_AWAY, HALF_EVEN, per_tensor_w8
 from quamba.recipe import Recipe
-from quamba.schemes import WEIGHT_GRANULARITY
 from quamba.shipped import DEFAULT_CORPUS
 from quamba.transforms.reorder import check_reorderable, plan_sha256, prepare_model
 from quamba.transforms.rotation import check_widths, rotate_out_projs
 
-ROUNDING = "half away from zero (CUDA roundf), on every path"
-OPTIONAL_SETTINGS = ("lm_head",)
+ROUNDING = "the recipe's (quamba.numerics.quantizers)"
 
 
 @dataclass(frozen=True)
 class GPTQSettings:
-    """Quamba's defaults: 128 windows of 1024 tokens, percdamp 0.01, group size 128, no act-order."""
+    """Quamba's defaults: 128 windows of 1024 tokens, percdamp 0.01, group size 128, no act-order.
+    How each weight is gridded and rounded comes from the recipe (quantization_grid)."""
 
     w_bits: int = 4
     group_size: int = 128
@@ -52,48 +52,93 @@ class GPTQSettings:
     nsamples: int = 128
     seqlen: int = 1024
     seed: int = 0
-    act_order: bool = False
+    act_order: bool = False  # not Quamba's: columns by decreasing Hessian diagonal
     blocksize: int = 128
-    batch_size: int = 8
-    lm_head: bool = False  # also quantize lm_head (Hessian from the final norm's outputs)
-
-    @property
-    def granularity(self) -> str:
-        return WEIGHT_GRANULARITY[self.w_bits]
+    batch_size: int = 8  # windows per forward; the Hessians still add one sequence at a time
 
     def record(self) -> dict:
-        """gptq.json's settings: the options added later appear only when on."""
-        record = {**asdict(self), "granularity": self.granularity}
-        for key in OPTIONAL_SETTINGS:
-            if not record[key]:
-                del record[key]
-        return record
+        return asdict(self)
 
     def validate(self) -> None:
-        if self.w_bits not in WEIGHT_GRANULARITY:
-            raise ConfigError(f"w_bits: {self.w_bits} is not supported; allowed: {sorted(WEIGHT_GRANULARITY)}")
+        if self.w_bits not in (4, 8):
+            raise ConfigError(f"w_bits: {self.w_bits} is not supported; allowed: [4, 8]")
         if not 0 < self.percdamp < 1:
             raise ConfigError(f"percdamp: {self.percdamp} must be in (0, 1)")
         for key in ("group_size", "nsamples", "seqlen", "blocksize", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed: must be an integer >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How one weight is quantized: bits, granularity, grid, rounding and the solve's dtype."""
+
+    bits: int
+    granularity: str
+    grid: str
+    rounding: str
+    dtype: torch.dtype = torch.float32
+
+    def record(self) -> dict:
+        return {"bits": self.bits, "granularity": self.granularity, "grid": self.grid, "rounding": self.rounding,
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def quantization_grid(bits: int, recipe: Recipe, dtype: torch.dtype = torch.float32) -> Grid:
+    """The recipe's grid for a weight of `bits`: Quamba runs 8-bit GPTQ in groups (re-rounded per
+    tensor at assembly) and int4 on its -8..7 grid, rounding ties to even."""
+    rounding = HALF_AWAY if recipe.rounding == "half_away" else HALF_EVEN
+    if bits == 8 and recipe.w8_gptq == "per_tensor":
+        return Grid(8, "tensor", "symmetric", rounding, dtype)
+    return Grid(bits, "group", recipe.int4_grid if bits == 4 else "quamba", rounding, dtype)
+
+
+def lm_head_grid(settings: GPTQSettings, recipe: Recipe) -> Grid | None:
+    """lm_head's grid: Quamba GPTQs it at 4 bits with an fp16 solve on every GPTQ run."""
+    if recipe.lm_head_gptq == "none" or not recipe.gptq:
+        return None
+    bits = 4 if recipe.lm_head_gptq == "quamba" else settings.w_bits
+    return quantization_grid(bits, recipe, dtype=torch.float16)
+
+
+def _solve(solver: GPTQ, weight: torch.Tensor, grid: Grid, settings: GPTQSettings) -> QuantizedLinearWeight:
+    return solver.quantize(weight.to(grid.dtype), grid.bits, grid.granularity, group_size=settings.group_size,
+                           percdamp=settings.percdamp, blocksize=settings.blocksize, act_order=settings.act_order,
+                           grid=grid.grid, rounding=grid.rounding, dtype=grid.dtype)
 
 
 @torch.no_grad()
 def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings: GPTQSettings,
-                        hadamard: str = "quamba", progress: bool = True) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
-    """Quantize in_proj and out_proj of every block (and lm_head with settings.lm_head); returns
-    the weights and per-layer logs. `model` must already be in the basis the quantized model
-    uses (`quamba.transforms.reorder.prepare_model`); GPTQ works on a copy with out_proj's input rotated,
-    and `model` itself is left unchanged."""
+                        recipe: Recipe = Recipe(), progress: bool = True
+                        ) -> tuple[dict[str, QuantizedLinearWeight], dict[str, dict]]:
+    """Quantize in_proj and out_proj of every block (and lm_head as the recipe says) as Quamba's
+    GPTQ does; returns the weights and per-layer logs. `model` must already be in the basis the
+    quantized model uses (`quamba.transforms.reorder.prepare_model`); GPTQ works on a copy with
+    out_proj's input rotated, and `model` itself is left unchanged.
+
+    As in Quamba, the blocks pass fp16 buffers: each block's (hidden, residual) pair is stored in
+    fp16 and added (in float32 with residual_in_fp32) at the next block's input; each block's
+    Hessians come from one pass with its FP weights, then in_proj and out_proj are quantized and
+    the block reruns with them to make the next block's inputs.
+    """
     settings.validate()
-    model = rotate_out_projs(copy.deepcopy(model), hadamard).eval()
+    grid = quantization_grid(settings.w_bits, recipe)
+    model = rotate_out_projs(copy.deepcopy(model), recipe.hadamard).eval()
     linears = quantized_linears(model)
     device = model.lm_head.weight.device
-    residuals = []  # inputs of the current block, one tensor per batch of windows
+    compute = model.lm_head.weight.dtype
+    buffers = []  # per batch of windows: (hidden, residual) in fp16, the residual zero at the start
     for batch in windows.split(settings.batch_size):
-        hidden = model.backbone.embedding(batch.to(device))  # (b, l, d_model)
-        residuals.append(hidden.float() if model.config.residual_in_fp32 else hidden)
+        hidden = model.backbone.embedding(batch.to(device)).to(torch.float16)  # (b, l, d_model)
+        buffers.append((hidden, torch.zeros_like(hidden)))
+
+    def run(block, hidden, residual):
+        residual = hidden.float() + residual.float() if model.config.residual_in_fp32 else (hidden + residual).to(compute)
+        out = block.mixer(block.norm(residual).to(compute))  # (b, l, d_model)
+        return out.to(torch.float16), residual.to(torch.float16)
+
     results: dict[str, QuantizedLinearWeight] = {}
     logs: dict[str, dict] = {}
     for i, block in enumerate(tqdm(model.backbone.layers, desc="gptq", disable=not progress)):
@@ -101,29 +146,42 @@ def gptq_quantize_model(model: MambaLMHeadModel, windows: torch.Tensor, settings
         solvers = {name: GPTQ(linears[name].in_features) for name in names}
         hooks = [linears[name].register_forward_pre_hook(
             lambda _m, args, solver=solvers[name]: solver.add_batch(args[0])) for name in names]
-        for residual in residuals:
-            block(residual)
+        for hidden, residual in buffers:
+            run(block, hidden, residual)
         for hook in hooks:
             hook.remove()
         for name in names:
             start = time.perf_counter()
-            result = solvers[name].quantize(linears[name].weight.float(), settings.w_bits, settings.granularity,
-                                            group_size=settings.group_size, percdamp=settings.percdamp,
-                                            blocksize=settings.blocksize, act_order=settings.act_order)
-            results[name] = result
-            linears[name].weight.copy_(result.dequantize().to(linears[name].weight.dtype))
+            results[name] = result = _solve(solvers[name], linears[name].weight, grid, settings)
+            linears[name].weight.copy_(result.dequantize().to(torch.float16).to(linears[name].weight.dtype))
             logs[name] = {"seconds": time.perf_counter() - start, "error": float(result.error)}
-        residuals = [block(residual) for residual in residuals]  # next block sees quantized weights
-    if settings.lm_head:  # Quamba: after the blocks, on the final norm's outputs
+        buffers = [run(block, hidden, residual) for hidden, residual in buffers]  # quantized weights now
+    head = lm_head_grid(settings, recipe)
+    if head is not None:  # Quamba: after the blocks, on the final norm of the buffers
         start = time.perf_counter()
         solver = GPTQ(model.lm_head.in_features)
-        for residual in residuals:
-            solver.add_batch(model.backbone.norm_f(residual).to(model.lm_head.weight.dtype))
-        results["lm_head"] = solver.quantize(model.lm_head.weight.float(), settings.w_bits, settings.granularity,
-                                             group_size=settings.group_size, percdamp=settings.percdamp,
-                                             blocksize=settings.blocksize, act_order=settings.act_order)
+        for hidden, residual in buffers:
+            final = hidden.float() + residual.float() if model.config.residual_in_fp32 else hidden + residual
+            solver.add_batch(model.backbone.norm_f(final).to(torch.float16))
+        results["lm_head"] = _solve(solver, model.lm_head.weight, head, settings)
         logs["lm_head"] = {"seconds": time.perf_counter() - start, "error": float(results["lm_head"].error)}
     return results, logs
+
+
+def rtn_model(model: MambaLMHeadModel, settings: GPTQSettings, recipe: Recipe) -> dict[str, QuantizedLinearWeight]:
+    """Round-to-nearest weights of in_proj and out_proj (the recipe's gptq: false), in Quamba's
+    layout: int8 per tensor from the fp16 weight, int4 on the recipe's grid in groups."""
+    model = rotate_out_projs(copy.deepcopy(model), recipe.hadamard)
+    results = {}
+    for name, linear in quantized_linears(model).items():
+        weight = linear.weight.detach().to(torch.float16)
+        if settings.w_bits == 8:
+            q, scale = per_tensor_w8(weight)
+            results[name] = QuantizedLinearWeight(q, scale, 8, "tensor", settings.group_size)
+        else:
+            grid = quantization_grid(4, recipe)
+            results[name] = rtn(weight.float(), 4, "group", settings.group_size, grid.grid, grid.rounding)
+    return results
 
 
 def _reorder_from_calibration(calib_dir: Path | None, model_dir: Path) -> tuple[dict, dict]:
@@ -161,19 +219,25 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
-    windows: TokenSamples = random_windows(data or DEFAULT_CORPUS, tokenizer, settings.nsamples,
-                                           settings.seqlen, settings.seed)
     model = prepare_model(load(model_dir, device=device, dtype=torch.float32), recipe, reorder)
-    results, logs = gptq_quantize_model(model, windows.stacked(), settings, recipe.hadamard, progress=progress)
+    if not recipe.gptq:  # round-to-nearest: no data, every seed the same weights
+        windows, results = None, rtn_model(model, settings, recipe)
+        logs = {name: {"seconds": 0.0, "error": 0.0} for name in results}
+    else:
+        windows = random_windows(data or DEFAULT_CORPUS, tokenizer, settings.nsamples, settings.seqlen, settings.seed)
+        results, logs = gptq_quantize_model(model, windows.stacked(), settings, recipe, progress=progress)
     info = {
         "schema_version": 2, "kind": "quamba-gptq",
         "recipe": recipe.record("gptq"),
         "model": {"path": str(model_dir), "sha256": model_sha256(model_dir), "layer": config.layer},
         "settings": settings.record(),
-        "data": {"source": windows.source, "sha256": windows.source_sha256,
-                 "tokens_sha256": windows.sha256, "selection": windows.selection},
+        "method": "gptq" if recipe.gptq else "rtn",
+        "grids": {name: {**(lm_head_grid(settings, recipe) if name == "lm_head" else
+                            quantization_grid(settings.w_bits, recipe)).record(),
+                         "group_width": result.group_width} for name, result in results.items()},
+        "data": None if windows is None else {"source": windows.source, "sha256": windows.source_sha256,
+                                              "tokens_sha256": windows.sha256, "selection": windows.selection},
         "hadamard": {"kind": recipe.hadamard, "out_proj_input": True, "residual_stream": recipe.rotate_residual},
-        "rounding": ROUNDING,
         "layers": {name: {"error": round(log["error"], 6)} for name, log in logs.items()},
         "versions": package_versions(),
     }

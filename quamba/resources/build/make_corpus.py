@@ -26,14 +26,13 @@ import io
 import os
 import pkgutil
 import platform
+import pydoc_data.topics
 import re
 import sys
 import tokenize
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-
-import pydoc_data.topics
 
 REPO = Path(__file__).resolve().parents[2]
 # Modules that act on import (antigravity opens a browser, this prints) or are
