@@ -158,10 +158,6 @@ class Recipe:
         """What an artifact records: the recipe name, the options that acted on it, the departures."""
         return {"name": self.name, "options": self.options(stage), "departures": self.departures(stage)}
 
-    def model_transforms(self) -> dict[str, Any]:
-        """The options that change the model itself: calibration, GPTQ and assembly must agree on them."""
-        return {key: value for key, value in self.options().items() if OPTIONS[key].stages == MODEL}
-
     def for_model(self, layer: str) -> Recipe:
         """The recipe as it applies to one model: reordering is Quamba2's, so Mamba1 goes without."""
         return self if layer == "Mamba2" or not self.reorder else dataclasses.replace(self, reorder=False)
@@ -176,13 +172,6 @@ class Recipe:
             if was != asked:
                 raise ConfigError(f"recipe.{key}: {what} was built with {key}={was!r}, but this run asks for "
                                   f"{asked!r}; the stages must use the same {key}")
-
-    @classmethod
-    def describe(cls) -> list[dict[str, str]]:
-        """Every option: its Quamba value, the alternatives and what they do (README's table)."""
-        return [{"option": key, "quamba": repr(o.quamba), "allowed": "positive integer" if o.allowed is None
-                 else ", ".join(map(repr, o.allowed)), "quamba does": o.quamba_does, "option does": o.option_does}
-                for key, o in OPTIONS.items()]
 
 
 def merge_records(records: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -11,13 +11,12 @@ from quamba.errors import ConfigError
 class Scheme:
     """One of Quamba's schemes. Weights of in_proj and out_proj are GPTQ-quantized to w_bits;
     activations, when a_bits is set, are quantized to static per-tensor symmetric int8 at the
-    block taps with scales from stats.json at the chosen alpha."""
+    block taps with scales from the chosen alpha's scales.json."""
 
     name: str
     w_bits: int | None  # None: fp16 weights
     a_bits: int | None  # None: fp16 activations
-    weight_granularity: str = "tensor"  # "tensor" (Quamba's int8 weights) or "group" (int4)
-    group_size: int = 128
+    weight_granularity: str = "tensor"  # "tensor" (Quamba's int8 weights) or "group" (int4); GPTQ sets the group size
 
     @property
     def needs_stats(self) -> bool:
@@ -36,7 +35,6 @@ SCHEMES = {
     "w4a8": Scheme("w4a8", 4, 8, "group"),
     "w4a16": Scheme("w4a16", 4, None, "group"),
 }
-WEIGHT_GRANULARITY = {8: "tensor", 4: "group"}  # one GPTQ result per w_bits, shared by schemes
 
 
 def get_scheme(name: str) -> Scheme:

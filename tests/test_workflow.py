@@ -416,6 +416,26 @@ def test_paper_study_dry_run_lists_the_expected_jobs(tmp_path):
                       "summarize": 1, "plot_summary": 1, "plot_activations": 2, "all": 1, "total": 45}
 
 
+def test_realsize_study_dry_run_lists_the_expected_jobs(tmp_path):
+    """configs/realsize.yaml names random:ARCH sources: nothing is downloaded, the DAG is the paper's."""
+    run = snakemake(tmp_path, "--configfile", str(REPO / "configs" / "realsize.yaml"), "-n", "--quiet", "rules")
+    assert run.returncode == 0, run.stderr
+    counts = {}
+    for line in (run.stdout + run.stderr).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts == {"normalize_fp16": 2, "calibrate": 2, "scales": 4, "gptq": 6, "assemble": 12, "evaluate": 28,
+                      "summarize": 1, "plot_summary": 1, "plot_activations": 2, "all": 1, "total": 59}
+
+
+def test_a_random_source_names_a_known_architecture(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, models={"m": {"source": "random:mamba-9b"}})))
+    run = snakemake(tmp_path, "--configfile", "bad.yaml")
+    assert run.returncode != 0 and "models.m.source" in run.stdout + run.stderr
+    assert "'mamba-9b' is not a known architecture; allowed: mamba-130m" in run.stdout + run.stderr
+
+
 @pytest.mark.slow
 def test_default_study_runs_from_a_clean_checkout(tmp_path):
     """`snakemake --cores 2` on config.yaml, in a workdir laid out like a fresh clone."""

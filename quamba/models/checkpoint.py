@@ -33,8 +33,26 @@ def is_hub_id(path_or_hub_id: str | Path) -> bool:
     return not Path(path_or_hub_id).exists() and bool(_HUB_ID.match(str(path_or_hub_id)))
 
 
+RANDOM_PREFIX = "random:"  # random:ARCH[:SEED], a random-weight checkpoint (quamba.models.random_checkpoint)
+
+
+def random_source(source: str | Path) -> tuple[str, int] | None:
+    """(arch, seed) of a `random:ARCH[:SEED]` source, else None."""
+    if not str(source).startswith(RANDOM_PREFIX):
+        return None
+    arch, _, seed = str(source).removeprefix(RANDOM_PREFIX).partition(":")
+    if seed and not seed.isdigit():
+        raise CheckpointError(f"{source}: a random source is random:ARCH[:SEED] with an integer seed >= 0")
+    return arch, int(seed or 0)
+
+
 def check_source(path_or_hub_id: str | Path) -> None:
-    """Fail early, without downloading, when a source is neither a local dir nor a hub id."""
+    """Fail early, without downloading, when a source is neither a local dir, a hub id nor random:ARCH."""
+    if random_source(path_or_hub_id) is not None:
+        from quamba.models.random_checkpoint import architecture
+
+        architecture(random_source(path_or_hub_id)[0])  # fails naming the allowed architectures
+        return
     path = Path(path_or_hub_id)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: is a file; expected a model directory holding {CONFIG_FILE}")
@@ -180,7 +198,14 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
 
 
 def normalize(src: str | Path, tokenizer: str | Path, out_dir: Path) -> Path:
-    """Any supported FP checkpoint (local dir or hub id) -> our FP16 dir, with the input's hash."""
+    """Any supported FP checkpoint (local dir, hub id, or random:ARCH[:SEED]) -> our FP16 dir, with
+    the input's hash. A random checkpoint is written in that format directly (no fp32 copy)."""
+    if random_source(src) is not None:
+        from quamba.models.random_checkpoint import write_random_checkpoint
+
+        arch, seed = random_source(src)
+        return write_random_checkpoint(arch, Path(out_dir), seed=seed,
+                                       tokenizer=None if str(tokenizer) == str(src) else tokenizer)
     model_dir = resolve_model_dir(src)
     _, fmt = read_config(model_dir)
     inputs = [model_dir / CONFIG_FILE, *weight_files(model_dir)]

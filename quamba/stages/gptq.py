@@ -38,8 +38,6 @@ from quamba.shipped import DEFAULT_CORPUS
 from quamba.transforms.reorder import check_reorderable, plan_sha256, prepare_model
 from quamba.transforms.rotation import check_widths, rotate_out_projs
 
-ROUNDING = "the recipe's (quamba.numerics.quantizers)"
-
 
 @dataclass(frozen=True)
 class GPTQSettings:
