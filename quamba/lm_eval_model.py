@@ -78,10 +78,6 @@ class QuambaLM(TemplateLM):
         if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
             raise CheckpointError(f"{model_dir}: the tokenizer has neither an EOS nor a BOS token; "
                                   f"one is needed to score text that starts a document")
-        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval's CLI asks for cuda by default; like its HFLM, run where we can
-            eval_logger.warning("device %s requested but CUDA is not available; using cpu", device)
-            device = "cpu"
         self.model = load(model_dir, device=device, dtype=dtype)
         self._device = self.model.lm_head.weight.device
         # Generation never picks a row past the tokenizer's vocabulary (mamba_ssm pads it to a multiple of 8).

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import REPO, random_model
 from safetensors.torch import save_file
 from test_models import CONFIGS, to_transformers
 
 import quamba
-from quamba.errors import CheckpointError
+from quamba.errors import CheckpointError, ConfigError
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import normalize, read_config, resolve_model_dir
 
@@ -159,3 +159,18 @@ def test_missing_key_is_reported(tmp_path):
 def test_config_rejects_inconsistent_heads():
     with pytest.raises(Exception, match="headdim"):
         MambaConfig(d_model=64, n_layer=1, vocab_size=10, layer="Mamba2", headdim=48)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("command", [["calibrate", "--samples", "2", "--seq-len", "8"], ["gptq", "--w-bits", "8"],
+                                     ["eval", "--tasks", "perplexity"]])
+def test_cuda_asked_for_on_a_machine_without_it_fails_before_any_work(tmp_path, capsys, command):
+    from quamba.cli import main
+
+    model = REPO / "resources" / "models" / "mamba1-demo"
+    args = [command[0], str(model), *command[1:], "--device", "cuda", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "device: 'cuda' was asked for, but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="device: 'cuda' was asked for"):
+        quamba.load(model, device="cuda")

@@ -25,7 +25,7 @@ from quamba.formats.calibration import SCHEMA_VERSION, TapRecord, write_calibrat
 from quamba.io import package_versions
 from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
-from quamba.models.load import load
+from quamba.models.load import load, resolve_device
 from quamba.models.taps import Tap, named_taps, tap_layer
 from quamba.numerics.hadamard import hadamard_transform
 from quamba.numerics.observers import (
@@ -190,6 +190,7 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     """`quamba calibrate`: everything checked first, then one pass, then stats.json,
     calibration.safetensors and activations.npz written atomically into out_dir. Returns the
     stats document."""
+    resolve_device(device)  # a CUDA device asked for must exist
     model_dir = resolve_model_dir(model_dir)
     config, _ = read_config(model_dir)  # fails on a dir without config before any work
     recipe = recipe.for_model(config.layer)

@@ -17,6 +17,7 @@ from quamba.errors import ConfigError
 from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
 from quamba.models.checkpoint import CONFIG_FILE, weight_files
+from quamba.models.load import resolve_device
 from quamba.perplexity import evaluate_perplexity
 from quamba.shipped import HELD_OUT_TEXT, ROOT, TASKS_DIR
 
@@ -118,6 +119,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
         perplexity_tokens = positive_int("perplexity_tokens", perplexity_tokens)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ConfigError(f"num_fewshot: {num_fewshot!r} is not allowed; expected an integer >= 0")
+    resolve_device(device)  # a CUDA device asked for must exist; nothing falls back to the CPU
     names, perplexity_files, manager = split_tasks(list(tasks))
     local_dir = check_model_dir(model_dir)
     doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "quamba-eval", "tasks": list(tasks),

@@ -29,7 +29,7 @@ from quamba.formats.gptq_dir import save_gptq
 from quamba.io import package_versions, sha256_file
 from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
-from quamba.models.load import load
+from quamba.models.load import load, resolve_device
 from quamba.models.quantized import quantized_linears
 from quamba.numerics.gptq import GPTQ, QuantizedLinearWeight, rtn
 from quamba.numerics.quantizers import HALF_AWAY, HALF_EVEN, per_tensor_w8
@@ -214,7 +214,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     if recipe.reorder:
         check_reorderable(config, recipe.head_clusters, recipe.channel_clusters)
         reorder, reorder_info = _reorder_from_calibration(calib_dir, model_dir)
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    if resolve_device(device).type == "cuda":
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
     model = prepare_model(load(model_dir, device=device, dtype=torch.float32), recipe, reorder)
