@@ -24,6 +24,8 @@ VARIANTS = {  # name -> the recipe options it flips (the demo widths are powers 
     "rotate_residual=false": {"rotate_residual": False},
     "calibration_data=packed": {"calibration_data": "packed"},
     "calibration_order=seeded": {"calibration_order": "seeded"},
+    "reorder=true": {"reorder": True},  # Quamba2 (Mamba2 only; the Mamba1 rows equal quamba's)
+    "reorder=true,reorder_method=absmax_kmeans1d": {"reorder": True, "reorder_method": "absmax_kmeans1d"},
 }
 
 

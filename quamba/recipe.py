@@ -62,6 +62,11 @@ OPTIONS: dict[str, Option] = {
         False, (False, True), MODEL,
         "off in main.py's defaults (--group_heads); eval.sh turns it on for Mamba2",
         "true (Mamba2): Quamba2's head/channel reordering with grouped scales"),
+    "reorder_method": Option(
+        "quamba", ("quamba", "absmax_kmeans1d"), MODEL,
+        "the order from each channel's mean |x| (max over samples): per-head ascending channel sort, Ward "
+        "clustering of the heads' normalized profiles, KMeans of the sorted positions (scikit-learn)",
+        "absmax_kmeans1d: heads and channels sorted by absmax and cut by exact 1-D k-means"),
     "head_clusters": Option(
         4, None, MODEL, "4 head groups per SSD group", "any positive number of head clusters"),
     "channel_clusters": Option(
@@ -93,7 +98,7 @@ OPTIONS: dict[str, Option] = {
         "Hadamard and the state",
         "half_away: ties away from zero everywhere"),
 }
-REORDER_ONLY = ("head_clusters", "channel_clusters")  # act only with reorder on
+REORDER_ONLY = ("reorder_method", "head_clusters", "channel_clusters")  # act only with reorder on
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Recipe:
     calibration_data: str = "rows"
     calibration_order: str = "file"
     reorder: bool = False
+    reorder_method: str = "quamba"
     head_clusters: int = 4
     channel_clusters: int = 4
     gptq: bool = True
@@ -146,7 +152,7 @@ class Recipe:
         return cls(name=record["name"], **record["options"])
 
     def options(self, stage: str | None = None) -> dict[str, Any]:
-        """The options `stage` reads (all with stage None); the cluster counts only with reorder."""
+        """The options `stage` reads (all with stage None); the reorder settings only with reorder."""
         return {key: getattr(self, key) for key, option in OPTIONS.items()
                 if (stage is None or stage in option.stages) and (self.reorder or key not in REORDER_ONLY)}
 

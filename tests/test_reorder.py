@@ -1,4 +1,7 @@
-"""Quamba2's head/channel reordering: the FP model is unchanged, and the order is sort-and-cluster."""
+"""Quamba2's head/channel reordering: the FP model is unchanged; the order follows Quamba's
+statistic, Ward clustering of heads and KMeans of channels (reorder_method: quamba) or the
+earlier absmax sort with 1-D k-means (absmax_kmeans1d); the grouped ranges of x, B, C and the
+state are cut from pass one."""
 
 import itertools
 
@@ -10,13 +13,15 @@ from quamba.errors import ConfigError
 from quamba.models import MambaConfig
 from quamba.transforms.reorder import (
     ReorderPlan,
+    ReorderStatistics,
     check_reorderable,
     cluster_sorted,
-    plan_reorder,
+    plan_absmax_kmeans1d,
+    plan_quamba,
     reorder_mixer,
     reorder_model,
     reorder_record,
-    x_channel_absmax,
+    reorder_statistics,
 )
 from quamba.transforms.rotation import rotate_out_projs, rotate_residual
 
@@ -25,13 +30,21 @@ CONFIG = MambaConfig(d_model=64, n_layer=2, vocab_size=101, layer="Mamba2", d_st
 IDS = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
-def random_absmax(seed: int) -> torch.Tensor:
-    return torch.rand(CONFIG.d_inner, generator=torch.Generator().manual_seed(seed)).exp()  # (d_inner,)
+def random_absmax(seed: int, n: int = CONFIG.d_inner) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)).exp()  # (n,)
 
 
-def test_reordered_model_computes_the_same_logits_full_and_step_by_step():
+def random_statistics(seed: int) -> ReorderStatistics:
+    c = CONFIG
+    return ReorderStatistics(random_absmax(seed), random_absmax(seed + 100), random_absmax(seed + 200, c.ngroups * c.d_state),
+                             random_absmax(seed + 300, c.ngroups * c.d_state),
+                             random_absmax(seed + 400, c.d_inner * c.d_state).reshape(c.nheads, c.headdim, c.d_state))
+
+
+@pytest.mark.parametrize("method", ["quamba", "absmax_kmeans1d"])
+def test_reordered_model_computes_the_same_logits_full_and_step_by_step(method):
     model = random_model(CONFIG)
-    record = reorder_record(model, {i: random_absmax(i) for i in range(CONFIG.n_layer)}, 3, 2)
+    record = reorder_record(model, {i: random_statistics(i) for i in range(CONFIG.n_layer)}, 3, 2, method)
     with torch.no_grad():
         before = model(IDS).logits
         reorder_model(model, record)
@@ -45,7 +58,7 @@ def test_reordered_model_computes_the_same_logits_full_and_step_by_step():
 
 def test_reordering_commutes_with_both_hadamard_rotations():
     model = random_model(CONFIG)
-    record = reorder_record(model, x_channel_absmax(model, list(IDS.split(1))), 4, 4)
+    record = reorder_record(model, reorder_statistics(model, list(IDS.split(1))), 4, 4)
     with torch.no_grad():
         before = model(IDS).logits
         after = rotate_out_projs(reorder_model(rotate_residual(model, "quamba"), record), "quamba")(IDS).logits
@@ -59,7 +72,7 @@ def test_heads_are_sorted_inside_their_group_and_channels_inside_their_cluster()
     absmax[6] *= 40.0  # group 1: head 6
     absmax[5] *= 3.0
     absmax[:, 2] *= 10.0  # channel p = 2 is large in every head
-    plan = plan_reorder(absmax.reshape(-1), nheads, ngroups, head_clusters=2, channel_clusters=2)
+    plan = plan_absmax_kmeans1d(absmax.reshape(-1), nheads, ngroups, head_clusters=2, channel_clusters=2)
     assert plan.head_order == (1, 0, 2, 3, 6, 5, 4, 7)  # descending, stable, never across groups
     assert plan.head_clusters == ((0, 1), (1, 4), (4, 5), (5, 8))  # each outlier head alone
     for (start, end), clusters in zip(plan.head_clusters, plan.channel_clusters):
@@ -72,9 +85,9 @@ def test_heads_are_sorted_inside_their_group_and_channels_inside_their_cluster()
 
 def test_cells_shrink_the_group_ranges_that_contiguous_groups_would_have():
     model = random_model(CONFIG)
-    absmax = {0: random_absmax(0), 1: random_absmax(1)}
-    absmax[0][5] = 100.0  # one outlier channel spoils its contiguous group before reordering
-    layer = reorder_record(model, absmax, 4, 4)["layers"]["layer_0"]
+    statistics = {0: random_statistics(0), 1: random_statistics(1)}
+    statistics[0].x_absmax[5] = 100.0  # one outlier channel spoils its contiguous group before reordering
+    layer = reorder_record(model, statistics, 4, 4, "absmax_kmeans1d")["layers"]["layer_0"]
     before, after = layer["group_absmax_before"], layer["group_absmax_after"]
     assert len(before) == len(after) == len(ReorderPlan.from_record(layer).cells())
     assert max(before) == max(after) == 100.0
@@ -103,11 +116,12 @@ def test_cluster_sorted_is_the_exact_one_dimensional_k_means():
 
 
 def test_plan_round_trips_through_its_record_and_the_cells_cover_every_channel():
-    plan = plan_reorder(random_absmax(3), CONFIG.nheads, CONFIG.ngroups, 3, 3)
-    assert ReorderPlan.from_record(plan.to_record()) == plan
-    assert sorted(plan.channel_order) == list(range(CONFIG.d_inner))
-    cells = plan.cell_of_channel()
-    assert cells.shape == (CONFIG.d_inner,) and set(cells.tolist()) == set(range(len(plan.cells())))
+    for plan in (plan_absmax_kmeans1d(random_absmax(3), CONFIG.nheads, CONFIG.ngroups, 3, 3),
+                 plan_quamba(random_absmax(3), CONFIG.nheads, CONFIG.ngroups, 3, 3)):
+        assert ReorderPlan.from_record(plan.to_record()) == plan
+        assert sorted(plan.channel_order) == list(range(CONFIG.d_inner))
+        cells = plan.cell_of_channel()
+        assert cells.shape == (CONFIG.d_inner,) and set(cells.tolist()) == set(range(len(plan.cells())))
 
 
 def test_reordering_needs_a_mamba2_model_and_raw_out_proj():
@@ -117,4 +131,72 @@ def test_reordering_needs_a_mamba2_model_and_raw_out_proj():
         check_reorderable(CONFIG, 0, 4)
     model = rotate_out_projs(random_model(CONFIG), "quamba")
     with pytest.raises(ValueError, match="reorder before rotate_out_projs"):
-        reorder_mixer(model.backbone.layers[0].mixer, plan_reorder(random_absmax(0), 16, 2))
+        reorder_mixer(model.backbone.layers[0].mixer, plan_absmax_kmeans1d(random_absmax(0), 16, 2))
+    with pytest.raises(ConfigError, match=r"recipe.head_clusters: 9 head clusters, but this model has 8 heads per "
+                                          r"SSD group; allowed: 1..8"):
+        check_reorderable(CONFIG, 9, 4)
+    with pytest.raises(ConfigError, match=r"recipe.channel_clusters: .* headdim is 8; allowed: 1..8"):
+        check_reorderable(CONFIG, 4, 9)
+    check_reorderable(CONFIG, 9, 9, "absmax_kmeans1d")  # 1-D k-means makes at most as many as there are
+
+
+def constructed_profiles() -> tuple[torch.Tensor, list[set[int]], list[torch.Tensor]]:
+    """x's statistic (d_inner,) of CONFIG's 16 heads (2 SSD groups of 8): in each group the even
+    heads share one shape and the odd heads another, each head's channels in its own shuffled order."""
+    ramp_a = torch.tensor([1.0, 1.0, 1.0, 1.0, 8.0, 9.0, 10.0, 10.0])  # sorted profiles (headdim 8)
+    ramp_b = torch.tensor([1.0, 2.0, 3.0, 3.5, 20.0, 20.0, 21.0, 21.0])
+    generator = torch.Generator().manual_seed(0)
+    heads, orders = [], []
+    for head in range(CONFIG.nheads):
+        sorted_values = (ramp_a if head % 2 == 0 else ramp_b) * (1 + 1e-3 * head) + 1e-4 * torch.arange(8)
+        order = torch.randperm(8, generator=generator)  # channel p holds the order[p]-th smallest value
+        heads.append(sorted_values[order])
+        orders.append(torch.argsort(order))  # ascending channel order of this head
+    groups = [{0, 2, 4, 6}, {1, 3, 5, 7}, {8, 10, 12, 14}, {9, 11, 13, 15}]
+    return torch.cat(heads), groups, orders
+
+
+def test_quamba_plan_clusters_head_shapes_and_sorts_each_heads_channels_on_a_constructed_case():
+    profiles, head_groups, orders = constructed_profiles()
+    plan = plan_quamba(profiles, CONFIG.nheads, CONFIG.ngroups, head_clusters=2, channel_clusters=2)
+    clusters = [set(plan.head_order[start:end]) for start, end in plan.head_clusters]
+    assert sorted(clusters, key=min) == head_groups  # Ward separates the two shapes, never across an SSD group
+    assert all(max(c) < 8 for c in clusters[:2]) and all(min(c) >= 8 for c in clusters[2:])
+    assert plan.channel_clusters == (((0, 4), (4, 8)),) * 4  # KMeans from positions 0 and 4: the step of both ramps
+    for new_head, old in enumerate(plan.head_order):  # each head its own ascending order
+        assert plan.channel_order[new_head * 8:(new_head + 1) * 8] == tuple((old * 8 + orders[old]).tolist())
+    # the statistic is scale-free per head (each profile is L2-normalized): scaling one head moves nothing
+    scaled = profiles.clone()
+    scaled[16:24] *= 50.0
+    assert plan_quamba(scaled, CONFIG.nheads, CONFIG.ngroups, 2, 2) == plan
+
+
+def test_pass_one_statistics_are_quambas_mean_abs_and_the_per_channel_absmax():
+    model = random_model(CONFIG)
+    batches = list(IDS.split(1))
+    seen: dict[str, list[torch.Tensor]] = {}
+    taps = model.backbone.layers[1].mixer.taps.by_key
+    hooks = [taps[key].register_forward_hook(lambda _m, _i, out, key=key: seen.setdefault(key, []).append(out))
+             for key in ("x_conv_out__input", "B_conv_out__input", "ssm_state_act__input")]
+    statistics = reorder_statistics(model, batches)[1]
+    for hook in hooks:
+        hook.remove()
+    xs = seen["x_conv_out__input"]  # one (1, l, d_inner) per sample
+    assert torch.equal(statistics.mean_abs, torch.stack([x.abs().mean(dim=1)[0] for x in xs]).amax(dim=0))
+    assert torch.equal(statistics.x_absmax, torch.cat([x.abs()[0] for x in xs]).amax(dim=0))
+    assert torch.equal(statistics.B_absmax, torch.cat([b.abs()[0] for b in seen["B_conv_out__input"]]).amax(dim=0))
+    states = torch.cat(seen["ssm_state_act__input"]).abs()  # (samples, h, p, n)
+    assert torch.equal(statistics.state_absmax, states.amax(dim=0))
+
+
+def test_grouped_ranges_follow_the_cells_of_the_reordered_layout():
+    statistics = random_statistics(5)
+    record = reorder_record(random_model(CONFIG), {0: statistics}, 4, 4)["layers"]["layer_0"]
+    plan = ReorderPlan.from_record(record)
+    assert record["B_group_absmax"] == statistics.B_absmax.reshape(2, -1).amax(dim=1).tolist()  # per SSD group
+    state = statistics.state_absmax.reshape(CONFIG.d_inner, -1)[torch.tensor(plan.channel_order)]  # (new c, n)
+    cell = plan.cell_of_channel()
+    for index, values in enumerate(record["state_group_absmax"]):  # per (cell, state index)
+        assert values == state[cell == index].amax(dim=0).tolist()
+    x = statistics.x_absmax[torch.tensor(plan.channel_order)]
+    assert record["group_absmax_after"] == [x[cell == index].max().item() for index in range(len(plan.cells()))]

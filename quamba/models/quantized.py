@@ -21,10 +21,15 @@ from quamba.models.taps import LM_HEAD_POINT, named_taps
 from quamba.numerics.hadamard import hadamard_transform
 from quamba.numerics.quantizers import HALF_EVEN, dequantize, expand_scales, quantize, unpack_int4
 
-REORDER_TAP = "x_conv_out:input"  # the SSM input x: per reorder cell scales under Quamba2's reordering
 QUANT_CONFIG = "quant_config.json"
 QUANT_CONFIG_VERSION = 2
-X_GROUP_SCALES = "x_group_scales"  # model.safetensors key (per mixer) of x's per-channel reorder-cell scales
+GROUP_SCALES = "group_scales"  # model.safetensors: {mixer}.group_scales.{tap key}, Quamba2's grouped scales
+
+
+def group_scales_key(layer: int, point: str) -> str:
+    """The model.safetensors key of one tap's grouped activation scales (a tensor broadcast over
+    the tap's trailing dims: per channel of x, B and C; per (head, channel, state) of the state)."""
+    return f"backbone.layers.{layer}.mixer.{GROUP_SCALES}.{point.replace(':', '__')}"
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
 
 
@@ -91,7 +96,7 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
         raise CheckpointError(f"{model_dir / QUANT_CONFIG}: schema_version {quant_config.get('schema_version')!r}, "
                               f"but this quamba-flow reads version {QUANT_CONFIG_VERSION}; rebuild the dir with "
                               f"`quamba quantize` (or rerun snakemake)")
-    group_scales = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith(f".{X_GROUP_SCALES}")]}
+    group_scales = {k: tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_SCALES}." in k]}
     integer = {k.rpartition(".")[0]: {} for k in tensors if k.endswith(".qweight")}
     for name in integer:
         for field in ("qweight", "scales"):
@@ -128,8 +133,9 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
     for tap_name, tap in named_taps(model).items():
         if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
             tap.scale, tap.rounding = act_scales.get(tap_name), rounding[tap.point]
-    for i, block in enumerate(model.backbone.layers):
-        scales = group_scales.get(f"backbone.layers.{i}.mixer.{X_GROUP_SCALES}")
-        if scales is not None:  # Quamba2: x quantized per reorder cell
-            block.mixer.taps.by_key[REORDER_TAP.replace(":", "__")].scale = scales.float()
+    for i, block in enumerate(model.backbone.layers):  # Quamba2: grouped scales after reordering
+        for tap in block.mixer.taps:
+            scales = group_scales.get(group_scales_key(i, tap.point))
+            if scales is not None:
+                tap.scale, tap.rounding = scales.float(), rounding[tap.point]
     return model.to(device=device, dtype=dtype).eval()

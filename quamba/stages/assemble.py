@@ -23,7 +23,7 @@ from quamba.formats.gptq_dir import load_gptq
 from quamba.formats.scales import SCALES_FILE, read_scales
 from quamba.io import atomic_dir, package_versions, sha256_file, write_json
 from quamba.models.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_fp_model, model_sha256, read_config
-from quamba.models.quantized import QUANT_CONFIG, QUANT_CONFIG_VERSION, X_GROUP_SCALES
+from quamba.models.quantized import QUANT_CONFIG, QUANT_CONFIG_VERSION, group_scales_key
 from quamba.models.taps import LM_HEAD_POINT
 from quamba.numerics.gptq import rtn
 from quamba.numerics.observers import ABSMAX_FLOOR
@@ -90,15 +90,25 @@ def _transformed_fp16_tensors(fp16_dir: Path, recipe: Recipe, reorder: dict | No
     return tensors, model.config
 
 
-def _cell_scales(plan_record: dict) -> list[float]:
-    """Quamba2's grouped min/max scales of x, one per reorder cell."""
-    return [activation_scale(max(v, ABSMAX_FLOOR)) for v in plan_record["group_absmax_after"]]
+def _scales(absmax) -> torch.Tensor:
+    """Quamba's min/max scales from group absmax values (floored as its observer floors each batch)."""
+    values = torch.tensor(absmax, dtype=torch.float32).clamp(min=ABSMAX_FLOOR)
+    return torch.tensor([activation_scale(float(v)) for v in values.reshape(-1)]).reshape(values.shape)
 
 
-def _x_group_scales(plan_record: dict) -> torch.Tensor:
-    """The cells' scales spread over x's channels (d_inner,), in the reordered layout."""
-    cells = torch.tensor(_cell_scales(plan_record), dtype=torch.float32)  # (cells,)
-    return cells[ReorderPlan.from_record(plan_record).cell_of_channel()]  # (d_inner,)
+def _group_scales(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, str, int]]:
+    """Quamba2's grouped scales of one reordered layer, per tap: a tensor laid over the tap's
+    trailing dims in the reordered layout, what one scale covers, and how many scales there are."""
+    cell = ReorderPlan.from_record(plan_record).cell_of_channel()  # (d_inner,)
+    x, state = _scales(plan_record["group_absmax_after"]), _scales(plan_record["state_group_absmax"])
+    b, c = _scales(plan_record["B_group_absmax"]), _scales(plan_record["C_group_absmax"])
+    return {
+        REORDER_TAP: (x[cell], "reorder cell", x.numel()),
+        "B_conv_out:input": (b.repeat_interleave(config.d_state), "SSD group", b.numel()),
+        "C_conv_out:input": (c.repeat_interleave(config.d_state), "SSD group", c.numel()),
+        "ssm_state_act:input": (state[cell].reshape(config.nheads, config.headdim, config.d_state),
+                                "reorder cell and state index", state.numel()),
+    }
 
 
 def _w8_per_tensor(entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +145,9 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
 
     The recipe's model transforms must match how the calibration and the GPTQ dir were built.
     Activation scales are each tap's threshold / 127 at the scales file's alpha (Quamba's float32
-    division, floored at 1e-6); with reorder, x (the SSM input) gets one scale per reorder cell
-    (Quamba2's grouped min/max). A GPTQ dir holding lm_head quantizes it too.
+    division, floored at 1e-6); with reorder, Quamba2's grouped min/max scales: x (the SSM input)
+    one per reorder cell, B and C one per SSD group, the final state one per (cell, state index).
+    A GPTQ dir holding lm_head quantizes it too.
     """
     fp16_dir, out_dir = Path(fp16_dir), Path(out_dir)
     config, _ = read_config(fp16_dir)
@@ -174,9 +185,11 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
                       if tap != LM_HEAD_POINT or "lm_head" in weights}
         if recipe.reorder:
             for layer, plan_record in stats["reorder"]["layers"].items():
-                tensors[f"backbone.layers.{int(layer.removeprefix('layer_'))}.mixer.{X_GROUP_SCALES}"] = \
-                    _x_group_scales(plan_record)
-                group_scales[f"{layer}.{REORDER_TAP}"] = _cell_scales(plan_record)
+                for point, (values, granularity, groups) in _group_scales(plan_record, config).items():
+                    tensors[group_scales_key(int(layer.removeprefix("layer_")), point)] = values
+                    group_scales[f"{layer}.{point}"] = {"granularity": granularity, "groups": groups,
+                                                        "shape": list(values.shape)}
+                    act_scales.pop(f"{layer}.{point}", None)  # grouped, not per tensor
     records = [gptq_info["recipe"], recipe.record("assemble")]
     records += [stats["recipe"]] if stats is not None else []
     records += [scales["recipe"]] if scales is not None else []
@@ -197,7 +210,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "activation_scales": act_scales,
     }
     if recipe.reorder:
-        quant_config["reorder"] = {"head_clusters": stats["reorder"]["head_clusters"],
+        quant_config["reorder"] = {"method": stats["reorder"]["method"],
+                                   "head_clusters": stats["reorder"]["head_clusters"],
                                    "channel_clusters": stats["reorder"]["channel_clusters"],
                                    "plan_sha256": plan_sha256(stats["reorder"])}
         if group_scales:

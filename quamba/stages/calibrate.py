@@ -39,7 +39,13 @@ from quamba.numerics.observers import (
 )
 from quamba.recipe import Recipe
 from quamba.shipped import DEFAULT_CORPUS
-from quamba.transforms.reorder import check_reorderable, prepare_model, reorder_model, reorder_record, x_channel_absmax
+from quamba.transforms.reorder import (
+    check_reorderable,
+    prepare_model,
+    reorder_model,
+    reorder_record,
+    reorder_statistics,
+)
 from quamba.transforms.rotation import check_widths
 
 QUAMBA_DEFAULT_ALPHA = 0.9995  # Quamba's hard-coded alpha, both families (its 0.99999 is never used)
@@ -197,7 +203,7 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     settings.validate(config.n_layer, recipe)
     check_widths(config, recipe.rotate_residual, recipe.hadamard)
     if recipe.reorder:
-        check_reorderable(config, recipe.head_clusters, recipe.channel_clusters)
+        check_reorderable(config, recipe.head_clusters, recipe.channel_clusters, recipe.reorder_method)
     tokenizer = load_tokenizer(model_dir)
     if len(tokenizer) > config.padded_vocab_size:
         raise ConfigError(f"{model_dir}: its tokenizer has {len(tokenizer)} tokens but the model's "
@@ -208,9 +214,9 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     batches = tokens.batches(settings.batch_size)
     model = prepare_model(load(model_dir, device=device), recipe)
     reorder = None
-    if recipe.reorder:  # Quamba2: a first pass for x's ranges, then observers on the reordered model
-        absmax = x_channel_absmax(model, batches)
-        reorder = reorder_record(model, absmax, recipe.head_clusters, recipe.channel_clusters)
+    if recipe.reorder:  # Quamba2: a first pass for the order and the grouped ranges, then observers on the reordered model
+        reorder = reorder_record(model, reorder_statistics(model, batches), recipe.head_clusters,
+                                 recipe.channel_clusters, recipe.reorder_method)
         reorder_model(model, reorder)
     taps, records, samples = calibrate(model, batches, settings, recipe, progress=progress)
     doc = {

@@ -212,7 +212,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     check_widths(config, recipe.rotate_residual, recipe.hadamard)
     reorder, reorder_info = None, None
     if recipe.reorder:
-        check_reorderable(config, recipe.head_clusters, recipe.channel_clusters)
+        check_reorderable(config, recipe.head_clusters, recipe.channel_clusters, recipe.reorder_method)
         reorder, reorder_info = _reorder_from_calibration(calib_dir, model_dir)
     if resolve_device(device).type == "cuda":
         enable_determinism()  # CPU is deterministic as it is

@@ -1,22 +1,31 @@
-"""Quamba2's sort-and-cluster reordering of a Mamba2 block's heads and channels of x.
+"""Quamba2's sort-and-cluster reordering of a Mamba2 block's heads and channels of x, and the
+grouped scales that come with it.
 
 Why: x (the SSM input after conv + SiLU) has a few heads and channels with far larger ranges
-than the rest. Quantizing x with one scale per contiguous block of heads and channels only
-helps if each block holds similar ranges, so the heads and channels are first permuted into
-that order, and the weights are permuted with them so that the block computes exactly the
-same function (each head's SSM is independent given its B/C group, and each channel of a head
-is independent given the head's dt, B and C).
+than the rest. Quantizing x with one scale per block of heads and channels only helps if each
+block holds similar ranges, so heads and channels are first permuted into that order, and the
+weights are permuted with them so that the block computes exactly the same function (each
+head's SSM is independent given its B/C group, and each channel of a head is independent given
+the head's dt, B and C).
 
-How, per layer, from the calibrated absmax of x per channel:
-1. within each B/C group, sort its heads by their absmax (descending) and cluster the sorted
-   values into at most `head_clusters` contiguous clusters (optimal 1-D k-means), so heads
-   never leave their group;
-2. within each head cluster, sort the head dim p by the cluster's absmax per p (descending;
-   one order for all heads of the cluster) and cluster into at most `channel_clusters`;
-3. each (head cluster, channel cluster) cell is one quantization group of x.
-The permutation touches in_proj's rows of z, x and dt, conv1d's x channels, dt_bias, A_log,
-D, the gated norm's weight and out_proj's columns; B and C are left in place. Everything is
-deterministic: stable sorts and an exact dynamic program, no random restarts.
+`reorder_method: quamba` (the default; QUAMBA.md section 4), per layer, from the max over
+calibration samples of each sample's mean |x| per channel:
+1. each head's channels sorted ascending (its own order), each sorted profile divided by its
+   L2 norm;
+2. per B/C (SSD) group, Ward agglomerative clustering of the group's head profiles into
+   `head_clusters` clusters (scikit-learn); the heads ordered by cluster label (np.argsort of
+   the labels, as Quamba), so heads never leave their group;
+3. per head cluster, KMeans of the sorted channel positions (each a vector over the cluster's
+   heads) into `channel_clusters` clusters, initialized at the positions 0, p/k, 2p/k, ...
+   (Quamba: 0, 16, 32, 48 at headdim 64); the sizes are the label counts.
+`reorder_method: absmax_kmeans1d` (an earlier design of this project, a departure): heads sorted
+by their absmax (descending, stable) and cut by exact 1-D k-means, one channel order per head
+cluster from the cluster's absmax per channel, cut the same way.
+
+Each (head cluster, channel cluster) cell is one quantization group of x; B and C get one scale
+per SSD group, the final SSM state one per (cell, state index): Quamba2's grouped min/max
+calibration. The permutation touches in_proj's rows of z, x and dt, conv1d's x channels,
+dt_bias, A_log, D, the gated norm's weight and out_proj's columns; B and C are left in place.
 """
 
 from __future__ import annotations
@@ -109,9 +118,11 @@ class ReorderPlan:
                    tuple(tuple(tuple(c) for c in clusters) for clusters in record["channel_clusters"]))
 
 
-def plan_reorder(absmax: torch.Tensor, nheads: int, ngroups: int, head_clusters: int = DEFAULT_HEAD_CLUSTERS,
-                 channel_clusters: int = DEFAULT_CHANNEL_CLUSTERS) -> ReorderPlan:
-    """The sort-and-cluster order of one layer from x's absmax per channel (d_inner,), old order."""
+def plan_absmax_kmeans1d(absmax: torch.Tensor, nheads: int, ngroups: int, head_clusters: int = DEFAULT_HEAD_CLUSTERS,
+                         channel_clusters: int = DEFAULT_CHANNEL_CLUSTERS) -> ReorderPlan:
+    """`reorder_method: absmax_kmeans1d`: the order of one layer from x's absmax per channel
+    (d_inner,), old order; heads sorted by absmax and cut by 1-D k-means, one channel order per
+    head cluster."""
     grid = absmax.detach().double().cpu().reshape(nheads, -1)  # (h, p)
     headdim = grid.shape[1]
     per_group = nheads // ngroups
@@ -133,6 +144,56 @@ def plan_reorder(absmax: torch.Tensor, nheads: int, ngroups: int, head_clusters:
         for new_head in range(start, end):
             old = head_order[new_head] * headdim + p_order
             channel_order[new_head * headdim:(new_head + 1) * headdim] = old.tolist()
+    return ReorderPlan(tuple(head_order), tuple(channel_order), tuple(head_bounds), tuple(channel_bounds))
+
+
+def _bounds(sizes: list[int], offset: int = 0) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of the given sizes, empty ones dropped."""
+    bounds, start = [], offset
+    for size in sizes:
+        if size:
+            bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def plan_quamba(mean_abs: torch.Tensor, nheads: int, ngroups: int, head_clusters: int = DEFAULT_HEAD_CLUSTERS,
+                channel_clusters: int = DEFAULT_CHANNEL_CLUSTERS, layer: str = "layer") -> ReorderPlan:
+    """`reorder_method: quamba`: Quamba2's order of one layer from x's per-channel statistic
+    (d_inner,), old order (the max over samples of each sample's mean |x|; float32)."""
+    import numpy as np
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+
+    per_group = nheads // ngroups
+    profile = mean_abs.detach().float().cpu().reshape(ngroups, per_group, -1)  # (g, heads per group, p)
+    headdim = profile.shape[-1]
+    channel_sort = torch.argsort(profile, dim=-1)  # ascending, each head its own order (Quamba: not stable)
+    sorted_profile = profile.gather(-1, channel_sort)
+    normalized = (sorted_profile / sorted_profile.norm(dim=-1, keepdim=True)).numpy()  # (g, heads, p)
+    head_order: list[int] = []
+    head_bounds: list[tuple[int, int]] = []
+    channel_bounds: list[tuple[tuple[int, int], ...]] = []
+    channel_order: list[int] = []
+    for group in range(ngroups):
+        labels = AgglomerativeClustering(n_clusters=head_clusters, linkage="ward").fit(normalized[group]).labels_
+        order = np.argsort(labels)  # Quamba's: numpy's default sort, cluster label order 0..k-1
+        first = group * per_group
+        sizes = np.bincount(labels, minlength=head_clusters).tolist()
+        for start, end in _bounds(sizes, first):
+            members = order[start - first:end - first]
+            points = normalized[group][members].T  # (p, heads of the cluster): one point per sorted position
+            init = points[[i * headdim // channel_clusters for i in range(channel_clusters)]]
+            channel_labels = KMeans(n_clusters=channel_clusters, init=init, n_init=1).fit(points).labels_
+            if np.any(np.diff(channel_labels) < 0):
+                raise ConfigError(f"reorder: {layer}, SSD group {group}: the channel clusters of heads "
+                                  f"{sorted((first + members).tolist())} are not contiguous in the sorted order "
+                                  f"(Quamba asserts this too); try reorder_method: absmax_kmeans1d or fewer "
+                                  f"channel_clusters")
+            head_bounds.append((start, end))
+            channel_bounds.append(tuple(_bounds(np.bincount(channel_labels, minlength=channel_clusters).tolist())))
+        for old in (first + order).tolist():
+            head_order.append(old)
+            channel_order.extend((old * headdim + channel_sort[group, old - first]).tolist())
     return ReorderPlan(tuple(head_order), tuple(channel_order), tuple(head_bounds), tuple(channel_bounds))
 
 
@@ -161,17 +222,41 @@ def reorder_mixer(mixer: nn.Module, plan: ReorderPlan) -> None:
             param.copy_(param.index_select(dim, index))
 
 
+GROUPED_TAPS = ("x_conv_out:input", "B_conv_out:input", "C_conv_out:input", "ssm_state_act:input")
+
+
+@dataclass(frozen=True)
+class ReorderStatistics:
+    """Pass one of Quamba2's calibration for one layer, in the model's original order."""
+
+    mean_abs: torch.Tensor  # (d_inner,): max over samples of the sample's mean |x| per channel (the order's statistic)
+    x_absmax: torch.Tensor  # (d_inner,): absmax of x per channel
+    B_absmax: torch.Tensor  # (ngroups d_state,) per channel of B after the conv
+    C_absmax: torch.Tensor  # (ngroups d_state,)
+    state_absmax: torch.Tensor  # (nheads, headdim, d_state): final SSM state, over the batch
+
+
 @torch.no_grad()
-def x_channel_absmax(model: nn.Module, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Pass one of Quamba2's calibration: absmax of x per channel (d_inner,) for every layer."""
-    absmax: dict[int, torch.Tensor] = {}
+def reorder_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[int, ReorderStatistics]:
+    """Pass one of Quamba2's calibration over `batches`: per layer, the order's statistic and the
+    per-channel absmax from which the grouped min/max scales are cut once the cells are known."""
+    seen: dict[tuple[int, str], torch.Tensor] = {}
 
-    def observe(layer: int, x: torch.Tensor) -> None:
-        seen = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (d_inner,)
-        absmax[layer] = seen if layer not in absmax else torch.maximum(absmax[layer], seen)
+    def keep(key: tuple[int, str], value: torch.Tensor) -> None:
+        seen[key] = value if key not in seen else torch.maximum(seen[key], value)
 
-    hooks = [block.mixer.taps.by_key[REORDER_TAP.replace(":", "__")].register_forward_hook(
-        lambda _m, _i, out, layer=i: observe(layer, out)) for i, block in enumerate(model.backbone.layers)]
+    def observe(layer: int, point: str, out: torch.Tensor) -> None:
+        a = out.detach().abs()
+        if point == "ssm_state_act:input":  # (b, h, p, n)
+            keep((layer, point), a.amax(dim=0).float())
+            return
+        keep((layer, point), a.reshape(-1, a.shape[-1]).amax(dim=0).float())  # (channels,)
+        if point == REORDER_TAP:  # Quamba: the mean over each sample's tokens in the tensor's dtype, then float
+            keep((layer, "mean_abs"), a.mean(dim=1).float().amax(dim=0))
+
+    hooks = [block.mixer.taps.by_key[point.replace(":", "__")].register_forward_hook(
+        lambda _m, _i, out, layer=i, point=point: observe(layer, point, out))
+        for i, block in enumerate(model.backbone.layers) for point in GROUPED_TAPS]
     device = model.lm_head.weight.device
     try:
         for batch in batches:
@@ -179,34 +264,61 @@ def x_channel_absmax(model: nn.Module, batches: list[torch.Tensor]) -> dict[int,
     finally:
         for hook in hooks:
             hook.remove()
-    return {layer: value.cpu() for layer, value in absmax.items()}
+    return {layer: ReorderStatistics(*(seen[(layer, key)].cpu() for key in ("mean_abs", *GROUPED_TAPS)))
+            for layer in range(len(model.backbone.layers))}
 
 
-def check_reorderable(config, head_clusters: int, channel_clusters: int) -> None:
-    """Reordering is Quamba2's: Mamba2 only, with positive cluster counts."""
+def check_reorderable(config, head_clusters: int, channel_clusters: int, method: str = "quamba") -> None:
+    """Reordering is Quamba2's: Mamba2 only, with cluster counts its clustering can make."""
     if config.layer != "Mamba2":
         raise ConfigError(f"reorder: head/channel reordering is Quamba2's and needs a Mamba2 model; "
                           f"this one is {config.layer}")
     for key, value in (("head_clusters", head_clusters), ("channel_clusters", channel_clusters)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    if method == "quamba":  # Ward and KMeans need at least as many points as clusters
+        per_group = config.nheads // config.ngroups
+        if head_clusters > per_group:
+            raise ConfigError(f"recipe.head_clusters: {head_clusters} head clusters, but this model has "
+                              f"{per_group} heads per SSD group; allowed: 1..{per_group}")
+        if channel_clusters > config.headdim:
+            raise ConfigError(f"recipe.channel_clusters: {channel_clusters} channel clusters, but this model's "
+                              f"headdim is {config.headdim}; allowed: 1..{config.headdim}")
 
 
-def reorder_record(model: nn.Module, absmax: dict[int, torch.Tensor], head_clusters: int,
-                   channel_clusters: int) -> dict:
-    """stats.json's `reorder` section: every layer's plan and x's cell absmax before/after."""
+def _group_max(values: torch.Tensor, groups: int) -> list[float]:
+    return values.reshape(groups, -1).amax(dim=1).tolist()
+
+
+def reorder_record(model: nn.Module, statistics: dict[int, ReorderStatistics], head_clusters: int,
+                   channel_clusters: int, method: str = "quamba") -> dict:
+    """stats.json's `reorder` section: every layer's plan, x's cell absmax before/after, and the
+    grouped absmax of B, C (per SSD group) and the final state (per cell and state index)."""
     config = model.config
     layers = {}
-    for layer, values in sorted(absmax.items()):
-        plan = plan_reorder(values, config.nheads, config.ngroups, head_clusters, channel_clusters)
-        reordered = values[torch.tensor(plan.channel_order)]
+    for layer, stats in sorted(statistics.items()):
+        if method == "quamba":
+            plan = plan_quamba(stats.mean_abs, config.nheads, config.ngroups, head_clusters, channel_clusters,
+                               f"layer_{layer}")
+        else:
+            plan = plan_absmax_kmeans1d(stats.x_absmax, config.nheads, config.ngroups, head_clusters,
+                                        channel_clusters)
+        order = torch.tensor(plan.channel_order)
+        state = stats.state_absmax.reshape(config.d_inner, -1)[order].reshape(
+            config.nheads, config.headdim, -1)  # (h, p, n), reordered
         layers[f"layer_{layer}"] = {
             **plan.to_record(),
-            "group_absmax_before": plan.group_absmax(values),  # same cells over the original order
-            "group_absmax_after": plan.group_absmax(reordered),
+            "group_absmax_before": plan.group_absmax(stats.x_absmax),  # same cells over the original order
+            "group_absmax_after": plan.group_absmax(stats.x_absmax[order]),
+            "B_group_absmax": _group_max(stats.B_absmax, config.ngroups),
+            "C_group_absmax": _group_max(stats.C_absmax, config.ngroups),
+            "state_group_absmax": [state[h0:h1, p0:p1].amax(dim=(0, 1)).tolist() for (h0, h1), (p0, p1)
+                                   in plan.cells()],  # per cell: (d_state,)
         }
-    return {"tap": REORDER_TAP, "head_clusters": head_clusters, "channel_clusters": channel_clusters,
-            "observer": "minmax per cell", "layers": layers}
+    statistic = ("max over samples of the per-channel mean |x|" if method == "quamba"
+                 else "absmax per channel")
+    return {"tap": REORDER_TAP, "method": method, "statistic": statistic, "head_clusters": head_clusters,
+            "channel_clusters": channel_clusters, "observer": "minmax per group", "layers": layers}
 
 
 def plan_sha256(record: dict) -> str:
