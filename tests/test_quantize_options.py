@@ -197,3 +197,14 @@ def test_cli_passes_the_options_through(pipeline, tmp_path, capsys):
                  "--scheme", "w8a8", "--alpha", "1.0", "--reorder", "--no-rotate-residual", "--out",
                  str(tmp_path / "r")]) == 2
     assert "recipe.rotate_residual: the GPTQ dir" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_quant_config_records_the_group_width_each_weight_really_uses(pipeline, tmp_path):
+    recipe = Recipe(reorder=True, gptq=False)
+    gptq_model_dir(pipeline["fp16"], tmp_path / "g4", GPTQSettings(**{**GPTQ_SMALL, "w_bits": 4}), recipe,
+                   data=pipeline["corpus"], progress=False, calib_dir=pipeline["calib"])
+    qc = quantize_model_dir(pipeline["fp16"], tmp_path / "q", tmp_path / "g4", "w4a16", recipe, pipeline["calib"])
+    # Quamba: per channel where in_features <= 128 (in_proj reads d_model 64), groups of 128 elsewhere
+    assert qc["group_size"] == "per layer"
+    assert qc["group_widths"]["backbone.layers.0.mixer.in_proj"] == 64
+    assert qc["group_widths"]["backbone.layers.0.mixer.out_proj"] == 128

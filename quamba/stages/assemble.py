@@ -138,6 +138,14 @@ def _lm_head_weight(entry: dict | None, tensors: dict, recipe: Recipe, w_bits: i
     return {"qweight": q, "scales": s, "fp16": weight}
 
 
+def _group_size(group_widths: dict[str, int | None]) -> int | str | None:
+    """quant_config's one-line group size: the width every weight uses (None: per tensor), or
+    "per layer" when they differ (Quamba: per channel where in_features <= 128); group_widths
+    has each weight's."""
+    widths = set(group_widths.values())
+    return widths.pop() if len(widths) == 1 else ("per layer" if widths else None)
+
+
 def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_name: str, recipe: Recipe = Recipe(),
                        calib_dir: Path | None = None, scales_path: Path | None = None) -> dict:
     """`quamba quantize`: FP16 dir + GPTQ dir (+ calibration dir + one alpha's scales.json) -> a
@@ -172,11 +180,13 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         config = config.replace(tie_embeddings=False)
     elif head is not None:
         weights["lm_head"] = head
+    group_widths = {}  # what each integer weight's scales cover: None per tensor, else columns per group
     for name, entry in weights.items():
         tensors.pop(f"{name}.weight", None)  # a tied lm_head has no weight of its own
         q, layer_scales = _w8_per_tensor(entry) if scheme.w_bits == 8 else (entry["qweight"], entry["scales"])
         tensors[f"{name}.qweight"] = pack_int4(q) if scheme.w_bits == 4 else q.to(torch.int8)
         tensors[f"{name}.scales"] = layer_scales.float()
+        group_widths[name] = None if layer_scales.numel() == 1 else q.shape[1] // layer_scales.shape[-1]
     if recipe.quantize_lm_head or "lm_head" in gptq_layers:
         config = config.replace(tie_embeddings=False)
     act_scales, group_scales = {}, {}
@@ -197,7 +207,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "schema_version": QUANT_CONFIG_VERSION, "kind": "quamba-quantized", "scheme": scheme.name,
         "recipe": merge_records(records),
         "w_bits": scheme.w_bits, "a_bits": scheme.a_bits, "weight_granularity": scheme.weight_granularity,
-        "group_size": gptq_info["settings"]["group_size"], "alpha": None if scales is None else scales["alpha"],
+        "group_size": _group_size(group_widths), "alpha": None if scales is None else scales["alpha"],
         "seed": gptq_info["settings"]["seed"],
         "gptq": {"settings": gptq_info["settings"], "data": gptq_info["data"]},
         "rounding": {point: point_rounding(point, recipe.rounding) for point in sorted(ROUNDING_BY_POINT)},
@@ -207,6 +217,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
                                                           "fp16, holding its quantized values")},
         "hadamard": {"kind": recipe.hadamard, "out_proj_input": True, "residual_stream": recipe.rotate_residual},
         "quantized_linears": sorted(weights),
+        "group_widths": dict(sorted(group_widths.items())),
         "activation_scales": act_scales,
     }
     if recipe.reorder:
