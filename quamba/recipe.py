@@ -92,6 +92,22 @@ OPTIONS: dict[str, Option] = {
         False, (False, True), frozenset({"assemble"}),
         "off in main.py's defaults (--quantize_lm_head); eval.sh turns it on for W8A8",
         "true: lm_head an integer layer at the scheme's bits, its input quantized at lm_head:input (A8)"),
+    "module_coverage": Option(
+        "quamba", ("quamba", "projections"), frozenset({"assemble"}),
+        "A8 schemes also store x_proj, dt_proj and the conv (weight and bias) as int8, A_log, D and "
+        "(Mamba1) dt_bias as int8 per tensor, Mamba2's in_proj with one weight scale per split (z, x, B, "
+        "C, dt); W4 schemes x_proj (Mamba1) as round-to-nearest int4",
+        "projections: only in_proj and out_proj (and lm_head by its flag) get integer weights, one "
+        "scale for Mamba2's whole in_proj"),
+    "w4_layout": Option(
+        "quamba", ("quamba", "gptq_codes"), frozenset({"assemble"}),
+        "W4 layers as Marlin builds them: codes recovered from GPTQ's fp16 values, per channel on "
+        "-7..7 where in_features <= 128; W4A8 turns the codes into int8 by QQQ's fp16 multiply",
+        "gptq_codes: GPTQ's own codes and float32 scales as they are; W4A8 multiplies them dequantized"),
+    "quantize_embedding": Option(
+        False, (False, True), frozenset({"assemble"}),
+        "off in main.py's defaults (--quantize_embedding); eval.sh turns it on for W8A8",
+        "true: the embedding at the scheme's weight bits, per row by its signed maximum"),
     "rounding": Option(
         "quamba", ("quamba", "half_away"), frozenset({"gptq", "assemble"}),
         "ties to even for weights, norm and GEMM int8 outputs; away from zero for the conv, the quantized "
@@ -120,6 +136,9 @@ class Recipe:
     int4_grid: str = "quamba"
     lm_head_gptq: str = "quamba"
     quantize_lm_head: bool = False
+    module_coverage: str = "quamba"
+    w4_layout: str = "quamba"
+    quantize_embedding: bool = False
     rounding: str = "quamba"
 
     def __post_init__(self) -> None:

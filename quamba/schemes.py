@@ -41,3 +41,26 @@ def get_scheme(name: str) -> Scheme:
     if name not in SCHEMES:
         raise ConfigError(f"scheme: {name!r} is not supported; allowed: {sorted(SCHEMES)}")
     return SCHEMES[name]
+
+
+# What Quamba stores as integers beyond in_proj and out_proj (QUAMBA.md section 6), per mixer:
+# tensor (its state-dict path inside the mixer) -> codec (quamba.numerics.tensor_codecs).
+# "w8": per-tensor int8 in fp16; "w4": Marlin int4 round-to-nearest (no GPTQ); "ssm": A_log, D,
+# dt_bias int8 per tensor in fp32; "w8_conv_parts": Mamba2's conv, one int8 scale per x, B, C part.
+_MAMBA1_A8 = {"conv1d.weight": "w8", "conv1d.bias": "w8", "dt_proj.weight": "w8",
+              "A_log": "ssm", "D": "ssm", "dt_proj.bias": "ssm"}
+_MAMBA2_A8 = {"conv1d.weight": "w8_conv_parts", "conv1d.bias": "w8_conv_parts", "A_log": "ssm", "D": "ssm"}
+MIXER_INTEGER_TENSORS = {
+    ("Mamba1", "w8a8"): {"x_proj.weight": "w8", **_MAMBA1_A8},
+    ("Mamba1", "w4a8"): {"x_proj.weight": "w4", **_MAMBA1_A8},  # x_proj QQQ W4 (RTN), dt_proj stays W8A8
+    ("Mamba1", "w4a16"): {"x_proj.weight": "w4"},  # Marlin W4 (RTN); conv, dt_proj and the scan stay fp16
+    ("Mamba2", "w8a8"): dict(_MAMBA2_A8),  # dt_bias stays fp16
+    ("Mamba2", "w4a8"): dict(_MAMBA2_A8),
+    ("Mamba2", "w4a16"): {},
+}
+
+
+def mixer_integer_tensors(layer: str, scheme: str, coverage: str) -> dict[str, str]:
+    """The mixer tensors `scheme` stores as integers beyond in_proj and out_proj, with their
+    codecs: Quamba's table (recipe module_coverage: quamba), or none (projections)."""
+    return dict(MIXER_INTEGER_TENSORS[(layer, scheme)]) if coverage == "quamba" else {}

@@ -231,3 +231,65 @@ def test_w8a8_demo_model_stays_within_five_percent_of_fp16_perplexity(name, tmp_
     print(f"\n{name}: fp16 perplexity {fp:.3f}, w8a8 at alpha {alpha}: {quantized:.3f}")
     assert quantized <= 1.05 * fp
     assert quantized != fp
+
+
+INTEGER_ON_DISK = {  # QUAMBA.md section 6: the integer tensors of one mixer beyond in_proj/out_proj
+    ("Mamba1", "w8a8"): {"x_proj.weight", "dt_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D",
+                         "dt_proj.bias"},
+    ("Mamba1", "w4a8"): {"x_proj.weight", "dt_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D",
+                         "dt_proj.bias"},
+    ("Mamba1", "w4a16"): {"x_proj.weight"},
+    ("Mamba2", "w8a8"): {"conv1d.weight", "conv1d.bias", "A_log", "D"},
+    ("Mamba2", "w4a8"): {"conv1d.weight", "conv1d.bias", "A_log", "D"},
+    ("Mamba2", "w4a16"): set(),
+}
+
+
+def integer_tensors(tensors: dict, prefix: str = "backbone.layers.0.mixer.") -> set[str]:
+    return {k.removeprefix(prefix).removesuffix(".q") for k, v in tensors.items()
+            if k.startswith(prefix) and not v.is_floating_point() and not k.endswith(".qweight")}
+
+
+@pytest.mark.parametrize("scheme, bits", [("w8a8", 8), ("w4a8", 4), ("w4a16", 4)])
+def test_which_tensors_are_integer_on_disk_per_scheme_and_family(built, tmp_path, scheme, bits):
+    layer = json.loads((built["fp16"] / "config.json").read_text())["ssm_cfg"].get("layer", "Mamba1")
+    qc = quantize_model_dir(built["fp16"], tmp_path / "q", built[f"w{bits}"], scheme, Recipe(), built["calib"],
+                            built["scales"])
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    assert integer_tensors(tensors) == INTEGER_ON_DISK[(layer, scheme)]
+    for kind in ("in_proj", "out_proj"):  # always integer: int8, or int4 packed two per byte
+        assert tensors[f"backbone.layers.0.mixer.{kind}.qweight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert tensors["backbone.embedding.weight"].dtype == torch.float16  # quantize_embedding is off by default
+    recorded = {k.removeprefix("backbone.layers.0.mixer.") for k in qc["integer_tensors"]
+                if k.startswith("backbone.layers.0.mixer.")}
+    assert recorded == INTEGER_ON_DISK[(layer, scheme)] | {"in_proj", "out_proj"}
+    if layer == "Mamba2" and bits == 8:  # one weight scale per split z, x, B, C, dt
+        scales = tensors["backbone.layers.0.mixer.in_proj.scales"]
+        assert scales.shape == (tensors["backbone.layers.0.mixer.in_proj.qweight"].shape[0], 1)
+        assert len(scales.unique()) == 5
+    with torch.no_grad():  # the model runs and stays about as close to FP16 as in/out_proj alone leave it
+        logits = quamba.load(tmp_path / "q", device="cpu")(IDS).logits
+        fp = quamba.load(built["fp16"], device="cpu")(IDS).logits
+    assert ((logits - fp).norm() / fp.norm()).item() < (0.15 if bits == 8 else 0.4)  # random weights: W4 ~0.3
+
+
+def test_each_assembly_option_flips_exactly_its_part(built, tmp_path):
+    def build(name, scheme, bits, **options):
+        quantize_model_dir(built["fp16"], tmp_path / name, built[f"w{bits}"], scheme, Recipe(**options),
+                           built["calib"], built["scales"])
+        return load_file(tmp_path / name / "model.safetensors")
+
+    quamba_w8, quamba_w4 = build("q8", "w8a8", 8), build("q4", "w4a8", 4)
+    lighter = build("projections", "w8a8", 8, module_coverage="projections")
+    assert integer_tensors(lighter) == set() and set(lighter) - set(quamba_w8) >= {"backbone.layers.0.mixer.A_log"}
+    embedded = build("embedding", "w8a8", 8, quantize_embedding=True)
+    assert embedded["backbone.embedding.weight.q"].dtype == torch.int8 and "backbone.embedding.weight" not in embedded
+    assert set(embedded) - {"backbone.embedding.weight.q", "backbone.embedding.weight.scale"} == \
+        set(quamba_w8) - {"backbone.embedding.weight"}
+    codes = build("codes", "w4a8", 4, w4_layout="gptq_codes")
+    gptq = load_file(built["w4"] / "gptq.safetensors")
+    in_proj = "backbone.layers.0.mixer.in_proj"
+    assert set(codes) == set(quamba_w4)
+    assert torch.equal(codes[f"{in_proj}.scales"], gptq[f"{in_proj}.scales"].float())
+    changed = [k for k in codes if not torch.equal(codes[k], quamba_w4[k])]
+    assert changed and all(k.endswith((".qweight", ".scales")) for k in changed)  # only the W4 layers

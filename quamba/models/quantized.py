@@ -20,9 +20,10 @@ from quamba.models.lm import MambaLMHeadModel
 from quamba.models.taps import LM_HEAD_POINT, named_taps
 from quamba.numerics.hadamard import hadamard_transform
 from quamba.numerics.quantizers import HALF_EVEN, dequantize, expand_scales, quantize, unpack_int4
+from quamba.numerics.tensor_codecs import dequantize_tensor, qqq_int8_weight
 
 QUANT_CONFIG = "quant_config.json"
-QUANT_CONFIG_VERSION = 2
+QUANT_CONFIG_VERSION = 3  # 3: integer tensors beyond the projections ({path}.q, {path}.scale), grouped tap scales
 GROUP_SCALES = "group_scales"  # model.safetensors: {mixer}.group_scales.{tap key}, Quamba2's grouped scales
 
 
@@ -39,19 +40,23 @@ class QuantLinear(nn.Module):
     with int8 activations run as an int8 GEMM (torch._int_mm) where its shape rules allow."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
-                 act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN):
+                 act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False):
         super().__init__()
         self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
         self.rounding = rounding  # of the int8 input: the norm's (ties to even) or the Hadamard's (away)
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight.to(torch.int8))  # (out, in) integer values
-        self.register_buffer("scales", scales.float())  # (out, groups) or (1, 1)
+        self.register_buffer("scales", scales.float())  # (out, groups), (out, 1) or (1, 1)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.register_buffer("weight", dequantize(self.qweight, expand_scales(self.scales, self.in_features)),
-                             persistent=False)  # the reference path's float weight
+        if qqq:  # W4A8 as QQQ's kernel: the int4 codes turned into int8 with one scale per row
+            w_int8, row_scales = qqq_int8_weight(self.qweight, self.scales)
+            weight = dequantize(w_int8, row_scales)
+        else:
+            weight = dequantize(self.qweight, expand_scales(self.scales, self.in_features))
+        self.register_buffer("weight", weight, persistent=False)  # the reference path's float weight
 
     def _int8_gemm_ok(self, x2d: torch.Tensor) -> bool:
-        return (x2d.is_cuda and self.bits == 8 and self.act_scale is not None and self.scales.numel() == 1
+        return (x2d.is_cuda and self.bits == 8 and self.act_scale is not None and self.scales.shape[-1] == 1
                 and x2d.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ class QuantLinear(nn.Module):
         x2d = x_q.reshape(-1, self.in_features)
         if self._int8_gemm_ok(x2d):
             acc = torch._int_mm(x2d, self.qweight.t())  # (m, out) int32, exact
-            y = (acc.float() * (self.act_scale * self.scales.float().item())).to(x.dtype).view(*x.shape[:-1], -1)
+            y = (acc.float() * (self.act_scale * self.scales.reshape(1, -1))).to(x.dtype).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         x_dq = dequantize(x_q, self.act_scale).to(x.dtype)
         return F.linear(x_dq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -97,6 +102,16 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
                               f"but this quamba-flow reads version {QUANT_CONFIG_VERSION}; rebuild the dir with "
                               f"`quamba quantize` (or rerun snakemake)")
     group_scales = {k: tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_SCALES}." in k]}
+    options = quant_config["recipe"]["options"]
+    qqq = quant_config["w_bits"] == 4 and quant_config["a_bits"] == 8 and options.get("w4_layout") == "quamba"
+    for key in [k for k in tensors if k.endswith(".q")]:  # integer tensors of fp modules: their values
+        path = key.removesuffix(".q")
+        q, scale = tensors.pop(key), tensors.pop(f"{path}.scale")
+        q = unpack_int4(q) if q.dtype == torch.uint8 else q
+        if qqq and path.endswith(".x_proj.weight"):  # Mamba1 W4A8: x_proj is a QQQ layer too
+            tensors[path] = dequantize(*qqq_int8_weight(q, scale))
+        else:
+            tensors[path] = dequantize_tensor(q, scale)
     integer = {k.rpartition(".")[0]: {} for k in tensors if k.endswith(".qweight")}
     for name in integer:
         for field in ("qweight", "scales"):
@@ -124,12 +139,13 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
                 qweight, integer[name]["scales"], quant_config["w_bits"],
                 None if bias is None else bias.detach().clone(),
                 act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=hadamard if kind == "out_proj" else None,
-                rounding=rounding[LINEAR_INPUT_TAPS[kind]]))
+                rounding=rounding[LINEAR_INPUT_TAPS[kind]], qqq=qqq))
     if "lm_head" in integer:  # its input quantized inside QuantLinear, so its tap stays identity
         qweight = integer["lm_head"]["qweight"]
         model.lm_head = QuantLinear(unpack_int4(qweight) if quant_config["w_bits"] == 4 else qweight,
                                     integer["lm_head"]["scales"], quant_config["w_bits"], None,
-                                    act_scales.get(LM_HEAD_POINT), rotate_input=None, rounding=rounding[LM_HEAD_POINT])
+                                    act_scales.get(LM_HEAD_POINT), rotate_input=None, rounding=rounding[LM_HEAD_POINT],
+                                    qqq=qqq and LM_HEAD_POINT in act_scales)
     for tap_name, tap in named_taps(model).items():
         if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
             tap.scale, tap.rounding = act_scales.get(tap_name), rounding[tap.point]

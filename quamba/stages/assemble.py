@@ -38,8 +38,17 @@ from quamba.numerics.quantizers import (
     per_tensor_w8,
     point_rounding,
 )
+from quamba.numerics.tensor_codecs import (
+    IntegerTensor,
+    embedding_int,
+    ssm_param_int8,
+    w4_from_values,
+    w4_marlin,
+    w8_per_part,
+    w8_per_tensor,
+)
 from quamba.recipe import Recipe, merge_records
-from quamba.schemes import get_scheme
+from quamba.schemes import get_scheme, mixer_integer_tensors
 from quamba.transforms.reorder import REORDER_TAP, ReorderPlan, plan_sha256, prepare_model
 
 
@@ -111,13 +120,57 @@ def _group_scales(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, st
     }
 
 
-def _w8_per_tensor(entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 weight of a W8A8 layer: as it is when GPTQ ran on the per-tensor grid; else, as in
-    Quamba, GPTQ's group-128 values as fp16 re-rounded to one per-tensor scale (in fp16)."""
-    if entry["scales"].numel() == 1:
-        return entry["qweight"], entry["scales"]
-    fp16 = dequantize(entry["qweight"], expand_scales(entry["scales"], entry["qweight"].shape[1])).to(torch.float16)
-    return per_tensor_w8(fp16)
+def _gptq_fp16(entry: dict) -> torch.Tensor:
+    """GPTQ's result as the fp16 values Quamba's fasterquant returns."""
+    return dequantize(entry["qweight"], expand_scales(entry["scales"], entry["qweight"].shape[1])).to(torch.float16)
+
+
+def _in_proj_splits(config) -> list[int]:
+    """Mamba2's in_proj output splits z, x, B, C, dt."""
+    group = config.ngroups * config.d_state
+    return [config.d_inner, config.d_inner, group, group, config.nheads]
+
+
+def _integer_linear(name: str, entry: dict, tensors: dict, scheme, recipe: Recipe, config, method: str
+                    ) -> IntegerTensor:
+    """The integer weight of one quantized Linear as Quamba's layer builds it from the GPTQ dir.
+
+    W8: GPTQ on the per-tensor grid (w8_gptq: per_tensor) as it is; else GPTQ's group-128 fp16
+    values re-rounded to one per-tensor scale, or one per split for Mamba2's in_proj (its
+    round-to-nearest taken from the fp16 weight itself). W4 (w4_layout: quamba): Marlin's codes
+    recovered from GPTQ's fp16 values; gptq_codes: GPTQ's codes and scales as they are.
+    """
+    per_split = (recipe.module_coverage == "quamba" and config.layer == "Mamba2" and name.endswith(".in_proj"))
+    if scheme.w_bits == 8:
+        if per_split:
+            source = tensors[f"{name}.weight"] if method == "rtn" else _gptq_fp16(entry)
+            if method == "rtn" or entry["scales"].numel() > 1:
+                return w8_per_part(source, _in_proj_splits(config), torch.float16)
+        if entry["scales"].numel() == 1:
+            return IntegerTensor(entry["qweight"], entry["scales"], 8, "w8 per tensor (GPTQ's grid)")
+        return w8_per_tensor(_gptq_fp16(entry), torch.float16)
+    if recipe.w4_layout == "quamba":
+        return w4_from_values(_gptq_fp16(entry), entry["scales"])
+    return IntegerTensor(entry["qweight"], entry["scales"], 4, "w4 GPTQ's codes and scales")
+
+
+def _mixer_tensor(codec: str, value: torch.Tensor, config) -> IntegerTensor:
+    if codec == "w8":
+        return w8_per_tensor(value, torch.float16)
+    if codec == "ssm":
+        return ssm_param_int8(value)
+    if codec == "w4":
+        return w4_marlin(value)
+    group = config.ngroups * config.d_state  # w8_conv_parts
+    return w8_per_part(value, [config.d_inner, group, group], torch.float32)
+
+
+def _store(tensors: dict, path: str, coded: IntegerTensor, integer: dict) -> None:
+    """One integer tensor into model.safetensors as {path}.q (int4 packed) and {path}.scale."""
+    tensors.pop(path, None)
+    tensors[f"{path}.q"] = pack_int4(coded.q) if coded.bits == 4 else coded.q
+    tensors[f"{path}.scale"] = coded.scale.float()
+    integer[path] = {"bits": coded.bits, "codec": coded.codec, "scale_shape": list(coded.scale.shape)}
 
 
 def _lm_head_weight(entry: dict | None, tensors: dict, recipe: Recipe, w_bits: int) -> dict | None:
@@ -180,13 +233,26 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         config = config.replace(tie_embeddings=False)
     elif head is not None:
         weights["lm_head"] = head
-    group_widths = {}  # what each integer weight's scales cover: None per tensor, else columns per group
+    group_widths = {}  # input columns one scale covers: None for W8 (per tensor, or per split of Mamba2's in_proj)
+    integer: dict[str, dict] = {}  # every integer tensor: bits, codec, scale shape
     for name, entry in weights.items():
+        coded = _integer_linear(name, entry, tensors, scheme, recipe, config, gptq_info["method"])
         tensors.pop(f"{name}.weight", None)  # a tied lm_head has no weight of its own
-        q, layer_scales = _w8_per_tensor(entry) if scheme.w_bits == 8 else (entry["qweight"], entry["scales"])
-        tensors[f"{name}.qweight"] = pack_int4(q) if scheme.w_bits == 4 else q.to(torch.int8)
-        tensors[f"{name}.scales"] = layer_scales.float()
-        group_widths[name] = None if layer_scales.numel() == 1 else q.shape[1] // layer_scales.shape[-1]
+        tensors[f"{name}.qweight"] = pack_int4(coded.q) if coded.bits == 4 else coded.q.to(torch.int8)
+        tensors[f"{name}.scales"] = coded.scale.float()
+        integer[name] = {"bits": coded.bits, "codec": coded.codec, "scale_shape": list(coded.scale.shape)}
+        group_widths[name] = None if coded.bits == 8 else coded.q.shape[1] // coded.scale.shape[-1]
+    for i in range(config.n_layer):
+        for tensor, codec in mixer_integer_tensors(config.layer, scheme.name, recipe.module_coverage).items():
+            path = f"backbone.layers.{i}.mixer.{tensor}"
+            if path in tensors:  # a conv without bias has none
+                _store(tensors, path, _mixer_tensor(codec, tensors[path], config), integer)
+    if recipe.quantize_embedding:
+        if "lm_head.weight" not in tensors:  # tied: lm_head keeps the fp16 values
+            tensors["lm_head.weight"] = tensors["backbone.embedding.weight"].clone()
+            config = config.replace(tie_embeddings=False)
+        _store(tensors, "backbone.embedding.weight", embedding_int(tensors["backbone.embedding.weight"],
+                                                                    scheme.w_bits), integer)
     if recipe.quantize_lm_head or "lm_head" in gptq_layers:
         config = config.replace(tie_embeddings=False)
     act_scales, group_scales = {}, {}
@@ -218,6 +284,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "hadamard": {"kind": recipe.hadamard, "out_proj_input": True, "residual_stream": recipe.rotate_residual},
         "quantized_linears": sorted(weights),
         "group_widths": dict(sorted(group_widths.items())),
+        "integer_tensors": dict(sorted(integer.items())),
         "activation_scales": act_scales,
     }
     if recipe.reorder:
