@@ -53,8 +53,10 @@ def sync(device: torch.device) -> None:
 
 def scored_rows(lm: QuambaLM, reqs: list[Instance]) -> list[list[int]]:
     """The token rows the adapter forwards, longest first (as it orders them)."""
-    rows = [(context + continuation)[-(lm.max_length + 1):][:-1]
-            for context, continuation in lm.encode_pairs([r.args for r in reqs])]
+    encoded = [lm._encode_pair(*r.args) if r.args[0] else ([lm.prefix_token_id], lm.tok_encode(r.args[1]))
+               for r in reqs]  # lm-eval's TemplateLM encoding (the bench's requests never start a document)
+    rows = [((context or [lm.prefix_token_id]) + continuation)[-(lm.max_length + 1):][:-1]
+            for context, continuation in encoded]
     return sorted(rows, key=len, reverse=True)
 
 

@@ -122,43 +122,26 @@ class QuambaLM(TemplateLM):
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return self.model(ids.to(self._device)).logits  # (b, l, padded_vocab)
 
-    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        """(context tokens, continuation tokens) exactly as TemplateLM.loglikelihood (so HFLM) makes
-        them, with the texts encoded in two batched tokenizer calls instead of two calls each.
-
-        A context's trailing spaces move to the continuation; the continuation's tokens are those
-        of context + continuation after the context's own tokens. An empty context becomes the
-        prefix token, unless the continuation already starts with it."""
-        moved = [(context.rstrip(), context[len(context.rstrip()):] + continuation) for context, continuation in pairs]
-        contexts = self.tokenizer([c for c, _ in moved], add_special_tokens=False)["input_ids"]
-        wholes = self.tokenizer([c + x for c, x in moved], add_special_tokens=False)["input_ids"]
-        encoded = []
-        for (context, continuation), context_enc, whole_enc in zip(pairs, contexts, wholes):
-            if context == "":
-                tokens = self.tok_encode(continuation)
-                encoded.append(([self.prefix_token_id], tokens[1:] if tokens[0] == self.prefix_token_id else tokens))
-            else:
-                encoded.append((context_enc, whole_enc[len(context_enc):]))
-        return encoded
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [request.args for request in requests]
-        return self._loglikelihood_tokens([(pair, *enc) for pair, enc in zip(pairs, self.encode_pairs(pairs))],
-                                          disable_tqdm=disable_tqdm)
-
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(log p(continuation | context), continuation is the greedy choice) per request.
 
-        requests: (cache key or None, context tokens, continuation tokens), as TemplateLM builds them.
+        requests: (cache key or None, context tokens, continuation tokens), as lm-eval's
+        TemplateLM.loglikelihood encodes them (its `_encode_pair`: trailing context spaces move to
+        the continuation; an empty context becomes the prefix token). A whitespace-only context
+        leaves no context tokens after that move; lm-eval's own empty-context rule applies to it
+        (conditioned on the prefix token), where HFLM 0.4.13 stops on an assertion.
         Batches run longest first (the first batch shows the memory peak; rows of a batch have
         similar lengths, so little is padded); results come back in the requests' order.
         """
         inputs, targets = [], []
         for _, context, continuation in requests:
-            assert context and continuation, "TemplateLM gives every request a context and a continuation"
+            if not continuation:
+                raise ValueError("loglikelihood: a request with an empty continuation has nothing to score")
             if len(continuation) > self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={self.max_length}")
+                raise ValueError(f"loglikelihood: a continuation of {len(continuation)} tokens exceeds "
+                                 f"max_length={self.max_length}; raise the model's max_length")
+            context = context or [self.prefix_token_id]
             # The last token is only a target. Too long: drop tokens on the left, as HFLM does.
             inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
             targets.append(continuation)

@@ -99,11 +99,26 @@ def test_loglikelihood_equals_hflm_per_request(ours, theirs):
 
 def test_context_and_continuation_tokens_are_hflms(ours, theirs, monkeypatch):
     requests = loglikelihood_requests() + [Instance("loglikelihood", {}, ("", "<|endoftext|>Hi"), 0)]
-    built = []  # what HFLM's loglikelihood hands its scorer: (pair, context tokens, continuation tokens)
-    monkeypatch.setattr(theirs, "_loglikelihood_tokens",
-                        lambda reqs, **_: built.extend(reqs) or [(0.0, False)] * len(reqs))
-    theirs.loglikelihood(requests)
-    assert ours.encode_pairs([r.args for r in requests]) == [(context, cont) for _, context, cont in built]
+    built = {"ours": [], "theirs": []}  # what each loglikelihood hands its scorer: (pair, context, continuation)
+    for name, lm in (("ours", ours), ("theirs", theirs)):
+        monkeypatch.setattr(lm, "_loglikelihood_tokens",
+                            lambda reqs, name=name, **_: built[name].extend(reqs) or [(0.0, False)] * len(reqs))
+        lm.loglikelihood(requests)
+    assert built["ours"] == built["theirs"] and len(built["ours"]) == len(requests)
+
+
+def test_edge_requests_score_as_hflm_and_a_whitespace_context_as_an_empty_one(ours, theirs):
+    pairs = [("", "Hello world"), ("The value", " of x"), ("x " * 400, " end"), ("Return the value ", "of x.")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    got, want = ours.loglikelihood(requests), theirs.loglikelihood(requests)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) <= 1e-4
+    # "\n" moves into the continuation, leaving an empty context: lm-eval's empty-context rule
+    # (HFLM 0.4.13 asserts on it); the score equals HFLM's for the empty context it became
+    [(whitespace, _)] = ours.loglikelihood([Instance("loglikelihood", {}, ("\n", "Hello world"), 0)])
+    [(empty, _)] = theirs.loglikelihood([Instance("loglikelihood", {}, ("", "\nHello world"), 0)])
+    assert math.isfinite(whitespace) and abs(whitespace - empty) <= 1e-4
+    with pytest.raises(ValueError, match="a continuation of .* tokens exceeds max_length=96"):
+        ours.loglikelihood([Instance("loglikelihood", {}, ("a", " word" * 200), 0)])
 
 
 def test_loglikelihood_rolling_equals_hflm(ours, theirs):
