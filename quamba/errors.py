@@ -11,3 +11,7 @@ class CheckpointError(QuambaError):
 
 class ConfigError(QuambaError):
     """A configuration value is missing or outside what is allowed."""
+
+
+class ResultError(QuambaError):
+    """A computed result is not a number (NaN or inf): never written as if it were one."""

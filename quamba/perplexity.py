@@ -27,6 +27,11 @@ VERSION = 1
 
 
 
+
+def _exp(x: float) -> float:
+    """exp without OverflowError: a perplexity beyond float range is inf (then refused as a result)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
 def evaluate_perplexity(lm: QuambaLM, data: str | Path = HELD_OUT_TEXT, seq_len: int | None = None,
                         stride: int | None = None, limit: int | None = None,
                         max_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,7 +72,7 @@ def evaluate_perplexity(lm: QuambaLM, data: str | Path = HELD_OUT_TEXT, seq_len:
     words = sum(len(text.split()) for text in scored)
     size = sum(len(text.encode("utf-8")) for text in scored)
     scores = {"nll": nll, "tokens": tokens, "words": words, "bytes": size,
-              "perplexity": math.exp(nll / tokens), "word_perplexity": math.exp(nll / words),
+              "perplexity": _exp(nll / tokens), "word_perplexity": _exp(nll / words),
               "bits_per_byte": nll / size / math.log(2)}
     settings = {"data": shown(data), "data_sha256": digest, "seq_len": seq_len, "stride": stride,
                 "documents": len(documents), "documents_scored": len(scored), "max_tokens": max_tokens,

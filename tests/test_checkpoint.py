@@ -174,3 +174,44 @@ def test_cuda_asked_for_on_a_machine_without_it_fails_before_any_work(tmp_path, 
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="device: 'cuda' was asked for"):
         quamba.load(model, device="cuda")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_fail_at_load_and_normalize_naming_the_tensor(tmp_path, tokenizer_dir, value):
+    model = random_model(CONFIGS["mamba1"])
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.in_proj.weight[3, 5] = value
+    src = write_state_spaces(model, tmp_path / "m", "model.safetensors")
+    message = r"weight 'backbone.layers.1.mixer.in_proj.weight' holds 1 non-finite values \(NaN or inf\)"
+    with pytest.raises(CheckpointError, match=message):
+        quamba.load(src, device="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        normalize(src, tokenizer_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_that_overflows_float16_fails_normalize(tmp_path, tokenizer_dir):
+    model = random_model(CONFIGS["mamba1"])
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.D[0] = 1e6  # finite in fp32, inf in fp16
+    src = write_state_spaces(model, tmp_path / "m", "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"out: weight 'backbone.layers.0.mixer.D' holds 1 non-finite values "
+                                              r"\(NaN or inf\) in float16 \(a weight beyond 65504 overflows\)"):
+        normalize(src, tokenizer_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_and_quantize_refuse_a_dir_that_is_not_normalized(tmp_path, tokenizer_dir):
+    from quamba.stages.assemble import quantize_model_dir
+    from quamba.stages.gptq import GPTQSettings, gptq_model_dir
+
+    model = random_model(CONFIGS["mamba1"])
+    to_transformers(model).save_pretrained(tmp_path / "hf")
+    mamba_ssm = write_state_spaces(model, tmp_path / "bin")  # pytorch_model.bin, as mamba_ssm saves
+    for src, kind in ((tmp_path / "hf", "a transformers checkpoint"), (mamba_ssm, "a checkpoint without model")):
+        hint = rf"{kind}.*; `quamba gptq` takes an FP16 dir written by `quamba normalize` \(run `quamba normalize"
+        with pytest.raises(CheckpointError, match=hint):
+            gptq_model_dir(src, tmp_path / "g", GPTQSettings(w_bits=8))
+        with pytest.raises(CheckpointError, match=r"`quamba quantize` takes an FP16 dir written by `quamba normalize`"):
+            quantize_model_dir(src, tmp_path / "q", tmp_path / "g", "w4a16")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "q").exists()

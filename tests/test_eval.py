@@ -314,3 +314,14 @@ def test_demo_model_scores_above_chance(tmp_path, name):
     assert results["quamba_cloze"]["acc,none"] >= 0.04  # greedy decoding of a whole word: chance ~ 0
     assert results["quamba_cloze"]["perplexity,none"] < 4096 / 4  # per target word; uniform: 4096 per token
     assert held_out["perplexity"] < 4096 / 20  # per token, first 10 held-out documents
+
+
+def test_an_evaluation_whose_metric_is_not_finite_fails_and_writes_nothing(tmp_path):
+    model = random_model(LAYERS["Mamba1"])
+    with torch.no_grad():
+        model.backbone.norm_f.weight.fill_(1e38)  # finite weights whose logits overflow to inf
+    model_dir = with_tokenizer(write_state_spaces(model, tmp_path / "m", "model.safetensors"))
+    with pytest.raises(quamba.errors.ResultError, match=r"task perplexity metric perplexity is inf, not a finite number; "
+                                                        r"nothing was written"):
+        evaluate(model_dir, ["perplexity"], tmp_path / "out.json", perplexity_tokens=64, progress=False)
+    assert not (tmp_path / "out.json").exists()

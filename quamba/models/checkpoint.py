@@ -96,6 +96,21 @@ def read_config(model_dir: Path) -> tuple[MambaConfig, str]:
                           f"nor 'd_model' (state-spaces format) is present")
 
 
+def require_fp16_dir(model_dir: Path, command: str) -> MambaConfig:
+    """The config of an FP16 dir as `quamba normalize` writes it (state-spaces config.json and one
+    model.safetensors), which the stages after calibration read directly; anything else is
+    refused before any work, saying how to make one."""
+    model_dir = Path(model_dir)
+    config, fmt = read_config(model_dir)
+    quantized = (model_dir / "quant_config.json").is_file()
+    if fmt != "state-spaces" or quantized or not (model_dir / SAFETENSORS_FILE).is_file():
+        kind = "a quantized dir" if quantized else (f"a {fmt} checkpoint" if fmt != "state-spaces"
+                                                     else f"a checkpoint without {SAFETENSORS_FILE}")
+        raise CheckpointError(f"{model_dir}: {kind}; `quamba {command}` takes an FP16 dir written by "
+                              f"`quamba normalize` (run `quamba normalize {model_dir} --out DIR` first)")
+    return config
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The files holding the weights, preferring safetensors."""
     model_dir = Path(model_dir)
@@ -137,6 +152,15 @@ def _to_state_spaces_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state.items()}
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str, what: str = "") -> None:
+    """Non-finite weights are bad input: fail naming the first tensor that holds NaN or inf."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: weight {key!r} holds {bad} non-finite values (NaN or inf){what}; "
+                                  f"fix or replace the checkpoint")
+
+
 def build_model(config: MambaConfig, state: dict[str, torch.Tensor], source: str) -> MambaLMHeadModel:
     """An LM holding `state` (state-spaces key names), after checking every key and shape."""
     state = dict(state)
@@ -157,6 +181,7 @@ def build_model(config: MambaConfig, state: dict[str, torch.Tensor], source: str
         if state[key].shape != shape:
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
                                   f"but {CONFIG_FILE} implies {tuple(shape)}")
+    check_finite(state, source)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
@@ -187,6 +212,7 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
+    check_finite(state, str(out_dir), " in float16 (a weight beyond 65504 overflows)")
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(state, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, model.config.to_state_spaces())

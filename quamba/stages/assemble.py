@@ -22,7 +22,13 @@ from quamba.formats.calibration import STATS_FILE, read_stats, stats_path
 from quamba.formats.gptq_dir import load_gptq
 from quamba.formats.scales import SCALES_FILE, read_scales
 from quamba.io import atomic_dir, package_versions, sha256_file, write_json
-from quamba.models.checkpoint import CONFIG_FILE, SAFETENSORS_FILE, load_fp_model, model_sha256, read_config
+from quamba.models.checkpoint import (
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    load_fp_model,
+    model_sha256,
+    require_fp16_dir,
+)
 from quamba.models.quantized import QUANT_CONFIG, QUANT_CONFIG_VERSION, group_scales_key
 from quamba.models.taps import LM_HEAD_POINT
 from quamba.numerics.gptq import rtn
@@ -211,7 +217,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     A GPTQ dir holding lm_head quantizes it too.
     """
     fp16_dir, out_dir = Path(fp16_dir), Path(out_dir)
-    config, _ = read_config(fp16_dir)
+    config = require_fp16_dir(fp16_dir, "quantize")
     recipe = recipe.for_model(config.layer)
     stats_file = stats_path(calib_dir) if calib_dir is not None else None
     stats = read_stats(stats_file) if stats_file is not None else None

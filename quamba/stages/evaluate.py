@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quamba.errors import ConfigError
+from quamba.errors import ConfigError, ResultError
 from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
 from quamba.models.checkpoint import CONFIG_FILE, weight_files
@@ -101,6 +101,19 @@ def plain_json(value: Any) -> Any:
     return str(value)
 
 
+def check_finite_metrics(results: dict[str, dict[str, Any]], model_dir: Path) -> None:
+    """A metric that is NaN or inf is a broken model or input, never a result: fail naming it.
+    (Standard errors may be undefined, e.g. over one document; they are written as null.)"""
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if "stderr" in metric or isinstance(value, bool):
+                continue
+            number = value.item() if hasattr(value, "item") else value
+            if isinstance(number, (int, float)) and not math.isfinite(number):
+                raise ResultError(f"{model_dir}: task {task} metric {metric} is {number}, not a finite number; "
+                                  f"nothing was written (check the model's weights and its quantization scales)")
+
+
 def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size: int = 8,
              limit: int | None = None, device: str | None = None, dtype: str | None = None,
              num_fewshot: int = 0, seed: int = 0, progress: bool = True,
@@ -145,6 +158,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
         sections["configs"][name] = config
         sections["versions"][name] = config["version"]
         sections["n-samples"][name] = {"original": config["documents"], "effective": config["documents_scored"]}
+    check_finite_metrics(sections["results"], local_dir)
     doc.update({key: value for key, value in sections.items() if value})
     doc["package_versions"] = package_versions()
     doc = plain_json(doc)

@@ -27,7 +27,7 @@ from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
 from quamba.formats.gptq_dir import save_gptq
 from quamba.io import package_versions, sha256_file
-from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
+from quamba.models.checkpoint import model_sha256, require_fp16_dir, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.load import load, resolve_device
 from quamba.models.quantized import quantized_linears
@@ -207,7 +207,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     `calib_dir`: the calibration whose reorder plan to apply (only with the recipe's reorder)."""
     settings.validate()
     model_dir = resolve_model_dir(model_dir)
-    config, _ = read_config(model_dir)
+    config = require_fp16_dir(model_dir, "gptq")
     recipe = recipe.for_model(config.layer)
     check_widths(config, recipe.rotate_residual, recipe.hadamard)
     reorder, reorder_info = None, None
