@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from importlib import metadata
@@ -23,12 +25,43 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _temp_prefix(final: Path) -> str:
+    """Temp names beside `final` carry the writer's host and pid, so a later writer can tell a
+    leftover of a killed one (same host, pid gone) from a writer still at work."""
+    return f".{final.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete the temp files and dirs a killed writer of `final` left beside it (same host, its
+    process gone); returns what was removed. Temps of live writers and other hosts stay."""
+    host, removed = socket.gethostname(), []
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        owner = path.name[len(final.name) + 2:].removesuffix(".tmp").rpartition(".")[0]  # "{host}-{pid}"
+        name, _, pid = owner.rpartition("-")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temp dir beside `final`; on success it replaces `final` in one rename. Leftovers of
+    a killed earlier writer of `final` are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent))
     tmp.chmod(_default_mode(directory=True))
     try:
         yield tmp
@@ -42,10 +75,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp file path beside `final`; on success it is renamed onto `final`."""
+    """Yield a temp file path beside `final`; on success it is renamed onto `final` (leftovers of a
+    killed earlier writer removed first)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    remove_stale_temps(final)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     tmp.chmod(_default_mode(directory=False))

@@ -7,11 +7,16 @@ from snakemake.utils import validate
 
 from quamba.errors import QuambaError
 from quamba.formats import layout
+from quamba.formats.study import check_study_config
 from quamba.models.checkpoint import check_source
 from quamba.recipe import Recipe
 from quamba.schemes import get_scheme
 from quamba.stages.evaluate import split_tasks
 
+try:  # one short error naming the key; then Snakemake's validation fills in the defaults
+    check_study_config(config)
+except QuambaError as err:
+    raise ValueError(str(err)) from None
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 MODELS = sorted(config["models"])

@@ -13,5 +13,7 @@ with job_log(snakemake.log[0]) as log:  # noqa: F821
     config = quantize_model_dir(Path(inputs.model), Path(snakemake.output[0]), Path(inputs.gptq), wc.scheme,  # noqa: F821
                                 Recipe(**snakemake.params.recipe),  # noqa: F821
                                 calib_dir=Path(stats).parent if stats else None,
-                                scales_path=Path(scales) if scales else None)
+                                scales_path=Path(scales) if scales else None,
+                                made_by={"rule": snakemake.rule, "wildcards": dict(wc.items()),  # noqa: F821
+                                         "params": dict(snakemake.params.items())})  # noqa: F821
     log.info("wrote %s (%d activation scales)", snakemake.output[0], len(config["activation_scales"]))  # noqa: F821

@@ -38,8 +38,14 @@ def load_gptq(gptq_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]
     for name in (GPTQ_WEIGHTS, GPTQ_INFO):
         if not (gptq_dir / name).is_file():
             raise ConfigError(f"{gptq_dir / name}: missing; not a GPTQ output dir")
-    info = json.loads((gptq_dir / GPTQ_INFO).read_text())
-    tensors = load_file(gptq_dir / GPTQ_WEIGHTS)
+    try:
+        info = json.loads((gptq_dir / GPTQ_INFO).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{gptq_dir / GPTQ_INFO}: unreadable ({err}); rerun the gptq job that writes it") from None
+    try:
+        tensors = load_file(gptq_dir / GPTQ_WEIGHTS)
+    except Exception as err:  # safetensors raises its own SafetensorError for a truncated file
+        raise ConfigError(f"{gptq_dir / GPTQ_WEIGHTS}: unreadable ({err}); rerun the gptq job that writes it") from None
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         layer, _, field = key.rpartition(".")

@@ -206,7 +206,8 @@ def _group_size(group_widths: dict[str, int | None]) -> int | str | None:
 
 
 def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_name: str, recipe: Recipe = Recipe(),
-                       calib_dir: Path | None = None, scales_path: Path | None = None) -> dict:
+                       calib_dir: Path | None = None, scales_path: Path | None = None,
+                       made_by: dict | None = None) -> dict:
     """`quamba quantize`: FP16 dir + GPTQ dir (+ calibration dir + one alpha's scales.json) -> a
     self-describing quantized dir.
 
@@ -214,7 +215,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     Activation scales are each tap's threshold / 127 at the scales file's alpha (Quamba's float32
     division, floored at 1e-6); with reorder, Quamba2's grouped min/max scales: x (the SSM input)
     one per reorder cell, B and C one per SSD group, the final state one per (cell, state index).
-    A GPTQ dir holding lm_head quantizes it too.
+    A GPTQ dir holding lm_head quantizes it too. `made_by` goes into provenance.json (the workflow
+    records its rule, wildcards and parameters; the CLI its command line).
     """
     fp16_dir, out_dir = Path(fp16_dir), Path(out_dir)
     config = require_fp16_dir(fp16_dir, "quantize")
@@ -321,7 +323,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
             "gptq": {"path": str(gptq_dir), "sha256": sha256_file(Path(gptq_dir) / "gptq.safetensors")},
             "size_bytes": {"model": size, "fp16_model": fp16_bytes, "ratio": round(size / fp16_bytes, 4)},
             "versions": package_versions(),
-            "command": "quamba quantize " + " ".join(sys.argv[1:]) if "quamba" in sys.argv[0] else None,
+            "command": made_by or {"command": "quamba " + " ".join(sys.argv[1:]) if "quamba" in sys.argv[0]
+                                   else f"python: {__name__}.quantize_model_dir"},
         })
     return quant_config
 

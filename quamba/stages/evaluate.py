@@ -126,6 +126,9 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     The file holds no dates or timings, so a rerun on the same device gives the same bytes.
     """
     batch_size = positive_int("batch_size", batch_size)
+    if Path(out).is_dir():
+        raise ConfigError(f"out: {out} is a directory; give the path of the results JSON to write (e.g. {Path(out)}/"
+                          f"eval.json)")
     if limit is not None:
         limit = positive_int("limit", limit)
     if perplexity_tokens is not None:

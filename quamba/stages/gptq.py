@@ -200,6 +200,14 @@ def _reorder_from_calibration(calib_dir: Path | None, model_dir: Path) -> tuple[
                               "plan_sha256": plan_sha256(stats["reorder"])}
 
 
+def check_group_size(config, group_size: int) -> None:
+    """Every GPTQ'd weight's input width must split into groups (or be one group): checked at the door."""
+    for name, width in (("in_proj and lm_head", config.d_model), ("out_proj", config.d_inner)):
+        if width > group_size and width % group_size:
+            raise ConfigError(f"group_size: {group_size} does not divide the {width} inputs of {name}; allowed: "
+                              f"a divisor of {width} (Quamba: 128), or >= {width} for one group per row")
+
+
 def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recipe: Recipe = Recipe(),
                    data: str | Path | None = None, device: str | None = None, progress: bool = True,
                    calib_dir: Path | None = None) -> dict:
@@ -210,6 +218,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     config = require_fp16_dir(model_dir, "gptq")
     recipe = recipe.for_model(config.layer)
     check_widths(config, recipe.rotate_residual, recipe.hadamard)
+    check_group_size(config, settings.group_size)
     reorder, reorder_info = None, None
     if recipe.reorder:
         check_reorderable(config, recipe.head_clusters, recipe.channel_clusters, recipe.reorder_method)
