@@ -75,7 +75,9 @@ def test_normalize_is_byte_identical_on_rerun(tmp_path, tokenizer_dir):
     a = normalize(src, tokenizer_dir, tmp_path / "a")
     b = normalize(src, tokenizer_dir, tmp_path / "b")
     for path in a.iterdir():
-        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+        if path.name != "hash.json":  # a cache of the files' hash, keyed by their mtimes
+            assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+    assert json.loads((a / "hash.json").read_text())["sha256"] == json.loads((b / "hash.json").read_text())["sha256"]
 
 
 def test_load_defaults_to_fp32_on_cpu_and_accepts_dtype_names(tmp_path):
@@ -215,3 +217,21 @@ def test_gptq_and_quantize_refuse_a_dir_that_is_not_normalized(tmp_path, tokeniz
         with pytest.raises(CheckpointError, match=r"`quamba quantize` takes an FP16 dir written by `quamba normalize`"):
             quantize_model_dir(src, tmp_path / "q", tmp_path / "g", "w4a16")
     assert not (tmp_path / "g").exists() and not (tmp_path / "q").exists()
+
+
+def test_the_fp16_dir_is_hashed_once_and_rehashed_when_a_file_changes(tmp_path, tokenizer_dir, monkeypatch):
+    import os
+
+    import quamba.models.checkpoint as checkpoint
+    from quamba.io import sha256_files
+
+    src = write_state_spaces(random_model(CONFIGS["mamba1"]), tmp_path / "m", "model.safetensors")
+    out = normalize(src, tokenizer_dir, tmp_path / "out")
+    recorded = json.loads((out / "hash.json").read_text())["sha256"]
+    assert recorded == sha256_files([out / "config.json", out / "model.safetensors"])
+    calls = []
+    monkeypatch.setattr(checkpoint, "sha256_files", lambda files: calls.append(files) or "rehashed")
+    assert checkpoint.model_sha256(out) == recorded and calls == []  # sizes and mtimes match: the record
+    stat = (out / "model.safetensors").stat()
+    os.utime(out / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: hash again
+    assert checkpoint.model_sha256(out) == "rehashed" and len(calls) == 1

@@ -72,6 +72,7 @@ from safetensors.torch import save_file
 
 from quamba.errors import CheckpointError, ConfigError
 from quamba.io import _default_mode, atomic_dir, package_versions, write_json
+from quamba.models.checkpoint import record_model_sha256
 from quamba.models.config import MambaConfig
 from quamba.models.lm import MambaLMHeadModel
 
@@ -254,4 +255,5 @@ def write_random_checkpoint(arch: str, out_dir: Path, seed: int = 0, n_layer: in
             "n_layer": config.n_layer, "published_n_layer": ARCHITECTURES[arch].n_layer,
             "tokenizer": shown(tokenizer), "versions": package_versions(),
         })
+        record_model_sha256(tmp)
     return Path(out_dir)
