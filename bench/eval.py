@@ -95,7 +95,7 @@ def bench(model_dir: Path, name: str, batch_size: int, limit: int | None = None,
     times = best_seconds({"adapter": lambda: lm.loglikelihood(reqs), "plain": plain}, lm.device, repeats)
     adapter_s, plain_s = times["adapter"], times["plain"]
     return {"model": name, "device": torch.cuda.get_device_name() if lm.device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "dtype": str(lm.model.lm_head.weight.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "dtype": str(lm.model.backbone.embedding.weight.dtype).removeprefix("torch."),
             "requests": len(reqs), "tokens": tokens, "padding": round(1 - tokens / padded, 4),
             "batch_size": batch_size, "adapter_s": round(adapter_s, 3), "plain_s": round(plain_s, 3),
             "adapter_tok_s": round(tokens / adapter_s), "plain_tok_s": round(tokens / plain_s),

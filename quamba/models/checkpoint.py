@@ -192,14 +192,17 @@ def check_finite(state: dict[str, torch.Tensor], source: str, what: str = "") ->
                                   f"fix or replace the checkpoint")
 
 
-def build_model(config: MambaConfig, state: dict[str, torch.Tensor], source: str) -> MambaLMHeadModel:
-    """An LM holding `state` (state-spaces key names), after checking every key and shape."""
+def build_model(config: MambaConfig, state: dict[str, torch.Tensor], source: str,
+                replaced: frozenset[str] = frozenset()) -> MambaLMHeadModel:
+    """An LM holding `state` (state-spaces key names), after checking every key and shape.
+    `replaced`: weights the caller swaps in itself (a quantized dir's integer layers); they stay
+    on the meta device, never materialized."""
     state = dict(state)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # mamba_ssm's .bin carries the tied copy; ours does not
     with torch.device("meta"):
         model = MambaLMHeadModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in replaced}
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
     missing = sorted(expected.keys() - state.keys())

@@ -115,7 +115,7 @@ class MambaLMHeadModel(nn.Module):
 
     def allocate_cache(self, batch_size: int) -> InferenceCache:
         """Zeroed decoding states in the model's device and dtype."""
-        weight = self.lm_head.weight
+        weight = self.backbone.embedding.weight  # lm_head may be an integer layer
         cache = InferenceCache()
         for block in self.backbone.layers:
             conv_shape, ssm_shape = block.mixer.state_shapes(batch_size)
@@ -149,5 +149,5 @@ class MambaLMHeadModel(nn.Module):
         return self._head(residual)
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.norm_f(residual).to(self.lm_head.weight.dtype)
+        hidden = self.backbone.norm_f(residual).to(self.backbone.embedding.weight.dtype)
         return self.lm_head(self.lm_head_input(hidden))  # (b, l, padded_vocab_size)

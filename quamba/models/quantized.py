@@ -31,13 +31,21 @@ def group_scales_key(layer: int, point: str) -> str:
     """The model.safetensors key of one tap's grouped activation scales (a tensor broadcast over
     the tap's trailing dims: per channel of x, B and C; per (head, channel, state) of the state)."""
     return f"backbone.layers.{layer}.mixer.{GROUP_SCALES}.{point.replace(':', '__')}"
+
+
+MIN_INT_MM_ROWS = 16  # torch._int_mm on CUDA needs more rows than this
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
 
 
 class QuantLinear(nn.Module):
     """y = dequant(q) applied to x, with x Hadamard-rotated first (out_proj) and quantized to
-    int8 with a static scale (schemes with 8-bit activations). On CUDA, per-tensor int8 weights
-    with int8 activations run as an int8 GEMM (torch._int_mm) where its shape rules allow."""
+    int8 with a static scale (schemes with 8-bit activations).
+
+    On CUDA, int8 weights with int8 activations (W8A8, and W4A8 once QQQ has turned its int4
+    codes into int8 with a scale per row) run as an int8 GEMM (torch._int_mm; M <= 16 padded)
+    and no float copy of the weight is kept. The reference path (CPU, or CUDA without an
+    integer kernel: W4A16) multiplies a float weight dequantized once per device and dtype.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
                  act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False):
@@ -45,33 +53,49 @@ class QuantLinear(nn.Module):
         self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
         self.rounding = rounding  # of the int8 input: the norm's (ties to even) or the Hadamard's (away)
         self.out_features, self.in_features = qweight.shape
+        if qqq:  # W4A8 as QQQ's kernel: the int4 codes turned into int8 with one scale per row
+            qweight, scales = qqq_int8_weight(qweight.to(torch.int8), scales)
+        self.int8_weight = bits == 8 or qqq  # qweight holds int8 values the GEMM can take as they are
         self.register_buffer("qweight", qweight.to(torch.int8))  # (out, in) integer values
         self.register_buffer("scales", scales.float())  # (out, groups), (out, 1) or (1, 1)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        if qqq:  # W4A8 as QQQ's kernel: the int4 codes turned into int8 with one scale per row
-            w_int8, row_scales = qqq_int8_weight(self.qweight, self.scales)
-            weight = dequantize(w_int8, row_scales)
-        else:
-            weight = dequantize(self.qweight, expand_scales(self.scales, self.in_features))
-        self.register_buffer("weight", weight, persistent=False)  # the reference path's float weight
+        self._reference: torch.Tensor | None = None  # the float weight, made when a path needs it
+
+    def reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight on the layer's device in `dtype`, made once and kept."""
+        cached = self._reference
+        if cached is None or cached.device != self.qweight.device or cached.dtype != dtype:
+            self._reference = dequantize(self.qweight, expand_scales(self.scales, self.in_features)).to(dtype)
+        return self._reference
 
     def _int8_gemm_ok(self, x2d: torch.Tensor) -> bool:
-        return (x2d.is_cuda and self.bits == 8 and self.act_scale is not None and self.scales.shape[-1] == 1
-                and x2d.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0)
+        return (x2d.is_cuda and self.int8_weight and self.act_scale is not None and self.scales.shape[-1] == 1
+                and self.in_features % 8 == 0 and self.out_features % 8 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation
             x = hadamard_transform(x, self.rotate_input)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.act_scale is None:
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self.reference_weight(x.dtype), bias)
         x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
         x2d = x_q.reshape(-1, self.in_features)
         if self._int8_gemm_ok(x2d):
-            acc = torch._int_mm(x2d, self.qweight.t())  # (m, out) int32, exact
+            rows = x2d.shape[0]
+            if rows <= MIN_INT_MM_ROWS:  # torch._int_mm wants more than 16 rows: pad with zeros
+                x2d = F.pad(x2d, (0, 0, 0, MIN_INT_MM_ROWS + 1 - rows))
+            acc = torch._int_mm(x2d, self.qweight.t())[:rows]  # (m, out) int32, exact
             y = (acc.float() * (self.act_scale * self.scales.reshape(1, -1))).to(x.dtype).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            return y if bias is None else y + bias
         x_dq = dequantize(x_q, self.act_scale).to(x.dtype)
-        return F.linear(x_dq, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x_dq, self.reference_weight(x.dtype), bias)
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer holds on its device for its weight: integers, scales, any float copy."""
+        held = self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 4
+        if self._reference is not None:
+            held += self._reference.numel() * self._reference.element_size()
+        return held
 
 
 def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:
@@ -116,12 +140,8 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
     for name in integer:
         for field in ("qweight", "scales"):
             integer[name][field] = tensors.pop(f"{name}.{field}")
-        tensors[f"{name}.weight"] = torch.zeros(1)  # placeholder, replaced below
-    with torch.device("meta"):
-        shapes = MambaLMHeadModel(config).state_dict()
-    for name in integer:
-        tensors[f"{name}.weight"] = torch.empty(shapes[f"{name}.weight"].shape, dtype=torch.float16)
-    model = build_model(config, tensors, source=str(model_dir))
+    # the integer layers' float weights stay on the meta device: QuantLinear replaces them below
+    model = build_model(config, tensors, source=str(model_dir), replaced=frozenset(f"{n}.weight" for n in integer))
     act_scales = quant_config["activation_scales"]
     hadamard = quant_config["hadamard"]["kind"]
     rounding = quant_config["rounding"]  # per tap point
@@ -154,4 +174,8 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
             scales = group_scales.get(group_scales_key(i, tap.point))
             if scales is not None:
                 tap.scale, tap.rounding = scales.float(), rounding[tap.point]
-    return model.to(device=device, dtype=dtype).eval()
+    scales = {layer: layer.scales for layer in model.modules() if isinstance(layer, QuantLinear)}
+    model = model.to(device=device, dtype=dtype).eval()
+    for layer, fp32 in scales.items():  # scales stay float32 whatever the model's dtype (as Quamba keeps them)
+        layer.scales = fp32.to(layer.qweight.device)
+    return model

@@ -1,0 +1,107 @@
+"""Quantized models against their FP16 model, in one process: weight memory on the device,
+prefill time (batch x seq tokens, one forward) and batch-1 decode tokens/s with the state cache
+(Quamba's headline). Ratios are against the FP16 run of the same process.
+
+    python -m bench.quantized_model --fp16 DIR --quantized W8A8_DIR W4A16_DIR --device cuda
+    python -m bench.quantized_model ... --device cpu --prefill 2 64 --decode 8   # a smoke run
+
+Build the dirs with bench/realsize_quantized.sh (random weights of the real architectures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import quamba
+from quamba.models.quantized import QUANT_CONFIG, QuantLinear
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds, plus QuantLinear's float copies."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear) and layer._reference is not None:
+            total += layer._reference.numel() * layer._reference.element_size()
+    return total
+
+
+def best(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: kernels, allocator, any float copy a path makes
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.inference_mode()
+def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], decode: int, repeats: int) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+    model = quamba.load(model_dir, device=str(device), dtype=torch.float16 if device.type == "cuda" else None)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, prefill, generator=torch.Generator().manual_seed(0)).to(device)
+    prefill_s = best(lambda: model(ids), device, repeats)
+
+    def generate() -> None:
+        cache = model.allocate_cache(1)
+        token = ids[:1, :16]
+        logits = model(token, cache=cache).logits
+        for _ in range(decode):
+            token = logits[:, -1:].argmax(dim=-1)
+            logits = model(token, cache=cache).logits
+
+    decode_s = best(generate, device, repeats)
+    held = weight_bytes(model)  # after the runs: includes any float copy a path made
+    allocated = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
+    quant = json.loads((model_dir / QUANT_CONFIG).read_text()) if (model_dir / QUANT_CONFIG).is_file() else {}
+    del model
+    return {"model": str(model_dir), "scheme": quant.get("scheme", "fp16"), "weight_bytes": held,
+            "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fp16", type=Path, required=True)
+    parser.add_argument("--quantized", type=Path, nargs="+", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prefill", type=int, nargs=2, default=[16, 512], metavar=("BATCH", "SEQ"))
+    parser.add_argument("--decode", type=int, default=64, help="tokens generated at batch 1")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats) for d in [args.fp16, *args.quantized]]
+    base = rows[0]
+    name = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
+    print(f"device {name}; prefill {args.prefill[0]} x {args.prefill[1]}; decode {args.decode} tokens at batch 1")
+    print("| scheme | weights (MB) | x FP16 | prefill (ms) | x FP16 time | decode tok/s | x FP16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['scheme']} | {row['weight_bytes'] / 1e6:.0f} | {row['weight_bytes'] / base['weight_bytes']:.2f} "
+              f"| {row['prefill_s'] * 1e3:.1f} | {row['prefill_s'] / base['prefill_s']:.2f} "
+              f"| {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
