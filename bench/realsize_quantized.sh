@@ -5,7 +5,7 @@
 #   bash bench/realsize_quantized.sh ARCH OUT_DIR DEVICE [N_LAYER]
 # e.g. on the H200: bash bench/realsize_quantized.sh mamba2-2.7b /tmp/rs cuda
 #      on a CPU, a smoke run: bash bench/realsize_quantized.sh mamba2-130m /tmp/rs cpu 2
-set -euo pipefail
+set -euo pipefail  # the independent steps run side by side (wait fails on none: check the dirs)
 arch=${1:-mamba2-2.7b}; out=${2:-/tmp/realsize}; device=${3:-cuda}; layers=${4:-}
 q() { python3 -m quamba.cli "$@"; }
 start=$SECONDS
@@ -13,10 +13,12 @@ rm -rf "$out" && mkdir -p "$out"
 q random-checkpoint "$arch" --out "$out/fp16" ${layers:+--layers "$layers"}
 q calibrate "$out/fp16" --samples 8 --seq-len 256 --device "$device" --out "$out/calib"
 q scales "$out/calib" --alpha 0.9995 --out "$out/scales.json"
-for bits in 8 4; do q gptq "$out/fp16" --w-bits $bits --no-gptq --device "$device" --out "$out/g$bits"; done
-q quantize "$out/fp16" --gptq "$out/g8" --scheme w8a8 --calib "$out/calib" --scales "$out/scales.json" --out "$out/w8a8"
-q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a8 --calib "$out/calib" --scales "$out/scales.json" --out "$out/w4a8"
-q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a16 --out "$out/w4a16"
+for bits in 8 4; do q gptq "$out/fp16" --w-bits $bits --no-gptq --device "$device" --out "$out/g$bits" & done
+wait
+q quantize "$out/fp16" --gptq "$out/g8" --scheme w8a8 --calib "$out/calib" --scales "$out/scales.json" --out "$out/w8a8" &
+q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a8 --calib "$out/calib" --scales "$out/scales.json" --out "$out/w4a8" &
+q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a16 --out "$out/w4a16" &
+wait
 echo "built in $((SECONDS - start)) s"
 if [ "$device" = cpu ]; then shape="--prefill 2 64 --decode 8 --repeats 1"; else shape=""; fi
 python3 -m bench.quantized_model --fp16 "$out/fp16" --quantized "$out/w8a8" "$out/w4a8" "$out/w4a16" \

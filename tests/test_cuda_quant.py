@@ -106,3 +106,19 @@ def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
     # 1.95e-2 on an H100: besides the block taps, lm_head's int8 input sits right before the logits,
     # so each rounding flip between the kernels and the reference shows there undamped.
     assert diff <= 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_activation_quantizers_equal_the_eager_ones_bit_for_bit(dtype):
+    from quamba.numerics import quantizers
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 70, 96, generator=g) * 4).to(dtype)
+    x[0, 0, :8] = torch.tensor([0.5, 1.5, -2.5, 2.5, -0.5, 300.0, -300.0, 0.0]).to(dtype) * 0.03125  # ties, clips
+    per_channel = torch.rand(96, generator=g) * 0.05 + 0.01
+    for scale in (0.03125, 0.0173, per_channel):
+        for rounding in ("half_even", "half_away"):
+            eager = [f(x, scale, 8, rounding) for f in (quantizers.quantize, quantizers.fake_quantize)]
+            fused = [f(x.cuda(), scale.cuda() if torch.is_tensor(scale) else scale, 8, rounding).cpu()
+                     for f in (quantizers.quantize, quantizers.fake_quantize)]
+            assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (scale, rounding)

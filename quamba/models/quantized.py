@@ -18,8 +18,9 @@ from quamba.errors import CheckpointError
 from quamba.models.checkpoint import SAFETENSORS_FILE, build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.taps import LM_HEAD_POINT, named_taps
+from quamba.numerics import quantizers
 from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.quantizers import HALF_EVEN, dequantize, expand_scales, quantize, unpack_int4
+from quamba.numerics.quantizers import HALF_EVEN, compiled, dequantize, expand_scales, quantize, unpack_int4
 from quamba.numerics.tensor_codecs import dequantize_tensor, qqq_int8_weight
 
 QUANT_CONFIG = "quant_config.json"
@@ -35,6 +36,15 @@ def group_scales_key(layer: int, point: str) -> str:
 
 MIN_INT_MM_ROWS = 16  # torch._int_mm on CUDA needs more rows than this
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
+
+
+def _epilogue(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (acc.float() * scale).to(dtype)  # int32 accumulator -> float32 -> the model's dtype
+
+
+def _fused_epilogue(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 GEMM's dequantization as one kernel where the activation quantizers are fused."""
+    return compiled(_epilogue)(acc, scale, dtype) if quantizers.FUSE_ON_CUDA else _epilogue(acc, scale, dtype)
 
 
 class QuantLinear(nn.Module):
@@ -85,7 +95,7 @@ class QuantLinear(nn.Module):
             if rows <= MIN_INT_MM_ROWS:  # torch._int_mm wants more than 16 rows: pad with zeros
                 x2d = F.pad(x2d, (0, 0, 0, MIN_INT_MM_ROWS + 1 - rows))
             acc = torch._int_mm(x2d, self.qweight.t())[:rows]  # (m, out) int32, exact
-            y = (acc.float() * (self.act_scale * self.scales.reshape(1, -1))).to(x.dtype).view(*x.shape[:-1], -1)
+            y = _fused_epilogue(acc, self.act_scale * self.scales.reshape(1, -1), x.dtype).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         x_dq = dequantize(x_q, self.act_scale).to(x.dtype)
         return F.linear(x_dq, self.reference_weight(x.dtype), bias)

@@ -21,6 +21,8 @@ Weight granularities (W is (out_features, in_features), as in nn.Linear):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 WEIGHT_SCALE_FLOOR = 1e-8  # an all-zero row or group still gets a finite, positive scale
@@ -90,6 +92,37 @@ def activation_scale(threshold: float, bits: int = 8) -> float:
     return float((torch.tensor(threshold, dtype=torch.float32) / qmax).clamp(min=ACTIVATION_SCALE_FLOOR))
 
 
+def _quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:
+    qmin, qmax = qrange(bits)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    scaled = x.to(compute) / (scale.to(compute) if isinstance(scale, torch.Tensor) else scale)
+    return round_to_integer(scaled, rounding).clamp_(qmin, qmax).to(torch.int8)
+
+
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:
+    return dequantize(_quantize(x, scale, bits, rounding), scale).to(x.dtype)
+
+
+# On CUDA the chain of elementwise kernels above (cast, divide, round, clamp, cast, multiply, cast)
+# runs as one kernel compiled by torch.compile (Triton), with the same float32 arithmetic, so its
+# results equal the eager ones bit for bit (tests/test_cuda_quant.py). The CPU reference stays
+# eager. FUSE_ON_CUDA = False turns it off (bench/quantized_model.py measures both).
+FUSE_ON_CUDA = True
+
+
+@functools.cache
+def compiled(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _fused(fn, x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:
+    if not (FUSE_ON_CUDA and x.is_cuda):
+        return fn(x, scale, bits, rounding)
+    if not isinstance(scale, torch.Tensor):  # a Python float would be baked into the kernel: one per value
+        scale = torch.full((), scale, dtype=torch.float32, device=x.device)
+    return compiled(fn)(x, scale.to(x.device), bits, rounding)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str = HALF_AWAY) -> torch.Tensor:
     """Integers clamp(round(x / scale), qmin, qmax) as torch.int8, shape of x.
 
@@ -97,10 +130,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: 
     quotient before the rounding to integers does). We divide by the scale; a kernel that
     multiplies by 1 / scale can differ by one step on values within an ulp of a tie.
     """
-    qmin, qmax = qrange(bits)
-    compute = torch.promote_types(x.dtype, torch.float32)
-    scaled = x.to(compute) / (scale.to(compute) if isinstance(scale, torch.Tensor) else scale)
-    return round_to_integer(scaled, rounding).clamp_(qmin, qmax).to(torch.int8)
+    return _fused(_quantize, x, scale, bits, rounding)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -110,7 +140,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str = HALF_AWAY) -> torch.Tensor:
     """x snapped to its quantization grid (dequantize(quantize(x))), in the dtype of x."""
-    return dequantize(quantize(x, scale, bits, rounding), scale).to(x.dtype)
+    return _fused(_fake_quantize, x, scale, bits, rounding)
 
 
 def grid_scale(absmax: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
