@@ -44,7 +44,7 @@ def _epilogue(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
 
 def _fused_epilogue(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The int8 GEMM's dequantization as one kernel where the activation quantizers are fused."""
-    return compiled(_epilogue)(acc, scale, dtype) if quantizers.FUSE_ON_CUDA else _epilogue(acc, scale, dtype)
+    return compiled(_epilogue, dtype=dtype)(acc, scale) if quantizers.FUSE_ON_CUDA else _epilogue(acc, scale, dtype)
 
 
 class QuantLinear(nn.Module):

@@ -111,8 +111,14 @@ FUSE_ON_CUDA = True
 
 
 @functools.cache
-def compiled(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def compiled(fn, **constants):
+    """fn compiled once per set of constant arguments (bits, rounding: fixed in the kernel); a new
+    shape recompiles once, then runs dynamic."""
+    import torch._dynamo
+
+    # every variant (dtype, rank, scale shape, bits, rounding) compiles the same Python function
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(functools.partial(fn, **constants) if constants else fn, fullgraph=True)
 
 
 def _fused(fn, x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:
@@ -120,7 +126,7 @@ def _fused(fn, x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding
         return fn(x, scale, bits, rounding)
     if not isinstance(scale, torch.Tensor):  # a Python float would be baked into the kernel: one per value
         scale = torch.full((), scale, dtype=torch.float32, device=x.device)
-    return compiled(fn)(x, scale.to(x.device), bits, rounding)
+    return compiled(fn, bits=bits, rounding=rounding)(x, scale.to(x.device))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str = HALF_AWAY) -> torch.Tensor:
