@@ -176,7 +176,9 @@ def test_compare_prints_the_seed_spread(ran_study, capsys):
 
     assert main(["compare", str(workdir / "results"), "--task", "perplexity"]) == 0
     table = capsys.readouterr().out
-    assert "perplexity perplexity" in table and "(n=2)" in table and "fp16" in table and "w4a16" in table
+    assert "perplexity perplexity" not in table and "(n=2)" in table and "fp16" in table and "w4a16" in table
+    assert main(["compare", str(workdir / "results")]) == 0  # no --task: an accuracy task, not perplexity
+    assert capsys.readouterr().out.startswith("quamba_mc acc:")
     assert main(["compare", str(workdir / "results"), "--task", "nope"]) == 2
     assert "--task 'nope' has no results; allowed: ['perplexity', 'quamba_mc']" in capsys.readouterr().err
 

@@ -47,7 +47,8 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
     if accuracy.empty:
         raise ConfigError(f"{results_dir}: no eval results yet; run the study first (snakemake --cores N)")
     tasks = sorted(accuracy.task.unique())
-    task = task or tasks[0]
+    scored = sorted(accuracy.loc[accuracy.metric == "acc", "task"].unique())
+    task = task or (scored or tasks)[0]  # an accuracy task first; perplexity when there is no other
     if task not in tasks:
         raise ConfigError(f"compare: --task {task!r} has no results; allowed: {tasks}")
     metric = pick_metric(accuracy, task, metric)
@@ -69,7 +70,7 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
             clip = run_ssm_input_clipping(clipping, quant, calib, row.model)
         spread = "" if math.isnan(row.std) else f" +- {row.std:.4f}"
         rows.append({"model": row.model, "scheme": row.scheme, "alpha": "fp16" if fp16 else alpha_label(row.alpha, none="-"),
-                     f"{task} {metric}": f"{row.mean:.4f}{spread} (n={row.n})",
+                     (task if metric == task else f"{task} {metric}"): f"{row.mean:.4f}{spread} (n={row.n})",
                      "delta fp16": "" if fp16 else f"{row.delta_fp16:+.4f}",
                      "SSM input clipped": "" if math.isnan(clip["clipped_fraction"])
                      else f"{100 * clip['clipped_fraction']:.4f}%",
@@ -81,6 +82,7 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
 def render(results_dir: Path, task: str | None = None, metric: str | None = None,
            schemes: list[str] | None = None) -> str:
     frame, task, metric = compare_table(results_dir, task, metric, schemes)
-    title = (f"{task} {metric}: mean +- std over seeds; SSM input clipping averaged over layers "
+    shown = task if metric == task else f"{task} {metric}"
+    title = (f"{shown}: mean +- std over seeds; SSM input clipping averaged over layers "
              f"(from {Path(results_dir)})")
     return title + "\n" + frame.to_string(index=False)
