@@ -127,36 +127,36 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no weights; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {TORCH_BIN_FILE}")
 
 
-HASH_RECORD = "hash.json"  # written beside the files when a dir is made: their hash, sizes and mtimes
+HASH_RECORD = "hash.json"  # written last when a dir is made: the hash of its files and their sizes
 
 
 def _hashed_files(model_dir: Path) -> list[Path]:
     return [Path(model_dir) / CONFIG_FILE, *weight_files(Path(model_dir))]
 
 
-def _file_marks(files: list[Path]) -> dict[str, list[int]]:
-    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
-
-
 def record_model_sha256(model_dir: Path) -> str:
     """Hash a dir being made (normalize, random checkpoints) once and record it with each file's
-    size and mtime, so later stages need not read gigabytes again (`model_sha256`)."""
+    size, so later stages need not read gigabytes again (`model_sha256`). The record's bytes
+    depend on the files' contents only."""
     files = _hashed_files(model_dir)
     digest = sha256_files(files)
-    write_json(Path(model_dir) / HASH_RECORD, {"sha256": digest, "files": _file_marks(files)})
+    write_json(Path(model_dir) / HASH_RECORD,
+               {"sha256": digest, "sizes": {path.name: path.stat().st_size for path in files}})
     return digest
 
 
 def model_sha256(model_dir: Path) -> str:
     """The one hash of a model dir: config.json and its weight files, by name and content. Taken
-    from the dir's hash record while every file still has its recorded size and mtime; hashed
-    again on any mismatch (a file replaced or touched)."""
+    from the dir's hash record while every file has its recorded size and is no newer than the
+    record; hashed again otherwise (a file replaced, touched, or copied without its times)."""
     files = _hashed_files(model_dir)
     record_path = Path(model_dir) / HASH_RECORD
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
-            if record["files"] == _file_marks(files):
+            recorded_at = record_path.stat().st_mtime_ns
+            if (record["sizes"] == {path.name: path.stat().st_size for path in files}
+                    and all(path.stat().st_mtime_ns <= recorded_at for path in files)):
                 return record["sha256"]
         except (json.JSONDecodeError, KeyError, TypeError, OSError):
             pass  # an unreadable record is no record
