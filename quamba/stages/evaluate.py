@@ -47,7 +47,7 @@ def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any
             files.append(Path(data) if data else None)
         else:
             names.append(task)
-    return names, files, task_manager(names)
+    return names, files, task_manager(names) if names else None  # perplexity alone needs no lm-eval tasks
 
 
 def task_manager(names: Sequence[str]):
