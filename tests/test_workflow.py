@@ -400,11 +400,32 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, messag
     ({"tasks": ["quamba_mcc"]}, "task 'quamba_mcc': unknown"),
     ({"eval": {"batch_size": 0}}, "0 is less than the minimum of 1"),
 ])
+def test_bad_study_setting_fails_at_the_door_naming_the_key(tmp_path, changes, message):
+    """The door of every study: the schema check the Snakefile runs first, then the settings checks
+    it runs next (tasks, sources, recipe); each case is checked in-process here (a Snakemake
+    start-up costs seconds), and through Snakemake itself below."""
+    from quamba.errors import QuambaError
+    from quamba.formats.study import check_study_config
+    from quamba.stages.evaluate import split_tasks
+
+    config = tiny_config(tmp_path, **changes)
+    with pytest.raises(QuambaError) as raised:
+        check_study_config(config)
+        split_tasks(config["tasks"])
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"calibrations__quick__samples": 0}, "0 is less than the minimum of 1"),
+    ({"transforms": {"reorder": True}}, "config: unknown key ['transforms']; allowed keys: calibrations"),
+    ({"tasks": ["quamba_mcc"]}, "task 'quamba_mcc': unknown"),
+])
 def test_bad_study_setting_fails_before_any_job(tmp_path, changes, message):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, **changes)))
     run = snakemake(tmp_path, "--configfile", "bad.yaml")
     assert run.returncode != 0
     assert message in run.stdout + run.stderr
+    assert len((run.stdout + run.stderr).splitlines()) < 40  # one short error, never the schema
     assert not (tmp_path / "results").exists()
 
 
