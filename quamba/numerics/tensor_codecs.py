@@ -26,7 +26,7 @@ import torch
 from quamba.errors import ConfigError
 from quamba.numerics.quantizers import expand_scales, per_tensor_w8
 
-SSM_PARAM_SCALE_FLOOR = 1e-5  # qSelectiveScan: the scale of A_log, D, dt_bias clamped here
+SSM_PARAM_SCALE_FLOOR = 1e-5  # Quamba's scan: the scale of A_log, D, dt_bias clamped here
 MARLIN_GROUP = 128  # Marlin's group; in_features <= 128 goes per channel
 
 
@@ -56,7 +56,7 @@ def _broadcast(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def w8_per_tensor(tensor: torch.Tensor, dtype: torch.dtype = torch.float16) -> IntegerTensor:
-    """Quamba's per-tensor int8 (quant_utils), computed in `dtype`."""
+    """Quamba's per-tensor int8 weight, computed in `dtype`."""
     t = tensor.to(dtype)
     q, s = per_tensor_w8(t)
     return IntegerTensor(q, _broadcast(s, t), 8, f"w8 per tensor ({str(dtype).removeprefix('torch.')})")

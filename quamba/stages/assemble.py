@@ -127,7 +127,7 @@ def _group_scales(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, st
 
 
 def _gptq_fp16(entry: dict) -> torch.Tensor:
-    """GPTQ's result as the fp16 values Quamba's fasterquant returns."""
+    """GPTQ's result as fp16 values: the fake-quantized weights Quamba's GPTQ solve hands to its layers."""
     return dequantize(entry["qweight"], expand_scales(entry["scales"], entry["qweight"].shape[1])).to(torch.float16)
 
 
