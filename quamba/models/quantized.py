@@ -1,7 +1,7 @@
 """The quantized model's modules and how a quantized dir is loaded into them.
 
 `QuantLinear` runs an integer weight: on CPU the reference (dequantize, then a float matmul), on
-CUDA int8 GEMMs (torch._int_mm) for w8a8 where shapes allow; taps fake-quantize activations.
+CUDA int8 GEMMs (torch._int_mm) for w8a8 and w4a8 (QQQ's int8 weights); taps fake-quantize activations.
 """
 
 from __future__ import annotations
