@@ -1,20 +1,23 @@
-"""Held-out perplexity of a model dir on a text file: per token, per word and in bits per byte.
+"""The `perplexity` task: held-out perplexity of a text file as a regular lm-eval task.
 
-Each document is scored on its own, starting from the prefix token (BOS, else EOS), in lm-eval's
-rolling windows of seq_len tokens: every token is predicted exactly once; each window predicts
-`stride` new tokens (the first seq_len), so after the first window every prediction sees at least
-seq_len - stride tokens of context, and a document's last window reaches back a full seq_len.
-stride = seq_len (the default) gives non-overlapping windows; a smaller stride gives more
-context per prediction at more cost.
+lm-eval scores each document with `loglikelihood_rolling` (the adapter's rolling windows of
+max_length tokens: every token predicted exactly once, a document's first from the prefix token)
+and aggregates with its own metrics: word_perplexity and byte_perplexity (weighted_perplexity),
+bits_per_byte. `perplexity` is per token: the same weighted_perplexity, weighted by each
+document's token count, which the dataset carries (counted with the model's tokenizer when the
+task is built). So per-sample logging, limits and every lm-eval feature apply to it as to any task.
+
+The dataset is the file's documents (.txt: separated by blank lines; .jsonl: a `text` field per
+line), each stripped; `max_tokens` keeps the first tokens only: the document that crosses the
+budget is cut at a token and its trailing whitespace dropped, later ones are left out.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+import datasets
 
 from quamba.data import read_documents
 from quamba.errors import ConfigError
@@ -23,59 +26,76 @@ from quamba.shipped import HELD_OUT_TEXT, shown
 if TYPE_CHECKING:
     from quamba.lm_eval_model import QuambaLM
 
-VERSION = 1
+TASK = "perplexity"
+VERSION = 2  # 2: an lm-eval task (1 was scored by code of our own, to the same numbers)
+METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
+def task_name(data: str | Path | None) -> str:
+    """The user-facing name: `perplexity` for the shipped held-out text, else `perplexity:FILE`."""
+    return TASK if data is None else f"{TASK}:{data}"
 
 
-def _exp(x: float) -> float:
-    """exp without OverflowError: a perplexity beyond float range is inf (then refused as a result)."""
-    return math.exp(x) if x < 709.0 else math.inf
-
-def evaluate_perplexity(lm: QuambaLM, data: str | Path = HELD_OUT_TEXT, seq_len: int | None = None,
-                        stride: int | None = None, limit: int | None = None,
-                        max_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(scores, settings) of `lm` on `data` (.txt: documents separated by blank lines; .jsonl: a
-    `text` field per line). seq_len defaults to the adapter's max_length; limit keeps the first
-    documents; max_tokens then keeps the first tokens of those, cutting the last document kept
-    (words and bytes then count its scored part). nll is the total in nats; perplexity =
-    exp(nll / tokens), word_perplexity = exp(nll / whitespace-separated words)."""
-    seq_len = seq_len or lm.max_length
-    stride = stride or seq_len
-    if not 1 <= stride <= seq_len <= lm.max_length:
-        raise ConfigError(f"perplexity: need 1 <= stride ({stride}) <= seq_len ({seq_len}) "
-                          f"<= max_length ({lm.max_length})")
+def documents(lm: QuambaLM, data: str | Path, max_tokens: int | None) -> tuple[list[dict[str, Any]], str]:
+    """The task's rows ({"text", "tokens"}) and the file's content hash."""
     if not Path(data).is_file():
         raise ConfigError(f"perplexity: {data} is not a file; expected a .txt or .jsonl file")
-    documents, digest = read_documents(data)
-    documents = [text.strip() for text in documents]  # the blank lines between them are the file's format
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"perplexity: max_tokens={max_tokens} is not allowed; expected an integer >= 1 or None")
-    scored = documents[:limit] if limit is not None else documents
-    encoded, budget = [], max_tokens
-    for i, text in enumerate(scored):
+    texts, digest = read_documents(data)
+    rows, budget = [], max_tokens
+    for text in (text.strip() for text in texts):  # the blank lines between documents are the file's format
         ids = lm.tok_encode(text)
         if budget is not None and len(ids) >= budget:
-            ids = ids[:budget]
-            scored = [*scored[:i], lm.tok_decode(ids)]
-            encoded.append(ids)
+            text = lm.tok_decode(ids[:budget]).rstrip()
+            rows.append({"text": text, "tokens": len(lm.tok_encode(text))})
             break
-        encoded.append(ids)
+        rows.append({"text": text, "tokens": len(ids)})
         budget = None if budget is None else budget - len(ids)
-    windows = []
-    for ids in encoded:
-        pairs = get_rolling_token_windows(ids, prefix_token=lm.prefix_token_id,
-                                          max_seq_len=seq_len, context_len=seq_len - stride + 1)
-        windows += [(None, context, target) for context, target in map(make_disjoint_window, pairs)]
-    nll = -math.fsum(logprob for logprob, _ in lm._loglikelihood_tokens(windows))
-    tokens = sum(len(target) for _, _, target in windows)
-    words = sum(len(text.split()) for text in scored)
-    size = sum(len(text.encode("utf-8")) for text in scored)
-    scores = {"nll": nll, "tokens": tokens, "words": words, "bytes": size,
-              "perplexity": _exp(nll / tokens), "word_perplexity": _exp(nll / words),
-              "bits_per_byte": nll / size / math.log(2)}
-    settings = {"data": shown(data), "data_sha256": digest, "seq_len": seq_len, "stride": stride,
-                "documents": len(documents), "documents_scored": len(scored), "max_tokens": max_tokens,
-                "windows": len(windows),
-                "version": VERSION}
-    return scores, settings
+    return rows, digest
+
+
+class Rows:
+    """lm-eval's custom_dataset hook: called (with the task's metadata, unused), the rows as a test
+    split. Its repr is what lm-eval writes into the results' task config: stable, and short."""
+
+    def __init__(self, rows: list[dict[str, Any]], digest: str) -> None:
+        self.rows, self.digest = rows, digest
+
+    def __call__(self, **_metadata) -> datasets.DatasetDict:
+        return datasets.DatasetDict({"test": datasets.Dataset.from_list(self.rows)})
+
+    def __repr__(self) -> str:
+        return f"quamba.perplexity.Rows({len(self.rows)} documents of sha256 {self.digest[:16]})"
+
+
+def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, tuple[float, int]]:
+    """lm-eval's own rolling-loglikelihood scores (words and bytes counted as lm-eval counts
+    them), plus the per-token one from the document's token count."""
+    from lm_eval.api.task import ConfigurableTask
+
+    (loglikelihood,) = results
+    words, size = ConfigurableTask.count_words(doc["text"]), ConfigurableTask.count_bytes(doc["text"])
+    return {"perplexity": (loglikelihood, doc["tokens"]), "word_perplexity": (loglikelihood, words),
+            "byte_perplexity": (loglikelihood, size), "bits_per_byte": (loglikelihood, size)}
+
+
+def task_config(lm: QuambaLM, data: str | Path | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+    """The lm-eval task config (a dict, as lm-eval's `tasks=[...]` takes it) of perplexity on
+    `data` (None: the shipped held-out text) for this model's tokenizer."""
+    rows, digest = documents(lm, data or HELD_OUT_TEXT, max_tokens)
+    aggregation = {"perplexity": "weighted_perplexity", "word_perplexity": "weighted_perplexity",
+                   "byte_perplexity": "weighted_perplexity", "bits_per_byte": "bits_per_byte"}
+    return {
+        "task": task_name(data),
+        "custom_dataset": Rows(rows, digest),
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "process_results": process_results,
+        "metric_list": [{"metric": name, "aggregation": aggregation[name], "higher_is_better": False}
+                        for name in METRICS],
+        "metadata": {"version": VERSION, "data": shown(data or HELD_OUT_TEXT), "data_sha256": digest,
+                     "max_tokens": max_tokens, "tokens": sum(row["tokens"] for row in rows)},
+    }

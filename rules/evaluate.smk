@@ -1,6 +1,7 @@
 # Evaluation: one job per (model, variant, task), where variant is fp16 or a quantized run
 # ({scheme}/pa{alpha}/seed{seed}, or {scheme}/seed{seed} for w4a16); {task} is the task as a file
-# name (task_key). A job reads only its model dir and its task's data, so adding a task runs only
+# name (task_key). Each job writes the results JSON and, beside it, lm-eval's per-item results.
+# A job reads only its model dir and its task's data, so adding a task runs only
 # that task's jobs, and a rebuilt model reruns only its own evaluations.
 
 
@@ -9,7 +10,8 @@ rule evaluate:
         task_files,
         model=layout.VARIANT_MODEL,
     output:
-        layout.EVAL,
+        results=layout.EVAL,
+        samples=layout.SAMPLES,  # per-item results, for the paired statistics
     wildcard_constraints:
         variant=VARIANT_PATTERN,
         task="|".join(re.escape(key) for key in TASK_BY_KEY),

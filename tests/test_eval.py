@@ -15,11 +15,12 @@ from test_models import to_transformers
 
 import quamba.lm_eval_model
 import quamba.stages.evaluate as qeval
+from quamba import perplexity
 from quamba.errors import CheckpointError, ConfigError
+from quamba.formats.samples import read_samples, samples_path
 from quamba.io import sha256_files
 from quamba.lm_eval_model import QuambaLM
 from quamba.models import MambaConfig
-from quamba.perplexity import evaluate_perplexity
 from quamba.stages.evaluate import evaluate, task_manager
 
 TOKENIZER = REPO / "resources" / "tokenizer"
@@ -205,26 +206,58 @@ def test_generation_never_picks_a_padded_vocabulary_row(tmp_path):
     assert tokens and max(tokens) < 4096
 
 
-def test_perplexity_equals_a_plain_forward(tmp_path, ours):
+def run_perplexity(lm, data, max_tokens=None):
+    """The perplexity task through lm-eval: (results, per-item samples)."""
+    output = simple_evaluate(model=lm, tasks=[perplexity.task_config(lm, data, max_tokens)],
+                             task_manager=task_manager([]), log_samples=True, bootstrap_iters=0)
+    name = perplexity.task_name(data)
+    return output["results"][name], output["samples"][name]
+
+
+def plain_nll(lm, text, window):
+    """nll (nats) and token count of a document by plain forwards: every token predicted once, the
+    first from the prefix token, `window` at a time, each seeing up to `window` tokens before it."""
+    ids = [lm.prefix_token_id] + lm.tok_encode(text)
+    nll, tokens = 0.0, 0
+    for first in range(1, len(ids), window):  # predict ids[first:last]...
+        last = min(first + window, len(ids))
+        inputs = torch.tensor([ids[max(0, last - window - 1):last]])  # ...seeing up to `window` tokens before each
+        with torch.no_grad():
+            logits = lm.model(inputs[:, :-1]).logits[0, -(last - first):]
+        nll += torch.nn.functional.cross_entropy(logits.float(), inputs[0, -(last - first):], reduction="sum").item()
+        tokens += last - first
+    return nll, tokens
+
+
+def test_perplexity_task_equals_a_plain_forward(tmp_path, dirs):
+    lm = QuambaLM(dirs[0], batch_size=8, device="cpu", max_length=32, progress=False)
     text = " ".join(["Perplexity counts every token of a held-out document exactly once."] * 12)
     (tmp_path / "held_out.txt").write_text(f"{text}\n\nA second, short document.\n")
-    scores, settings = evaluate_perplexity(ours, tmp_path / "held_out.txt", seq_len=32)
-    nll, tokens = 0.0, 0
-    for doc in (text, "A second, short document."):
-        ids = [ours.prefix_token_id] + ours.tok_encode(doc)
-        for first in range(1, len(ids), 32):  # predict ids[first:last], 32 at a time...
-            last = min(first + 32, len(ids))
-            window = torch.tensor([ids[max(0, last - 33):last]])  # ...seeing up to 32 tokens before each
-            with torch.no_grad():
-                logits = ours.model(window[:, :-1]).logits[0, -(last - first):]
-            nll += torch.nn.functional.cross_entropy(logits, window[0, -(last - first):], reduction="sum").item()
-            tokens += last - first
-    assert scores["tokens"] == tokens and settings["documents"] == 2 and settings["stride"] == 32
-    assert scores["nll"] == pytest.approx(nll, rel=1e-6)
-    assert scores["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-6)
-    assert scores["word_perplexity"] == pytest.approx(math.exp(nll / (len(text.split()) + 4)), rel=1e-6)
-    strided, _ = evaluate_perplexity(ours, tmp_path / "held_out.txt", seq_len=32, stride=8)
-    assert strided["tokens"] == tokens and strided["nll"] != pytest.approx(nll, rel=1e-9)
+    results, samples = run_perplexity(lm, tmp_path / "held_out.txt")
+    plain = [plain_nll(lm, doc, 32) for doc in (text, "A second, short document.")]
+    nll, tokens = sum(n for n, _ in plain), sum(t for _, t in plain)
+    words, size = len(text.split()) + 4, len(text) + len("A second, short document.")
+    assert results["perplexity,none"] == pytest.approx(math.exp(nll / tokens), rel=1e-6)
+    assert results["word_perplexity,none"] == pytest.approx(math.exp(nll / words), rel=1e-6)
+    assert results["byte_perplexity,none"] == pytest.approx(math.exp(nll / size), rel=1e-6)
+    assert results["bits_per_byte,none"] == pytest.approx(nll / size / math.log(2), rel=1e-6)
+    assert [s["perplexity"][0] for s in samples] == pytest.approx([-n for n, _ in plain], rel=1e-6)
+    assert [s["perplexity"][1] for s in samples] == [t for _, t in plain]
+
+
+def test_perplexity_task_equals_the_earlier_scoring_on_the_demo_model():
+    """Version 1 of the task (code of our own over the adapter's windows) gave these numbers on
+    mamba1-demo's first 2048 held-out tokens (bench/README.md, the default study's fp16 row)."""
+    if not (DEMOS["mamba1-demo"] / "model.safetensors").is_file():
+        pytest.skip("mamba1-demo is not built")
+    lm = QuambaLM(DEMOS["mamba1-demo"], device="cpu", progress=False)
+    results, samples = run_perplexity(lm, None, max_tokens=2048)
+    assert sum(s["perplexity"][1] for s in samples) == 2048
+    nll = -sum(s["perplexity"][0] for s in samples)
+    assert nll == pytest.approx(9142.179851300083, rel=1e-6)  # version 1: nll 9142.18 nats over 2048 tokens
+    assert results["perplexity,none"] == pytest.approx(86.8302449864206, rel=1e-6)
+    assert results["word_perplexity,none"] == pytest.approx(682.2986171416374, rel=1e-6)
+    assert results["bits_per_byte,none"] == pytest.approx(1.5108107141335203, rel=1e-6)
 
 
 def test_perplexity_max_tokens_scores_the_first_tokens_only(tmp_path, ours):
@@ -232,16 +265,18 @@ def test_perplexity_max_tokens_scores_the_first_tokens_only(tmp_path, ours):
     (tmp_path / "held_out.txt").write_text(f"A short one.\n\n{first}\n\nA third, never scored.\n")
     short = len(ours.tok_encode("A short one."))
     budget = short + 20
-    scores, settings = evaluate_perplexity(ours, tmp_path / "held_out.txt", seq_len=32, max_tokens=budget)
-    assert scores["tokens"] == budget and settings["documents_scored"] == 2 and settings["max_tokens"] == budget
-    cut = ours.tok_decode(ours.tok_encode(first)[:20])
+    rows, _ = perplexity.documents(ours, tmp_path / "held_out.txt", budget)
+    cut = ours.tok_decode(ours.tok_encode(first)[:20]).rstrip()
+    assert [row["text"] for row in rows] == ["A short one.", cut] and sum(row["tokens"] for row in rows) <= budget
+    results, samples = run_perplexity(ours, tmp_path / "held_out.txt", budget)
     (tmp_path / "cut.txt").write_text(f"A short one.\n\n{cut}\n")
-    whole, _ = evaluate_perplexity(ours, tmp_path / "cut.txt", seq_len=32)
-    assert scores["nll"] == pytest.approx(whole["nll"], rel=1e-9) and scores["words"] == whole["words"]
-    everything, _ = evaluate_perplexity(ours, tmp_path / "held_out.txt", seq_len=32, max_tokens=10**6)
-    assert everything["tokens"] > budget
+    whole, _ = run_perplexity(ours, tmp_path / "cut.txt")
+    assert results["perplexity,none"] == pytest.approx(whole["perplexity,none"], rel=1e-9)
+    assert results["word_perplexity,none"] == pytest.approx(whole["word_perplexity,none"], rel=1e-9)
+    everything, _ = perplexity.documents(ours, tmp_path / "held_out.txt", 10**6)
+    assert len(everything) == 3
     with pytest.raises(ConfigError, match="max_tokens=0 is not allowed"):
-        evaluate_perplexity(ours, tmp_path / "held_out.txt", max_tokens=0)
+        perplexity.documents(ours, tmp_path / "held_out.txt", 0)
 
 
 def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_path, model_dir):
@@ -250,12 +285,22 @@ def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_p
         evaluate(model_dir, ["quamba_mc", "quamba_cloze", "perplexity"], out, batch_size=4, limit=5, device="cpu",
                  progress=False)
     assert runs[0].read_bytes() == runs[1].read_bytes()  # quamba_cloze's perplexity stderr is bootstrapped
+    per_item = [samples_path(out) for out in runs]
+    assert per_item[0].read_bytes() == per_item[1].read_bytes() and per_item[0].name == "a.samples.json.gz"
     doc = json.loads(runs[0].read_text())
+    items = read_samples(per_item[0])["tasks"]
+    assert items["quamba_mc"]["doc_id"] == [0, 1, 2, 3, 4] and len(items["quamba_mc"]["loglikelihoods"][0]) == 4
+    assert sum(items["quamba_mc"]["metrics"]["acc,none"]) / 5 == doc["results"]["quamba_mc"]["acc,none"]
+    ppl = items["perplexity"]
+    assert ppl["aggregation"]["perplexity,none"] == "weighted_perplexity"
+    assert math.exp(-sum(ppl["metrics"]["perplexity,none"]) / sum(ppl["weights"]["perplexity,none"])) == \
+        pytest.approx(doc["results"]["perplexity"]["perplexity,none"], rel=1e-12)
+    assert "0x" not in runs[0].read_text()  # no memory addresses from lm-eval's config dump
     assert set(doc["results"]) == {"quamba_mc", "quamba_cloze", "perplexity"}
     assert doc["n-samples"]["quamba_mc"] == {"original": 500, "effective": 5}
     assert doc["versions"]["quamba_mc"] == 2.0 and doc["configs"]["quamba_mc"]["output_type"] == "multiple_choice"
     assert doc["configs"]["quamba_mc"]["metadata"]["config_source"] == "resources/tasks/quamba_mc.yaml"
-    assert doc["configs"]["perplexity"]["data"] == "resources/corpus/test.txt"
+    assert doc["configs"]["perplexity"]["metadata"]["data"] == "resources/corpus/test.txt"
     assert doc["model"]["path"] == str(model_dir) and doc["model"]["quant_config"] is None
     assert doc["model"]["sha256"] == sha256_files([model_dir / "config.json", model_dir / "model.safetensors"])
     assert doc["settings"] == {"batch_size": 4, "limit": 5, "num_fewshot": 0, "seed": 0, "max_length": 2048,
@@ -309,11 +354,11 @@ def test_demo_model_scores_above_chance(tmp_path, name):
         pytest.skip(f"{DEMOS[name]} is not built (resources/build/train_demo.py)")
     results = evaluate(DEMOS[name], ["quamba_cloze"], tmp_path / "eval.json", limit=100, device="cpu",
                        progress=False)["results"]
-    held_out, _ = evaluate_perplexity(QuambaLM(DEMOS[name], device="cpu", progress=False), limit=10)
+    held_out, _ = run_perplexity(QuambaLM(DEMOS[name], device="cpu", progress=False), None, max_tokens=2048)
     # quamba_mc, with its margin in standard errors: tests/test_demo_models.py
     assert results["quamba_cloze"]["acc,none"] >= 0.04  # greedy decoding of a whole word: chance ~ 0
     assert results["quamba_cloze"]["perplexity,none"] < 4096 / 4  # per target word; uniform: 4096 per token
-    assert held_out["perplexity"] < 4096 / 20  # per token, first 10 held-out documents
+    assert held_out["perplexity,none"] < 4096 / 20  # per token, first 2048 held-out tokens
 
 
 def test_an_evaluation_whose_metric_is_not_finite_fails_and_writes_nothing(tmp_path):
@@ -321,7 +366,7 @@ def test_an_evaluation_whose_metric_is_not_finite_fails_and_writes_nothing(tmp_p
     with torch.no_grad():
         model.backbone.norm_f.weight.fill_(1e38)  # finite weights whose logits overflow to inf
     model_dir = with_tokenizer(write_state_spaces(model, tmp_path / "m", "model.safetensors"))
-    with pytest.raises(quamba.errors.ResultError, match=r"task perplexity metric perplexity is inf, not a finite number; "
+    with pytest.raises(quamba.errors.ResultError, match=r"a metric overflowed .*far out of range; "
                                                         r"nothing was written"):
         evaluate(model_dir, ["perplexity"], tmp_path / "out.json", perplexity_tokens=64, progress=False)
-    assert not (tmp_path / "out.json").exists()
+    assert not (tmp_path / "out.json").exists() and not samples_path(tmp_path / "out.json").exists()

@@ -24,6 +24,7 @@ ACTIVATION_QUANTIZED_MODEL = "results/{model}/{scheme}/pa{alpha}/seed{seed}/mode
 WEIGHT_ONLY_MODEL = "results/{model}/{scheme}/seed{seed}/model"  # w4a16: no activation scales, no alpha
 VARIANT_MODEL = "results/{model}/{variant}/model"  # variant: fp16 or a quantized run's variant()
 EVAL = "results/{model}/{variant}/eval/{task}.json"
+SAMPLES = "results/{model}/{variant}/eval/{task}.samples.json.gz"  # per-item results (quamba.formats.samples)
 SUMMARY = "results/summary"
 SUMMARY_TABLE = SUMMARY + "/{table}.csv"
 SUMMARY_PLOT = SUMMARY + "/plots/{plot}.png"

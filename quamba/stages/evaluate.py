@@ -1,4 +1,5 @@
-"""The `evaluate` stage: lm-eval tasks (and held-out perplexity) on one model dir, one results JSON.
+"""The `evaluate` stage: lm-eval tasks (held-out perplexity among them) on one model dir, one
+results JSON and, beside it, the per-item results (quamba.formats.samples).
 
     from quamba.stages.evaluate import evaluate
     evaluate("results/mamba1-demo/fp16/model", ["quamba_mc"], Path("mc.json"))
@@ -13,16 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from quamba import perplexity
 from quamba.errors import ConfigError, ResultError
+from quamba.formats.samples import reduce_samples, samples_path, write_samples
 from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
 from quamba.models.checkpoint import CONFIG_FILE, weight_files
 from quamba.models.load import resolve_device
-from quamba.perplexity import evaluate_perplexity
-from quamba.shipped import HELD_OUT_TEXT, ROOT, TASKS_DIR
+from quamba.shipped import ROOT, TASKS_DIR
 
-PERPLEXITY_TASK = "perplexity"
-PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "bits_per_byte")
+PERPLEXITY_TASK = perplexity.TASK
+PERPLEXITY_METRICS = perplexity.METRICS
 # lm-eval's output sections that describe the tasks and their scores; the rest (dates, git hash,
 # timings, model info, samples) would make two identical runs differ.
 LM_EVAL_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
@@ -47,7 +49,7 @@ def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any
             files.append(Path(data) if data else None)
         else:
             names.append(task)
-    return names, files, task_manager(names) if names else None  # perplexity alone needs no lm-eval tasks
+    return names, files, task_manager(names)
 
 
 def task_manager(names: Sequence[str]):
@@ -121,9 +123,11 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     """Run `tasks` on a model dir and write one JSON to `out` (atomically); returns its content.
 
     tasks: lm-eval task/group/tag names (the offline quamba_cloze and quamba_mc included), and
-    `perplexity` or `perplexity:FILE` for held-out perplexity (quamba.perplexity). Every input is
-    checked before the model is loaded; a bad one raises ConfigError/CheckpointError and writes nothing.
-    The file holds no dates or timings, so a rerun on the same device gives the same bytes.
+    `perplexity` or `perplexity:FILE` for held-out perplexity (the lm-eval task of quamba.perplexity;
+    perplexity_tokens: its token budget). Every input is checked before the model is loaded; a bad
+    one raises ConfigError/CheckpointError and writes nothing. The per-item results go beside `out`
+    (quamba.formats.samples.samples_path). Neither file holds dates or timings, so a rerun on the
+    same device gives the same bytes.
     """
     batch_size = positive_int("batch_size", batch_size)
     if Path(out).is_dir():
@@ -145,28 +149,44 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     doc["settings"] = {"batch_size": batch_size, "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
                        "max_length": lm.max_length, "device": lm.device.type,
                        "dtype": str(lm.model.backbone.embedding.weight.dtype).removeprefix("torch.")}
-    sections: dict[str, dict[str, Any]] = {key: {} for key in LM_EVAL_SECTIONS}
-    if names:
-        from lm_eval.evaluator import simple_evaluate
+    from lm_eval.evaluator import simple_evaluate
 
-        output = simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
-                                 limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+    specs = [*names, *(perplexity.task_config(lm, data, perplexity_tokens) for data in perplexity_files)]
+    try:
+        output = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
+                                 limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
                                  torch_random_seed=seed, fewshot_random_seed=seed)
-        for key in LM_EVAL_SECTIONS:
-            sections[key].update(output.get(key) or {})
-    for data in perplexity_files:
-        name = PERPLEXITY_TASK if data is None else f"{PERPLEXITY_TASK}:{data}"
-        scores, config = evaluate_perplexity(lm, data or HELD_OUT_TEXT, limit=limit, max_tokens=perplexity_tokens)
-        sections["results"][name] = scores
-        sections["configs"][name] = config
-        sections["versions"][name] = config["version"]
-        sections["n-samples"][name] = {"original": config["documents"], "effective": config["documents_scored"]}
+    except OverflowError as err:  # lm-eval's exp() of a loglikelihood beyond float range
+        raise ResultError(f"{local_dir}: a metric overflowed ({err}): the model's loglikelihoods are far out of "
+                          f"range; nothing was written (check the model's weights and quantization scales)") from None
+    sections = {key: output.get(key) or {} for key in LM_EVAL_SECTIONS}
     check_finite_metrics(sections["results"], local_dir)
     doc.update({key: value for key, value in sections.items() if value})
     doc["package_versions"] = package_versions()
     doc = plain_json(doc)
-    write_json(out, doc)
+    write_samples(samples_path(out), reduce_samples(output["samples"], aggregation_names(output)))
+    write_json(out, doc)  # last: the results JSON is the job's output, its per-item file is already there
     return doc
+
+
+def aggregation_names(output: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The name of lm-eval's aggregation of each task's metrics (its task config, else the
+    metric's registered default)."""
+    from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation
+
+    names_of = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
+    found: dict[str, dict[str, str]] = {}
+    for task, config in (output.get("configs") or {}).items():
+        for entry in config.get("metric_list") or []:
+            aggregation = entry.get("aggregation")
+            if aggregation is None:
+                try:
+                    aggregation = get_metric_aggregation(entry["metric"])
+                except (KeyError, ValueError):
+                    aggregation = None
+            found.setdefault(task, {})[entry["metric"]] = (
+                aggregation if isinstance(aggregation, str) else names_of.get(aggregation, "unknown"))
+    return found
 
 
 def summary(doc: dict[str, Any]) -> list[str]:
@@ -174,8 +194,6 @@ def summary(doc: dict[str, Any]) -> list[str]:
     lines = []
     for task, metrics in sorted(doc.get("results", {}).items()):
         for metric, value in sorted(metrics.items()):
-            shown = (metric in PERPLEXITY_METRICS if task.startswith(PERPLEXITY_TASK)
-                     else "," in metric and "_stderr," not in metric)
-            if shown and isinstance(value, (int, float)):
+            if "," in metric and "_stderr," not in metric and isinstance(value, (int, float)):
                 lines.append(f"{task:<24} {metric:<20} {value:.4f}")
     return lines

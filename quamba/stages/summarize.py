@@ -27,7 +27,6 @@ from quamba.formats.layout import alpha_key
 from quamba.formats.scales import read_scales
 from quamba.io import atomic_path
 from quamba.models.taps import tap_layer
-from quamba.stages.evaluate import PERPLEXITY_METRICS, PERPLEXITY_TASK
 
 # Quamba clips the SSM input with its percentile observer; these taps say what alpha did.
 SSM_INPUT_POINTS = ("x_proj:input", "x_conv_out:input")
@@ -65,22 +64,17 @@ def read_eval(path: Path, results_dir: Path = Path(layout.RESULTS)) -> dict[str,
 
 def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per reported metric of every task in an eval doc; lm-eval's `_stderr` keys fill
-    the stderr column of their metric, perplexity's counts (tokens, bytes) are left out."""
+    the stderr column of their metric ("N/A", e.g. perplexity's, leaves it empty)."""
     rows = []
     for task, scores in sorted(doc.get("results", {}).items()):
         for key, value in sorted(scores.items()):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if task.startswith(PERPLEXITY_TASK):
-                if key not in PERPLEXITY_METRICS:
-                    continue
-                metric, stderr = key, None
-            else:
-                metric, _, filt = key.partition(",")
-                if not filt or "_stderr" in metric:
-                    continue
-                metric = metric if filt == "none" else f"{metric},{filt}"
-                stderr = scores.get(key.replace(",", "_stderr,", 1))
+            metric, _, filt = key.partition(",")
+            if not filt or "_stderr" in metric:
+                continue
+            metric = metric if filt == "none" else f"{metric},{filt}"
+            stderr = scores.get(key.replace(",", "_stderr,", 1))
             rows.append({"model": doc["_model"], "variant": doc["_variant"], "scheme": doc["_scheme"],
                          "alpha": doc["_alpha"], "seed": doc["_seed"], "task": task, "metric": metric,
                          "value": float(value), "stderr": stderr if isinstance(stderr, (int, float)) else None})
