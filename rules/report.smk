@@ -1,7 +1,7 @@
 # Summaries, plots and the report: cheap jobs over the per-run files, run locally (localrules)
 # even on a cluster. They read only results, so adding a run reruns only these after its own jobs.
 
-SUMMARY_TABLES = ["runs", "accuracy", "aggregate", "clipping"]
+SUMMARY_TABLES = ["runs", "accuracy", "aggregate", "clipping", "paired"]
 
 
 localrules:
@@ -13,6 +13,7 @@ localrules:
 rule summarize:
     input:
         evals=expand(layout.EVAL, model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
+        samples=expand(layout.SAMPLES, model=MODELS, variant=VARIANTS, task=TASK_BY_KEY),
         scales=[path for model in MODELS for path in study_scales(model)],
         models=expand(layout.VARIANT_MODEL, model=MODELS, variant=QUANTIZED_VARIANTS),
     output:
@@ -23,6 +24,8 @@ rule summarize:
                          caption="../report/aggregate.rst"),
         clipping=report(layout.path(layout.SUMMARY_TABLE, table="clipping"), category="Tables",
                         caption="../report/clipping.rst"),
+        paired=report(layout.path(layout.SUMMARY_TABLE, table="paired"), category="Tables",
+                      caption="../report/paired.rst"),
     log:
         "logs/summary/summarize.log",
     benchmark:
@@ -41,11 +44,14 @@ rule plot_summary:
     input:
         accuracy=layout.path(layout.SUMMARY_TABLE, table="accuracy"),
         clipping=layout.path(layout.SUMMARY_TABLE, table="clipping"),
+        paired=layout.path(layout.SUMMARY_TABLE, table="paired"),
     output:
         accuracy=report(layout.path(layout.SUMMARY_PLOT, plot="accuracy_vs_alpha"), category="Plots",
                         caption="../report/accuracy_vs_alpha.rst"),
         ranges=report(layout.path(layout.SUMMARY_PLOT, plot="clipping_ranges"), category="Plots",
                       caption="../report/clipping_ranges.rst"),
+        paired=report(layout.path(layout.SUMMARY_PLOT, plot="paired_differences"), category="Plots",
+                      caption="../report/paired_differences.rst"),
     log:
         "logs/summary/plot_summary.log",
     benchmark:

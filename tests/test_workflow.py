@@ -24,6 +24,7 @@ from test_checkpoint import write_state_spaces
 import quamba
 from quamba.formats import layout
 from quamba.formats.calibration import read_stats
+from quamba.formats.samples import read_samples
 from quamba.models import MambaConfig
 
 TINY = {
@@ -34,8 +35,8 @@ TINY = {
     "eval": {"limit": 5},
 }
 SUMMARY = ["results/summary/runs.csv", "results/summary/accuracy.csv", "results/summary/aggregate.csv",
-           "results/summary/clipping.csv", "results/summary/plots/accuracy_vs_alpha.png",
-           "results/summary/plots/clipping_ranges.png"]
+           "results/summary/clipping.csv", "results/summary/paired.csv", "results/summary/plots/accuracy_vs_alpha.png",
+           "results/summary/plots/clipping_ranges.png", "results/summary/plots/paired_differences.png"]
 STUDY_RUNS = [(s, a, seed) for s, a in (("w8a8", 0.999), ("w8a8", 1.0), ("w4a16", None)) for seed in (0, 1)]
 ACTIVATION_PLOT = "results/summary/plots/tiny_activations.png"  # it draws every study alpha's thresholds
 CALIBRATION = {"results/tiny/calib/quick/stats.json", "results/tiny/calib/quick/calibration.safetensors",
@@ -144,7 +145,7 @@ def test_summary_numbers_equal_the_eval_jsons(ran_study):
         mc = json.loads((eval_dir / "quamba_mc.json").read_text())["results"]["quamba_mc"]
         ppl = json.loads((eval_dir / "perplexity.json").read_text())["results"]["perplexity"]
         assert runs.loc[row.Index, "quamba_mc:acc"] == pytest.approx(mc["acc,none"], abs=1e-9)
-        assert runs.loc[row.Index, "perplexity:perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-9)
+        assert runs.loc[row.Index, "perplexity:perplexity"] == pytest.approx(ppl["perplexity,none"], rel=1e-9)
         alpha = None if pd.isna(row.alpha) else row.alpha
         tidy = accuracy[(accuracy.variant == layout.variant(row.scheme, alpha, row.seed)) & (accuracy.task == "quamba_mc")
                         & (accuracy.metric == "acc")]
@@ -162,6 +163,15 @@ def test_summary_numbers_equal_the_eval_jsons(ran_study):
     assert w8a8.delta_fp16.item() == pytest.approx(values.mean() - fp16, rel=1e-9)
     half = 12.706204736 * values.std(ddof=1) / math.sqrt(2)  # Student t, 1 degree of freedom, 97.5%
     assert w8a8.ci95_high.item() == pytest.approx(values.mean() + half, rel=1e-6)
+    paired = pd.read_csv(summary / "paired.csv")
+    row = paired[(paired.task == "quamba_mc") & (paired.metric == "acc") & (paired.comparison == "alpha")].iloc[0]
+    per_item = {seed: {alpha: read_samples(workdir / "results" / "tiny" / "w8a8" / f"pa{alpha}" / f"seed{seed}" / "eval"
+                                           / "quamba_mc.samples.json.gz")["tasks"]["quamba_mc"]["metrics"]["acc,none"]
+                       for alpha in ("0.999", "1.0")} for seed in (0, 1)}
+    per_seed = [np.mean(per_item[s]["1.0"]) - np.mean(per_item[s]["0.999"]) for s in (0, 1)]
+    assert (row.alpha, str(row.baseline), row.seeds, row["items"]) == (1.0, "0.999", 2, 5)
+    assert row.difference == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert set(paired.comparison) == {"alpha", "fp16"} and set(paired.task) == {"quamba_mc", "perplexity"}
     clipping = pd.read_csv(summary / "clipping.csv")
     scales = json.loads((workdir / "results" / "tiny" / "calib" / "quick" / "pa0.999" / "scales.json").read_text())
     row = clipping[(clipping.tap == "layer_1.x_proj:input") & (clipping.alpha == 0.999)]
@@ -177,15 +187,26 @@ def test_compare_prints_the_seed_spread(ran_study, capsys):
     assert main(["compare", str(workdir / "results"), "--task", "perplexity"]) == 0
     table = capsys.readouterr().out
     assert "perplexity perplexity" not in table and "(n=2)" in table and "fp16" in table and "w4a16" in table
+    assert "tiny w8a8 alpha 0.999 vs fp16 (perplexity): " in table and "over 2 seeds x 5 items" in table
     assert main(["compare", str(workdir / "results")]) == 0  # no --task: an accuracy task, not perplexity
-    assert capsys.readouterr().out.startswith("quamba_mc acc:")
+    table = capsys.readouterr().out
+    assert table.startswith("quamba_mc acc:")
+    assert "tiny w8a8 alpha 1.0 vs 0.999 (quamba_mc acc): " in table and "2 seeds x 5 items" in table
     assert main(["compare", str(workdir / "results"), "--task", "nope"]) == 2
     assert "--task 'nope' has no results; allowed: ['perplexity', 'quamba_mc']" in capsys.readouterr().err
 
 
 def variant_outputs(scheme: str, alpha: str | None, seed: int, tasks=("quamba_mc", "perplexity")) -> set[str]:
     variant = f"results/tiny/{layout.variant(scheme, None if alpha is None else float(alpha), seed)}"
-    return {f"{variant}/model", *(f"{variant}/eval/{task}.json" for task in tasks)}
+    return {f"{variant}/model", *(evaluation(variant, task) for task in tasks for evaluation in (results, items))}
+
+
+def results(variant: str, task: str) -> str:
+    return f"{variant}/eval/{task}.json"
+
+
+def items(variant: str, task: str) -> str:
+    return f"{variant}/eval/{task}.samples.json.gz"
 
 
 def activation_runs(alphas=("0.999", "1.0"), seeds=(0, 1)) -> set[str]:
@@ -276,14 +297,14 @@ def test_adding_a_task_runs_only_the_new_evals(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, tasks=["quamba_mc", "perplexity", "quamba_cloze"]))
     variants = ["fp16"] + [layout.variant(*run) for run in STUDY_RUNS]
-    assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/quamba_cloze.json" for v in variants)}
+    assert plan == {*SUMMARY, *(f(f"results/tiny/{v}", "quamba_cloze") for v in variants for f in (results, items))}
 
 
 def test_changing_the_perplexity_budget_reruns_only_perplexity(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, eval={"limit": 5, "perplexity_tokens": 64}))
     variants = ["fp16"] + [layout.variant(*run) for run in STUDY_RUNS]
-    assert plan == {*SUMMARY, *(f"results/tiny/{v}/eval/perplexity.json" for v in variants)}
+    assert plan == {*SUMMARY, *(f(f"results/tiny/{v}", "perplexity") for v in variants for f in (results, items))}
 
 
 def test_a_perplexity_file_task_gets_a_flat_file_name(ran_study):
@@ -300,8 +321,8 @@ def test_report_bundles_the_tables_and_plots(ran_study):
     run = snakemake(workdir, "--configfile", "study.yaml", "--report", "results/report.html")
     assert run.returncode == 0, run.stderr
     html = (workdir / "results" / "report.html").read_text()
-    for name in ("runs.csv", "aggregate.csv", "clipping.csv", "accuracy_vs_alpha.png", "clipping_ranges.png",
-                 "tiny_activations.png"):
+    for name in ("runs.csv", "aggregate.csv", "clipping.csv", "paired.csv", "accuracy_vs_alpha.png",
+                 "clipping_ranges.png", "paired_differences.png", "tiny_activations.png"):
         assert name in html, name
 
 
@@ -365,7 +386,7 @@ def test_study_with_every_transform_on(tmp_path):
         assert ("reorder" in quant_config) == (name == "m2")
         ppl = json.loads((model_dir.parent / "eval" / "perplexity.json").read_text())["results"]["perplexity"]
         fp16 = json.loads((tmp_path / "results" / name / "fp16" / "eval" / "perplexity.json").read_text())
-        assert ppl["perplexity"] == pytest.approx(fp16["results"]["perplexity"]["perplexity"], rel=0.05)
+        assert ppl["perplexity,none"] == pytest.approx(fp16["results"]["perplexity"]["perplexity,none"], rel=0.05)
 
 
 @pytest.mark.parametrize("models, message", [

@@ -4,6 +4,8 @@ One row per (model, scheme, alpha): the accuracy of a task as mean +- std over s
 its delta to FP16, and what the alpha did to the SSM input (mean clipped share and range
 reduction over every layer's SSM-input tap). The user's note compared mamba-130m and
 mamba2-2.7b at alpha 0.9995 and 1.0, W8A8, on lambada_openai; here any study's grid shows.
+Under the table, one verdict line per paired comparison (quamba.report.paired): each pair of
+alphas of a scheme, and each variant against FP16, on the same items and seeds.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from pathlib import Path
 import pandas as pd
 
 from quamba.errors import ConfigError
+from quamba.report.paired import paired_table, verdict
 from quamba.stages.summarize import (
     accuracy_table,
     aggregate_table,
     alpha_label,
     clipping_table,
     discover,
+    paired_runs,
     run_files,
     run_ssm_input_clipping,
 )
@@ -79,10 +83,27 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
     return pd.DataFrame(rows), task, metric
 
 
+def verdicts(results_dir: Path, task: str, metric: str, schemes: list[str] | None = None) -> list[str]:
+    """One line per paired comparison of `task`'s `metric`: alpha pairs first, then against FP16."""
+    evals, _ = discover(results_dir)
+    paired = paired_table(paired_runs(evals, results_dir))
+    rows = paired[(paired.task == task) & (paired.metric == metric)]
+    if schemes:
+        rows = rows[rows.scheme.isin(schemes)]
+    rows = rows.sort_values(["model", "comparison", "scheme", "alpha"], kind="stable")
+    return [verdict(row) for row in rows.itertuples()]
+
+
 def render(results_dir: Path, task: str | None = None, metric: str | None = None,
            schemes: list[str] | None = None) -> str:
     frame, task, metric = compare_table(results_dir, task, metric, schemes)
     shown = task if metric == task else f"{task} {metric}"
     title = (f"{shown}: mean +- std over seeds; SSM input clipping averaged over layers "
              f"(from {Path(results_dir)})")
-    return title + "\n" + frame.to_string(index=False)
+    try:
+        lines = verdicts(results_dir, task, metric, schemes)
+    except ConfigError as err:  # e.g. results of an older quamba-flow, without per-item files: the table stands
+        lines = [f"no paired verdicts: {err}"]
+    notes = ["", "Paired on the same items and seeds (95% interval over seeds x items; README, paired.csv):",
+             *lines] if lines else []
+    return "\n".join([title, frame.to_string(index=False), *notes])

@@ -3,6 +3,8 @@
 - accuracy_vs_alpha: per model and task, each scheme's metric at every alpha: one dot per seed,
   the mean with a +-std bar, FP16 as a dashed line. The seed spread is the point of the study.
 - clipping_ranges: per layer, the SSM input's range before clipping and after it at each alpha.
+- paired_differences: a forest plot of paired.csv: each comparison's difference with its 95%
+  interval (seeds x items), per model and task, in points of accuracy or percent of perplexity.
 - activation_histograms: the sampled activations (activations.npz) of the first layers' SSM
   inputs with each alpha's clipping threshold drawn.
 """
@@ -107,6 +109,41 @@ def clipping_ranges(clipping: pd.DataFrame, out: Path) -> None:
         ax.set_ylabel("max - min (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def paired_differences(paired: pd.DataFrame, out: Path) -> None:
+    """Forest plot: per model and task (its main metric), one row per comparison, the mean paired
+    difference with its 95% interval; colour says the scheme, the marker what it is compared with."""
+    panels = []
+    for (model, task), rows in paired.groupby(["model", "task"], sort=True):
+        metric = _main_metric(rows)
+        panels.append((model, task, metric, rows[rows.metric == metric].reset_index(drop=True)))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 0.5 + 0.45 * max(
+        [len(p[3]) for p in panels] or [4]) + 1.4), squeeze=False, layout="constrained")
+    schemes = sorted(paired.scheme.unique()) if not paired.empty else []
+    colors = dict(zip(schemes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    markers = {"alpha": "o", "fp16": "s"}
+    for ax, (model, task, metric, rows) in zip(axes[0], panels):
+        fraction = (rows.scale == "fraction").all()
+        shown = (lambda v: 100 * v) if fraction else (lambda v: 100 * np.expm1(v))
+        for k, row in enumerate(rows.itertuples()):
+            center, low, high = shown(row.difference), shown(row.ci95_low), shown(row.ci95_high)
+            error = [[center - low], [high - center]] if np.isfinite(low) else None
+            ax.errorbar(center, k, xerr=error, fmt=markers[row.comparison], color=colors[row.scheme], capsize=3)
+        labels = [f"{r.scheme}{'' if pd.isna(r.alpha) else f' {alpha_label(r.alpha)}'} vs {r.baseline}"
+                  for r in rows.itertuples()]
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{model}: {task}" + ("" if metric == task else f" {metric}"), fontsize=10)
+        ax.set_xlabel("difference (points of accuracy)" if fraction else "difference (% of perplexity)")
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[s], marker="o", linestyle="", label=s) for s in schemes]
+    handles += [plt.Line2D([], [], color="0.4", marker=markers[kind], linestyle="", label=label)
+                for kind, label in (("alpha", "vs a smaller alpha, same seeds"), ("fp16", "vs FP16"))]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=min(len(handles), 5))
+    fig.suptitle("Paired differences, mean over seeds, 95% interval over seeds x items", fontsize=11)
     _save(fig, out)
 
 

@@ -6,6 +6,9 @@ is re-measured). Which model and calibration a file belongs to is its place in t
 - aggregate.csv: mean, std, n and a 95% t-interval across seeds per (model, scheme, alpha, task,
   metric), with the FP16 value and the delta to it; alpha is empty for FP16 and for w4a16.
 - clipping.csv: one row per (model, calib, tap, alpha) from each alpha's scales.json.
+- paired.csv: paired comparisons on the same items and seeds (quamba.report.paired): each pair
+  of alphas of a scheme, and each quantized (scheme, alpha) against FP16, per task and metric,
+  from the per-item files beside the eval JSONs.
 - runs.csv: one row per quantized run, what the user's experiments.jsonl held: its config, a
   clipping summary of the first layers, every metric, and the paths it came from.
 """
@@ -24,9 +27,11 @@ from quamba.errors import ConfigError
 from quamba.formats import layout
 from quamba.formats.calibration import read_stats
 from quamba.formats.layout import alpha_key
+from quamba.formats.samples import read_samples, samples_path
 from quamba.formats.scales import read_scales
 from quamba.io import atomic_path
 from quamba.models.taps import tap_layer
+from quamba.report.paired import Run, paired_table
 
 # Quamba clips the SSM input with its percentile observer; these taps say what alpha did.
 SSM_INPUT_POINTS = ("x_proj:input", "x_conv_out:input")
@@ -90,6 +95,21 @@ def accuracy_table(eval_files: Iterable[Path], results_dir: Path = Path(layout.R
     frame = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
     return frame.sort_values(["model", "scheme", "alpha", "seed", "task", "metric"], na_position="first",
                              kind="stable", ignore_index=True)
+
+
+def paired_runs(eval_files: Iterable[Path], results_dir: Path = Path(layout.RESULTS)) -> list[Run]:
+    """Every evaluated variant with its per-item results; an eval JSON without its per-item file
+    (written by an older quamba-flow) is an error naming it."""
+    runs = []
+    for path in eval_files:
+        doc = read_eval(path, results_dir)
+        items = samples_path(path)
+        if not items.is_file():
+            raise ConfigError(f"{items}: missing; the per-item results of {path} are needed for paired.csv "
+                              f"(rerun that evaluation: snakemake --forcerun evaluate, or quamba eval)")
+        runs.append(Run(model=doc["_model"], scheme=doc["_scheme"], alpha=doc["_alpha"], seed=doc["_seed"],
+                        path=items, tasks=read_samples(items)["tasks"]))
+    return runs
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
@@ -214,11 +234,12 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def write_summary(results_dir: Path, eval_files: Sequence[Path], scales_files: Sequence[Path],
                   out_dir: Path) -> dict[str, pd.DataFrame]:
-    """All four tables into out_dir; returns them by file stem."""
+    """All five tables into out_dir; returns them by file stem."""
     accuracy = accuracy_table(eval_files, results_dir)
     clipping = clipping_table(scales_files, results_dir)
     tables = {"accuracy": accuracy, "aggregate": aggregate_table(accuracy), "clipping": clipping,
-              "runs": runs_table(accuracy, clipping, results_dir)}
+              "runs": runs_table(accuracy, clipping, results_dir),
+              "paired": paired_table(paired_runs(eval_files, results_dir))}
     for name, frame in tables.items():
         write_csv(frame, Path(out_dir) / f"{name}.csv")
     return tables
