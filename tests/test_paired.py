@@ -13,6 +13,7 @@ from quamba.errors import ConfigError
 from quamba.report.paired import (
     Run,
     detectable_effect,
+    linearized,
     mcnemar,
     paired,
     paired_table,
@@ -165,3 +166,21 @@ def test_runs_that_scored_other_items_are_refused_naming_both():
     b = run("w8a8", 0.9995, 0, [1, 0, 1, 1], [-1.0], [1.0])
     with pytest.raises(ConfigError, match=r"w8a8-0.9995-0: task quamba_mc scored other items than w8a8-1.0-0"):
         paired_table([a, b])
+
+
+def test_a_ratio_metric_is_compared_per_token_not_per_document_length():
+    """Documents of very different lengths whose every token got 0.01 nats worse: the difference
+    is exactly 0.01 in log-perplexity with no item noise at all (the lengths are not noise)."""
+    tokens = np.array([10.0, 400.0, 35.0, 1600.0])
+    base = -tokens * 4.0
+    differences = np.stack([0.01 * tokens, 0.01 * tokens])  # two seeds, the same shift
+    z = linearized(differences, tokens)
+    assert z.mean(axis=1) == pytest.approx([0.01, 0.01], abs=1e-15) and np.ptp(z) == pytest.approx(0, abs=1e-15)
+    fp16 = run("fp16", None, None, [1], base, tokens)
+    variants = [run("w8a8", 1.0, seed, [1], base - 0.01 * tokens * (1 + 0.1 * seed), tokens) for seed in (0, 1)]
+    row = paired_table([fp16, *variants]).set_index("task").loc["perplexity"]
+    want = np.mean([0.01 * (1 + 0.1 * seed) for seed in (0, 1)])
+    assert row.difference == pytest.approx(want, rel=1e-12)
+    other = run("w8a8", 1.0, 2, [1], base, tokens + 1)
+    with pytest.raises(ConfigError, match=r"weighs its items otherwise than fp16-None-None \(another tokenizer\?\)"):
+        paired_table([fp16, other])

@@ -19,9 +19,12 @@ seeds (items gained, items lost): an items-only test, equal to McNemar's with on
 
 What an item's value is follows lm-eval's aggregation of the metric (quamba.formats.samples):
 `mean` metrics (acc, acc_norm) as they are; perplexity metrics on the log scale, so differences
-are in log-perplexity: `perplexity` (exp of minus the mean loglikelihood) takes -ll per item,
-`weighted_perplexity` (exp of minus sum ll / sum weight) takes -ll N / sum(weight), whose mean
-is exactly the log-perplexity. Other aggregations are not compared.
+are in log-perplexity: `perplexity` (exp of minus the mean loglikelihood) takes -ll per item;
+`weighted_perplexity` (exp of minus sum ll / sum weight, e.g. per token over documents) is a ratio,
+so its paired differences d_i = -ll_i(variant) + ll_i(baseline) enter linearized (Cochran 1977,
+Sampling Techniques, ch. 6): z_i = R + (d_i - R w_i) / mean(w) with R = sum d / sum w per seed,
+whose mean is exactly the difference in log-perplexity and whose spread is the ratio's, not the
+documents' lengths. Other aggregations are not compared.
 """
 
 from __future__ import annotations
@@ -177,19 +180,26 @@ def mcnemar(variant: np.ndarray, baseline: np.ndarray) -> tuple[int, int, float]
 
 
 # -- item values from the per-item files ---------------------------------------------------------
-def item_values(entry: dict[str, Any], metric: str) -> np.ndarray | None:
+def item_values(entry: dict[str, Any], metric: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The per-item values of `metric` ("acc,none") in one task's entry of a per-item file, on the
-    scale compared (module docstring); None for an aggregation that is not compared."""
+    scale compared (module docstring), and their weights for a weighted (ratio) metric."""
     aggregation = entry["aggregation"].get(metric)
     values = np.asarray(entry["metrics"][metric], dtype=np.float64)
     if aggregation == "mean":
-        return values
+        return values, None
     if aggregation == "perplexity":
-        return -values
+        return -values, None
     if aggregation == "weighted_perplexity":
-        weights = np.asarray(entry["weights"][metric], dtype=np.float64)
-        return -values * values.size / weights.sum()
-    return None
+        return -values, np.asarray(entry["weights"][metric], dtype=np.float64)
+    raise ConfigError(f"metric {metric}: aggregation {aggregation!r} is not compared; "
+                      f"allowed: {', '.join(COMPARED_AGGREGATIONS)}")
+
+
+def linearized(differences: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Paired differences of a ratio metric (sum over items / sum of weights) as per-item values
+    whose per-seed mean is exactly the ratio's difference (module docstring)."""
+    ratio = differences.sum(axis=1, keepdims=True) / weights.sum()  # (seeds, 1)
+    return ratio + (differences - ratio * weights[None, :]) / weights.mean()
 
 
 def scale_of(entry: dict[str, Any], metric: str) -> str:
@@ -210,26 +220,33 @@ class Run:
     tasks: dict[str, Any]
 
 
-def aligned(runs: Sequence[Run], task: str, metric: str) -> tuple[list[int], list[np.ndarray]]:
-    """The runs' item values of one metric in one shared doc-id order; runs that scored other
-    items than the first are an error naming both files."""
-    first = runs[0].tasks[task]
-    order = sorted(first["doc_id"])
-    rows = []
-    for run in runs:
+def aligned(runs: Sequence[Run], task: str, metric: str) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """The runs' item values of one metric in one shared doc-id order, and the items' weights;
+    runs that scored other items (or weigh them otherwise) than the first are an error naming both files."""
+    order = sorted(runs[0].tasks[task]["doc_id"])
+    rows, first_weights = [], None
+    for k, run in enumerate(runs):
         entry = run.tasks[task]
         if sorted(entry["doc_id"]) != order:
             raise ConfigError(f"{run.path}: task {task} scored other items than {runs[0].path} "
                               f"({len(entry['doc_id'])} vs {len(order)}); evaluate both with the same limit")
-        values = item_values(entry, metric)
-        position = {doc: k for k, doc in enumerate(entry["doc_id"])}
-        rows.append(values[[position[doc] for doc in order]])
-    return order, rows
+        values, weights = item_values(entry, metric)
+        index = [{doc: i for i, doc in enumerate(entry["doc_id"])}[doc] for doc in order]
+        rows.append(values[index])
+        if weights is not None:
+            if k == 0:
+                first_weights = weights[index]
+            elif not np.array_equal(weights[index], first_weights):
+                raise ConfigError(f"{run.path}: task {task} metric {metric} weighs its items otherwise than "
+                                  f"{runs[0].path} (another tokenizer?); paired items must be the same")
+    return first_weights, rows
 
 
 def comparison_row(model: str, task: str, metric: str, scale: str, scheme: str, comparison: str,
-                   alpha: float | None, baseline: str, variant: np.ndarray, base: np.ndarray) -> dict[str, Any]:
-    result = paired(variant - base)
+                   alpha: float | None, baseline: str, variant: np.ndarray, base: np.ndarray,
+                   weights: np.ndarray | None) -> dict[str, Any]:
+    differences = variant - base
+    result = paired(differences if weights is None else linearized(differences, weights))
     pooled = mcnemar(variant, base)
     return {"model": model, "task": task, "metric": metric.removesuffix(",none"), "scale": scale, "scheme": scheme,
             "comparison": comparison, "alpha": alpha, "baseline": baseline, "seeds": result.seeds,
@@ -269,20 +286,21 @@ def paired_table(runs: Sequence[Run]) -> pd.DataFrame:
             for (scheme, alpha), by_seed in sorted(groups.items(), key=lambda kv: order(kv[0])):
                 seeds = sorted(by_seed)
                 if fp16:
-                    _, values = aligned([fp16[0], *(by_seed[s] for s in seeds)], task, metric)
+                    weights, values = aligned([fp16[0], *(by_seed[s] for s in seeds)], task, metric)
                     variant = np.stack(values[1:])
                     rows.append(comparison_row(model, task, metric, scale, scheme, "fp16", alpha, "fp16", variant,
-                                               np.broadcast_to(values[0], variant.shape)))
+                                               np.broadcast_to(values[0], variant.shape), weights))
                 for (other_scheme, other), other_seeds in sorted(groups.items(), key=lambda kv: order(kv[0])):
                     if other_scheme != scheme or alpha is None or other is None or other >= alpha:
                         continue
                     shared = sorted(set(by_seed) & set(other_seeds))
                     if not shared:
                         continue
-                    _, values = aligned([*(by_seed[s] for s in shared), *(other_seeds[s] for s in shared)], task,
-                                        metric)
+                    weights, values = aligned([*(by_seed[s] for s in shared), *(other_seeds[s] for s in shared)],
+                                              task, metric)
                     rows.append(comparison_row(model, task, metric, scale, scheme, "alpha", alpha, alpha_key(other),
-                                               np.stack(values[:len(shared)]), np.stack(values[len(shared):])))
+                                               np.stack(values[:len(shared)]), np.stack(values[len(shared):]),
+                                               weights))
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
