@@ -1,4 +1,4 @@
-"""Paired comparisons (quamba.report.paired): intervals that cover the truth at about the nominal
+"""Paired comparisons (quamba.numerics.paired, paired.csv, the verdict lines): intervals that cover the truth at about the nominal
 rate over seeded synthetic studies with known effects and seed noise, the textbook special cases,
 the verdict line's words, and the table's numbers against a direct computation."""
 
@@ -10,17 +10,16 @@ import pytest
 from scipy import stats
 
 from quamba.errors import ConfigError
-from quamba.report.paired import (
-    Run,
+from quamba.numerics.paired import (
     detectable_effect,
     linearized,
     mcnemar,
     paired,
-    paired_table,
     seeds_to_detect,
     study_variance,
-    verdict,
 )
+from quamba.report.compare import verdict
+from quamba.stages.summarize import Run, paired_table
 
 
 def crossed(rng, seeds, items, effect, seed_sd, item_sd, noise_sd):

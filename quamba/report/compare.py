@@ -4,7 +4,7 @@ One row per (model, scheme, alpha): the accuracy of a task as mean +- std over s
 its delta to FP16, and what the alpha did to the SSM input (mean clipped share and range
 reduction over every layer's SSM-input tap). The user's note compared mamba-130m and
 mamba2-2.7b at alpha 0.9995 and 1.0, W8A8, on lambada_openai; here any study's grid shows.
-Under the table, one verdict line per paired comparison (quamba.report.paired): each pair of
+Under the table, one verdict line per paired comparison (quamba.numerics.paired): each pair of
 alphas of a scheme, and each variant against FP16, on the same items and seeds.
 """
 
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from quamba.errors import ConfigError
-from quamba.report.paired import paired_table, verdict
+from quamba.formats.layout import alpha_key
+from quamba.numerics.paired import LEVEL
 from quamba.stages.summarize import (
     accuracy_table,
     aggregate_table,
@@ -24,6 +26,7 @@ from quamba.stages.summarize import (
     clipping_table,
     discover,
     paired_runs,
+    paired_table,
     run_files,
     run_ssm_input_clipping,
 )
@@ -81,6 +84,45 @@ def compare_table(results_dir: Path, task: str | None = None, metric: str | None
                      "range reduction": "" if math.isnan(clip["range_reduction"])
                      else f"{100 * clip['range_reduction']:.1f}%"})
     return pd.DataFrame(rows), task, metric
+
+
+def _shown(value: float, scale: str, signed: bool = True) -> str:
+    """A difference as points of accuracy, or as a percent change of perplexity."""
+    if scale == "fraction":
+        return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    percent = 100 * math.expm1(value)
+    return f"{percent:+.2f}%" if signed else f"{percent:.2f}%"
+
+
+def verdict(row: Any) -> str:
+    """One line a researcher can paste into a paper's notes, e.g. "mamba1-demo w8a8 alpha 1.0 vs
+    0.9995: +0.4 points [-0.3, +1.1] over 3 seeds x 500 items, p = 0.27; seed spread 0.6; this
+    study detects >= 0.9 points"."""
+    scale = row.scale
+    unit = " points" if scale == "fraction" else ""
+    what = row.task if row.metric == row.task else f"{row.task} {row.metric}"
+    subject = f"{row.model} {row.scheme}" + ("" if pd.isna(row.alpha) else f" alpha {alpha_key(row.alpha)}")
+    head = f"{subject} vs {row.baseline} ({what}): "
+    if row.se == 0 and row.difference == 0:
+        return head + f"no difference on any of {row.seeds} seed{'s' if row.seeds != 1 else ''} x {row.items} items"
+    line = head + f"{_shown(row.difference, scale)}{unit}"
+    if not pd.isna(row.ci95_low):
+        line += f" [{_shown(row.ci95_low, scale)}, {_shown(row.ci95_high, scale)}]"
+    line += f" over {row.seeds} seed{'s' if row.seeds != 1 else ''} x {row.items} items"
+    if not pd.isna(row.p_value):
+        line += f", p = {row.p_value:.2g}"
+    if row.seeds > 1:
+        line += f"; seed spread {_shown(row.seed_spread, scale, signed=False)}"
+    else:
+        line += "; one seed: the interval covers item noise only"
+    if not pd.isna(row.detectable):
+        line += f"; this study detects >= {_shown(row.detectable, scale, signed=False)}{unit}"
+    if row.seeds > 1 and not pd.isna(row.p_value) and row.p_value >= 1 - LEVEL and row.difference != 0:
+        if pd.isna(row.seeds_to_detect):
+            line += f"; no number of seeds detects {_shown(row.difference, scale)}{unit} with {row.items} items"
+        else:
+            line += f"; {int(row.seeds_to_detect)} seeds would detect {_shown(row.difference, scale)}{unit}"
+    return line
 
 
 def verdicts(results_dir: Path, task: str, metric: str, schemes: list[str] | None = None) -> list[str]:

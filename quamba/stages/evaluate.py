@@ -24,7 +24,6 @@ from quamba.models.load import resolve_device
 from quamba.shipped import ROOT, TASKS_DIR
 
 PERPLEXITY_TASK = perplexity.TASK
-PERPLEXITY_METRICS = perplexity.METRICS
 # lm-eval's output sections that describe the tasks and their scores; the rest (dates, git hash,
 # timings, model info, samples) would make two identical runs differ.
 LM_EVAL_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",

@@ -6,7 +6,7 @@ is re-measured). Which model and calibration a file belongs to is its place in t
 - aggregate.csv: mean, std, n and a 95% t-interval across seeds per (model, scheme, alpha, task,
   metric), with the FP16 value and the delta to it; alpha is empty for FP16 and for w4a16.
 - clipping.csv: one row per (model, calib, tap, alpha) from each alpha's scales.json.
-- paired.csv: paired comparisons on the same items and seeds (quamba.report.paired): each pair
+- paired.csv: paired comparisons on the same items and seeds (quamba.numerics.paired): each pair
   of alphas of a scheme, and each quantized (scheme, alpha) against FP16, per task and metric,
   from the per-item files beside the eval JSONs.
 - runs.csv: one row per quantized run, what the user's experiments.jsonl held: its config, a
@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from quamba.errors import ConfigError
@@ -31,7 +33,7 @@ from quamba.formats.samples import read_samples, samples_path
 from quamba.formats.scales import read_scales
 from quamba.io import atomic_path
 from quamba.models.taps import tap_layer
-from quamba.report.paired import Run, paired_table
+from quamba.numerics.paired import METHOD, linearized, mcnemar, paired, seeds_to_detect
 
 # Quamba clips the SSM input with its percentile observer; these taps say what alpha did.
 SSM_INPUT_POINTS = ("x_proj:input", "x_conv_out:input")
@@ -222,6 +224,128 @@ def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path
     frame = pd.DataFrame(rows)
     return (frame.sort_values(["model", "scheme", "alpha", "seed"], kind="stable", na_position="first",
                               ignore_index=True) if rows else frame)
+
+
+# -- paired.csv: paired comparisons on the same items and seeds (quamba.numerics.paired) ----------
+COMPARED_AGGREGATIONS = ("mean", "perplexity", "weighted_perplexity")
+PAIRED_COLUMNS = ["model", "task", "metric", "scale", "scheme", "comparison", "alpha", "baseline", "seeds",
+                  "items", "difference", "ci95_low", "ci95_high", "p_value", "se", "dof", "seed_spread",
+                  "detectable", "seeds_to_detect", "gained", "lost", "mcnemar_p", "method"]
+
+
+
+def item_values(entry: dict[str, Any], metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The per-item values of `metric` ("acc,none") in one task's entry of a per-item file, on the
+    scale compared (quamba.numerics.paired), and their weights for a weighted (ratio) metric."""
+    aggregation = entry["aggregation"].get(metric)
+    values = np.asarray(entry["metrics"][metric], dtype=np.float64)
+    if aggregation == "mean":
+        return values, None
+    if aggregation == "perplexity":
+        return -values, None
+    if aggregation == "weighted_perplexity":
+        return -values, np.asarray(entry["weights"][metric], dtype=np.float64)
+    raise ConfigError(f"metric {metric}: aggregation {aggregation!r} is not compared; "
+                      f"allowed: {', '.join(COMPARED_AGGREGATIONS)}")
+
+
+def scale_of(entry: dict[str, Any], metric: str) -> str:
+    """What a difference is in: `fraction` for mean metrics, `log` for perplexities."""
+    return "fraction" if entry["aggregation"].get(metric) == "mean" else "log"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated variant of a model, and its per-item results."""
+
+    model: str
+    scheme: str
+    alpha: float | None
+    seed: int | None
+    path: Path  # its per-item file
+    tasks: dict[str, Any]
+
+
+def aligned(runs: Sequence[Run], task: str, metric: str) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """The runs' item values of one metric in one shared doc-id order, and the items' weights;
+    runs that scored other items (or weigh them otherwise) than the first are an error naming both files."""
+    order = sorted(runs[0].tasks[task]["doc_id"])
+    rows, first_weights = [], None
+    for k, run in enumerate(runs):
+        entry = run.tasks[task]
+        if sorted(entry["doc_id"]) != order:
+            raise ConfigError(f"{run.path}: task {task} scored other items than {runs[0].path} "
+                              f"({len(entry['doc_id'])} vs {len(order)}); evaluate both with the same limit")
+        values, weights = item_values(entry, metric)
+        index = [{doc: i for i, doc in enumerate(entry["doc_id"])}[doc] for doc in order]
+        rows.append(values[index])
+        if weights is not None:
+            if k == 0:
+                first_weights = weights[index]
+            elif not np.array_equal(weights[index], first_weights):
+                raise ConfigError(f"{run.path}: task {task} metric {metric} weighs its items otherwise than "
+                                  f"{runs[0].path} (another tokenizer?); paired items must be the same")
+    return first_weights, rows
+
+
+def comparison_row(model: str, task: str, metric: str, scale: str, scheme: str, comparison: str,
+                   alpha: float | None, baseline: str, variant: np.ndarray, base: np.ndarray,
+                   weights: np.ndarray | None) -> dict[str, Any]:
+    differences = variant - base
+    result = paired(differences if weights is None else linearized(differences, weights))
+    pooled = mcnemar(variant, base)
+    return {"model": model, "task": task, "metric": metric.removesuffix(",none"), "scale": scale, "scheme": scheme,
+            "comparison": comparison, "alpha": alpha, "baseline": baseline, "seeds": result.seeds,
+            "items": result.items, "difference": result.difference, "ci95_low": result.low, "ci95_high": result.high,
+            "p_value": result.p_value, "se": result.se, "dof": result.dof, "seed_spread": result.seed_spread,
+            "detectable": result.detectable, "seeds_to_detect": seeds_to_detect(result),
+            "gained": None if pooled is None else pooled[0], "lost": None if pooled is None else pooled[1],
+            "mcnemar_p": None if pooled is None else pooled[2], "method": METHOD}
+
+
+def compared_metrics(run: Run) -> list[tuple[str, str]]:
+    """(task, metric) pairs of a run that a paired comparison is made for."""
+    return [(task, metric) for task, entry in sorted(run.tasks.items())
+            for metric in sorted(entry["metrics"]) if entry["aggregation"].get(metric) in COMPARED_AGGREGATIONS]
+
+
+def paired_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Per model, task and metric: each pair of alphas of a scheme (the larger vs the smaller, on
+    the seeds both have), and each quantized (scheme, alpha) against FP16. A run is one per-item
+    file; a variant's tasks may come in several."""
+    def order(key):
+        return key[0], -1.0 if key[1] is None else key[1]
+
+    rows = []
+    for model in sorted({run.model for run in runs}):
+        model_runs = [run for run in runs if run.model == model]
+        for task, metric in sorted({pair for run in model_runs for pair in compared_metrics(run)}):
+            here = [run for run in model_runs if task in run.tasks and metric in run.tasks[task]["metrics"]]
+            scale = scale_of(here[0].tasks[task], metric)
+            fp16 = [run for run in here if run.scheme == "fp16"]
+            groups: dict[tuple[str, float | None], dict[int, Run]] = {}
+            for run in here:
+                if run.scheme != "fp16":
+                    groups.setdefault((run.scheme, run.alpha), {})[run.seed] = run
+            for (scheme, alpha), by_seed in sorted(groups.items(), key=lambda kv: order(kv[0])):
+                seeds = sorted(by_seed)
+                if fp16:
+                    weights, values = aligned([fp16[0], *(by_seed[s] for s in seeds)], task, metric)
+                    variant = np.stack(values[1:])
+                    rows.append(comparison_row(model, task, metric, scale, scheme, "fp16", alpha, "fp16", variant,
+                                               np.broadcast_to(values[0], variant.shape), weights))
+                for (other_scheme, other), other_seeds in sorted(groups.items(), key=lambda kv: order(kv[0])):
+                    if other_scheme != scheme or alpha is None or other is None or other >= alpha:
+                        continue
+                    shared = sorted(set(by_seed) & set(other_seeds))
+                    if not shared:
+                        continue
+                    weights, values = aligned([*(by_seed[s] for s in shared), *(other_seeds[s] for s in shared)],
+                                              task, metric)
+                    rows.append(comparison_row(model, task, metric, scale, scheme, "alpha", alpha, alpha_key(other),
+                                               np.stack(values[:len(shared)]), np.stack(values[len(shared):]),
+                                               weights))
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
 # -- files ---------------------------------------------------------------------------------------
