@@ -26,6 +26,8 @@ VARIANTS = {  # name -> the recipe options it flips (the demo widths are powers 
     "calibration_order=seeded": {"calibration_order": "seeded"},
     "reorder=true": {"reorder": True},  # Quamba2 (Mamba2 only; the Mamba1 rows equal quamba's)
     "reorder=true,reorder_method=absmax_kmeans1d": {"reorder": True, "reorder_method": "absmax_kmeans1d"},
+    "module_coverage=projections": {"module_coverage": "projections"},  # the project's earlier, lighter W8A8
+    "quantize_embedding=true,quantize_lm_head=true": {"quantize_embedding": True, "quantize_lm_head": True},  # eval.sh
 }
 
 
