@@ -286,6 +286,9 @@ def test_each_assembly_option_flips_exactly_its_part(built, tmp_path):
     assert embedded["backbone.embedding.weight.q"].dtype == torch.int8 and "backbone.embedding.weight" not in embedded
     assert set(embedded) - {"backbone.embedding.weight.q", "backbone.embedding.weight.scale"} == \
         set(quamba_w8) - {"backbone.embedding.weight"}
+    both = build("both", "w8a8", 8, quantize_embedding=True, quantize_lm_head=True)  # eval.sh's W8A8 flags
+    assert "lm_head.weight" not in both and both["lm_head.qweight"].dtype == torch.int8  # no fp16 copy of lm_head
+    assert quamba.load(tmp_path / "both", device="cpu")(IDS).logits.isfinite().all()  # what is written loads
     codes = build("codes", "w4a8", 4, w4_layout="gptq_codes")
     gptq = load_file(built["w4"] / "gptq.safetensors")
     in_proj = "backbone.layers.0.mixer.in_proj"

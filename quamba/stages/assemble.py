@@ -256,7 +256,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
             if path in tensors:  # a conv without bias has none
                 _store(tensors, path, _mixer_tensor(codec, tensors[path], config), integer)
     if recipe.quantize_embedding:
-        if "lm_head.weight" not in tensors:  # tied: lm_head keeps the fp16 values
+        if "lm_head.weight" not in tensors and "lm_head" not in weights:  # tied, fp16 lm_head: it keeps the values
             tensors["lm_head.weight"] = tensors["backbone.embedding.weight"].clone()
             config = config.replace(tie_embeddings=False)
         _store(tensors, "backbone.embedding.weight", embedding_int(tensors["backbone.embedding.weight"],
