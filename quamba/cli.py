@@ -7,10 +7,11 @@ command line and the library never disagree; `--help` shows them.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from quamba.errors import QuambaError
+from quamba.errors import ConfigError, QuambaError
 
 
 def _normalize(args: argparse.Namespace) -> None:
@@ -56,7 +57,11 @@ def _scales(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from quamba.report.compare import render
 
-    print(render(args.results, args.task, args.metric, args.schemes.split(",") if args.schemes else None))
+    if args.effect is not None and not (math.isfinite(args.effect) and args.effect > 0):
+        raise ConfigError(f"compare: --effect {args.effect} is not allowed; expected a positive number (points of "
+                          f"accuracy, or percent of perplexity)")
+    print(render(args.results, args.task, args.metric, args.schemes.split(",") if args.schemes else None,
+                 args.effect))
 
 
 def _view(args: argparse.Namespace) -> None:
@@ -243,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--task", help="task to compare (default: the first in alphabetical order)")
     compare.add_argument("--metric", help="metric of that task (default: acc, else perplexity, else the first)")
     compare.add_argument("--schemes", help="comma-separated schemes to show (default: all)")
+    compare.add_argument("--effect", type=float, help="also say how many seeds would detect an effect this large "
+                                                       "(points of accuracy, or percent of perplexity)")
     compare.set_defaults(run=_compare)
     return parser
 

@@ -18,7 +18,7 @@ from quamba.numerics.paired import (
     seeds_to_detect,
     study_variance,
 )
-from quamba.report.compare import verdict
+from quamba.report.compare import in_scale, verdict
 from quamba.stages.summarize import Run, paired_table
 
 
@@ -183,3 +183,18 @@ def test_a_ratio_metric_is_compared_per_token_not_per_document_length():
     other = run("w8a8", 1.0, 2, [1], base, tokens + 1)
     with pytest.raises(ConfigError, match=r"weighs its items otherwise than fp16-None-None \(another tokenizer\?\)"):
         paired_table([fp16, other])
+
+
+def test_a_given_effect_is_answered_with_the_seeds_that_would_detect_it():
+    rng = np.random.default_rng(5)
+    result = paired(crossed(rng, 3, 500, 0.05, 0.02, 0.1, 0.3))
+    components = result.components
+    row = SimpleNamespace(model="m", scheme="w8a8", alpha=1.0, baseline="0.9995", task="t", metric="acc",
+                          scale="fraction", difference=result.difference, ci95_low=result.low, ci95_high=result.high,
+                          seeds=3, items=500, p_value=result.p_value, se=result.se, seed_spread=result.seed_spread,
+                          detectable=result.detectable, seeds_to_detect=seeds_to_detect(result),
+                          var_seed=components.seed, var_item=components.item, var_residual=components.residual)
+    needed = int(seeds_to_detect(result, 0.04))
+    assert verdict(row, effect=4.0).endswith(f"; {needed} seeds would detect 4.0 points")
+    assert verdict(row).count("seeds would detect") <= 1
+    assert in_scale(1.0, "log") == pytest.approx(math.log(1.01)) and in_scale(2.0, "fraction") == 0.02

@@ -192,6 +192,10 @@ def test_compare_prints_the_seed_spread(ran_study, capsys):
     table = capsys.readouterr().out
     assert table.startswith("quamba_mc acc:")
     assert "tiny w8a8 alpha 1.0 vs 0.999 (quamba_mc acc): " in table and "2 seeds x 5 items" in table
+    assert main(["compare", str(workdir / "results"), "--task", "perplexity", "--effect", "0.5"]) == 0
+    assert "seeds would detect 0.50%" in capsys.readouterr().out
+    assert main(["compare", str(workdir / "results"), "--effect", "-1"]) == 2
+    assert "--effect -1.0 is not allowed; expected a positive number" in capsys.readouterr().err
     assert main(["compare", str(workdir / "results"), "--task", "nope"]) == 2
     assert "--task 'nope' has no results; allowed: ['perplexity', 'quamba_mc']" in capsys.readouterr().err
 

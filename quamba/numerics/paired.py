@@ -152,11 +152,16 @@ def seeds_to_detect(result: Paired, effect: float | None = None) -> float:
     """The fewest seeds (at this item count) whose study detects |effect| (default: the observed
     difference) at POWER; NaN when the seed component is unknown (one seed), when the effect is 0,
     or when no number up to MAX_SEEDS does (the item noise alone is too large)."""
-    effect = abs(result.difference if effect is None else effect)
-    if math.isnan(result.components.seed) or effect == 0:
+    return seeds_needed(result.components, result.items, result.difference if effect is None else effect)
+
+
+def seeds_needed(components: Components, items: int, effect: float) -> float:
+    """seeds_to_detect from a comparison's variance components (paired.csv keeps them)."""
+    effect = abs(effect)
+    if math.isnan(components.seed) or effect == 0:
         return math.nan
     for seeds in range(2, MAX_SEEDS + 1):
-        variance, dof = study_variance(result.components, seeds, result.items)
+        variance, dof = study_variance(components, seeds, items)
         if variance <= 0 or detectable_effect(math.sqrt(variance), dof) <= effect:
             return float(seeds)
     return math.nan

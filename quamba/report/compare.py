@@ -18,7 +18,7 @@ import pandas as pd
 
 from quamba.errors import ConfigError
 from quamba.formats.layout import alpha_key
-from quamba.numerics.paired import LEVEL
+from quamba.numerics.paired import LEVEL, Components, seeds_needed
 from quamba.stages.summarize import (
     accuracy_table,
     aggregate_table,
@@ -94,10 +94,17 @@ def _shown(value: float, scale: str, signed: bool = True) -> str:
     return f"{percent:+.2f}%" if signed else f"{percent:.2f}%"
 
 
-def verdict(row: Any) -> str:
+def in_scale(effect: float, scale: str) -> float:
+    """An effect as the user gives it (points of accuracy, percent of perplexity) on the scale of
+    paired.csv (a fraction, log-perplexity)."""
+    return effect / 100 if scale == "fraction" else math.log1p(effect / 100)
+
+
+def verdict(row: Any, effect: float | None = None) -> str:
     """One line a researcher can paste into a paper's notes, e.g. "mamba1-demo w8a8 alpha 1.0 vs
     0.9995: +0.4 points [-0.3, +1.1] over 3 seeds x 500 items, p = 0.27; seed spread 0.6; this
-    study detects >= 0.9 points"."""
+    study detects >= 0.9 points". With `effect` (points, or percent of perplexity) it also says
+    how many seeds would detect that effect."""
     scale = row.scale
     unit = " points" if scale == "fraction" else ""
     what = row.task if row.metric == row.task else f"{row.task} {row.metric}"
@@ -122,10 +129,18 @@ def verdict(row: Any) -> str:
             line += f"; no number of seeds detects {_shown(row.difference, scale)}{unit} with {row.items} items"
         else:
             line += f"; {int(row.seeds_to_detect)} seeds would detect {_shown(row.difference, scale)}{unit}"
+    if effect is not None:
+        wanted = in_scale(effect, scale)
+        shown = _shown(wanted, scale, signed=False)
+        needed = seeds_needed(Components(row.var_seed, row.var_item, row.var_residual), row.items, wanted)
+        line += (f"; seeds to detect {shown}{unit}: unknown from one seed" if row.seeds < 2 else
+                 f"; no number of seeds detects {shown}{unit} with {row.items} items" if math.isnan(needed) else
+                 f"; {int(needed)} seeds would detect {shown}{unit}")
     return line
 
 
-def verdicts(results_dir: Path, task: str, metric: str, schemes: list[str] | None = None) -> list[str]:
+def verdicts(results_dir: Path, task: str, metric: str, schemes: list[str] | None = None,
+             effect: float | None = None) -> list[str]:
     """One line per paired comparison of `task`'s `metric`: alpha pairs first, then against FP16."""
     evals, _ = discover(results_dir)
     paired = paired_table(paired_runs(evals, results_dir))
@@ -133,17 +148,17 @@ def verdicts(results_dir: Path, task: str, metric: str, schemes: list[str] | Non
     if schemes:
         rows = rows[rows.scheme.isin(schemes)]
     rows = rows.sort_values(["model", "comparison", "scheme", "alpha"], kind="stable")
-    return [verdict(row) for row in rows.itertuples()]
+    return [verdict(row, effect) for row in rows.itertuples()]
 
 
 def render(results_dir: Path, task: str | None = None, metric: str | None = None,
-           schemes: list[str] | None = None) -> str:
+           schemes: list[str] | None = None, effect: float | None = None) -> str:
     frame, task, metric = compare_table(results_dir, task, metric, schemes)
     shown = task if metric == task else f"{task} {metric}"
     title = (f"{shown}: mean +- std over seeds; SSM input clipping averaged over layers "
              f"(from {Path(results_dir)})")
     try:
-        lines = verdicts(results_dir, task, metric, schemes)
+        lines = verdicts(results_dir, task, metric, schemes, effect)
     except ConfigError as err:  # e.g. results of an older quamba-flow, without per-item files: the table stands
         lines = [f"no paired verdicts: {err}"]
     notes = ["", "Paired on the same items and seeds (95% interval over seeds x items; README, paired.csv):",

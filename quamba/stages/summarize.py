@@ -230,7 +230,8 @@ def runs_table(accuracy: pd.DataFrame, clipping: pd.DataFrame, results_dir: Path
 COMPARED_AGGREGATIONS = ("mean", "perplexity", "weighted_perplexity")
 PAIRED_COLUMNS = ["model", "task", "metric", "scale", "scheme", "comparison", "alpha", "baseline", "seeds",
                   "items", "difference", "ci95_low", "ci95_high", "p_value", "se", "dof", "seed_spread",
-                  "detectable", "seeds_to_detect", "gained", "lost", "mcnemar_p", "method"]
+                  "detectable", "seeds_to_detect", "gained", "lost", "mcnemar_p", "var_seed", "var_item",
+                  "var_residual", "method"]
 
 
 
@@ -300,7 +301,8 @@ def comparison_row(model: str, task: str, metric: str, scale: str, scheme: str, 
             "p_value": result.p_value, "se": result.se, "dof": result.dof, "seed_spread": result.seed_spread,
             "detectable": result.detectable, "seeds_to_detect": seeds_to_detect(result),
             "gained": None if pooled is None else pooled[0], "lost": None if pooled is None else pooled[1],
-            "mcnemar_p": None if pooled is None else pooled[2], "method": METHOD}
+            "mcnemar_p": None if pooled is None else pooled[2], "var_seed": result.components.seed,
+            "var_item": result.components.item, "var_residual": result.components.residual, "method": METHOD}
 
 
 def compared_metrics(run: Run) -> list[tuple[str, str]]:
