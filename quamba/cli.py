@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
-    evaluate.add_argument("--out", type=Path, required=True, help="results JSON to write; the per-item results go beside it (NAME.samples.json.gz)")
+    evaluate.add_argument("--out", type=Path, required=True,
+                          help="results JSON to write; the per-item results go beside it (NAME.samples.json.gz)")
     evaluate.set_defaults(run=_eval)
 
     compare = command("compare", help="model x scheme x alpha: a task's metric mean +- std over seeds, delta to "
