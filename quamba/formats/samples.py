@@ -26,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from quamba.errors import ConfigError
+from quamba.formats.layout import SAMPLES_SUFFIX
 from quamba.io import atomic_path
 
 SCHEMA_VERSION = 1
 KIND = "quamba-eval-samples"
-SUFFIX = ".samples.json.gz"
 
 
 def samples_path(results_json: str | Path) -> Path:
     """Where the per-item file of a results JSON lives: eval/quamba_mc.json -> eval/quamba_mc.samples.json.gz."""
     results_json = Path(results_json)
-    return results_json.with_name(results_json.name.removesuffix(".json") + SUFFIX)
+    return results_json.with_name(results_json.name.removesuffix(".json") + SAMPLES_SUFFIX)
 
 
 def _number(value: Any) -> float | None:
