@@ -1,9 +1,11 @@
-"""Which of Quamba's choices move the numbers: W8A8 held-out perplexity of both demo models at alpha
-0.9995 and 1.0 under the quamba recipe, then with each recipe option flipped alone, with the spread
-over GPTQ seeds beside it. One Snakemake study per variant, each in its own workdir.
+"""Which of Quamba's choices move the numbers: held-out perplexity of both demo models (W8A8 at alpha
+0.9995 and 1.0 by default) under the quamba recipe, then with each recipe option flipped alone, with
+the spread over GPTQ seeds beside it. One Snakemake study per variant, each in its own workdir.
 
     python -m bench.recipe_options --out /tmp/recipe-bench            # CPU: about 4 min a variant
     python -m bench.recipe_options --out DIR --variants quamba alpha_one=stream_max
+    python -m bench.recipe_options --out DIR --schemes w8a8 w4a8 w4a16 --alphas 0.9995 \
+        --variants quamba gptq=false int4_grid=symmetric          # the weight options, every scheme
 """
 
 from __future__ import annotations
@@ -28,30 +30,44 @@ VARIANTS = {  # name -> the recipe options it flips (the demo widths are powers 
     "reorder=true,reorder_method=absmax_kmeans1d": {"reorder": True, "reorder_method": "absmax_kmeans1d"},
     "module_coverage=projections": {"module_coverage": "projections"},  # the project's earlier, lighter W8A8
     "quantize_embedding=true,quantize_lm_head=true": {"quantize_embedding": True, "quantize_lm_head": True},  # eval.sh
+    # the weight options (QUAMBA.md sections 5, 7 and 8)
+    "gptq=false": {"gptq": False},  # round-to-nearest everywhere: Quamba's W8A8 paper setting
+    "w8_gptq=per_tensor": {"w8_gptq": "per_tensor"},
+    "int4_grid=symmetric": {"int4_grid": "symmetric"},
+    "lm_head_gptq=none": {"lm_head_gptq": "none"},
+    "lm_head_gptq=w_bits": {"lm_head_gptq": "w_bits"},
+    "w4_layout=gptq_codes": {"w4_layout": "gptq_codes"},
+    "rounding=half_away": {"rounding": "half_away"},
 }
 
 
-def study(options: dict, seeds: list[int], tokens: int | None) -> dict:
-    """The default study's models and calibration, W8A8 only, perplexity only."""
+def study(options: dict, seeds: list[int], tokens: int | None, schemes: list[str], alphas: list[float]) -> dict:
+    """The default study's models and calibration, the given schemes and alphas, perplexity only."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["recipe"] = {"name": "quamba", **options}
-    config["quantization"].update(schemes=["w8a8"], alphas=[0.9995, 1.0], seeds=seeds)
+    config["quantization"].update(schemes=schemes, alphas=alphas, seeds=seeds)
     config["tasks"] = ["perplexity"]
     config["eval"] = {"batch_size": 8, "limit": None, "perplexity_tokens": tokens}
     return config
 
 
-def run(name: str, options: dict, root: Path, seeds: list[int], tokens: int | None, cores: int) -> pd.DataFrame:
+def run(name: str, options: dict, root: Path, args: argparse.Namespace) -> pd.DataFrame:
     workdir = root / name.replace("=", "-")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "resources").unlink(missing_ok=True)
     (workdir / "resources").symlink_to(REPO / "resources")
-    (workdir / "study.yaml").write_text(yaml.safe_dump(study(options, seeds, tokens)))
+    (workdir / "study.yaml").write_text(yaml.safe_dump(study(options, args.seeds, args.tokens, args.schemes,
+                                                             args.alphas)))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", str(cores),
+    subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", str(args.cores),
                     "--configfile", "study.yaml", "--quiet"], cwd=workdir, check=True)
     print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    aggregate = pd.read_csv(workdir / "results" / "summary" / "aggregate.csv")
+    return table_rows(name, root)
+
+
+def table_rows(name: str, root: Path) -> pd.DataFrame:
+    """The perplexity rows of one finished variant's aggregate.csv."""
+    aggregate = pd.read_csv(root / name.replace("=", "-") / "results" / "summary" / "aggregate.csv")
     rows = aggregate[aggregate.metric == "perplexity"].copy()
     rows.insert(0, "variant", name)
     return rows
@@ -64,21 +80,34 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tokens", type=int, default=None, help="perplexity tokens (default: all of test.txt)")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--schemes", nargs="+", default=["w8a8"], choices=["w8a8", "w4a8", "w4a16"])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.9995, 1.0])
+    parser.add_argument("--table-only", action="store_true", help="print the table of the studies already run")
     args = parser.parse_args()
-    frames = [run(name, VARIANTS[name], args.out, args.seeds, args.tokens, args.cores) for name in args.variants]
+    frames = ([table_rows(name, args.out) for name in args.variants] if args.table_only
+              else [run(name, VARIANTS[name], args.out, args) for name in args.variants])
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(args.out / "recipe_options.csv", index=False)
+    print_table(table, args.variants)
+
+
+def print_table(table: pd.DataFrame, variants: list[str]) -> None:
+    """A markdown table: a row per variant, a column per (model, scheme, alpha) measured."""
     fp16 = table[table.scheme == "fp16"].groupby("model")["mean"].first()
-    print("| variant | " + " | ".join(f"{m} a={a}" for m in sorted(fp16.index) for a in ("0.9995", "1.0")) + " |")
-    print("| --- |" + " --- |" * (2 * len(fp16)))
-    print("| fp16 | " + " | ".join(f"{fp16[m]:.2f}" for m in sorted(fp16.index) for _ in range(2)) + " |")
-    for name in args.variants:
+    quantized = table[table.scheme != "fp16"]
+    columns = sorted({(r.model, r.scheme, r.alpha) for r in quantized.itertuples()},
+                     key=lambda c: (c[0], c[1], -1.0 if pd.isna(c[2]) else c[2]))
+    def label(model, scheme, alpha):
+        return f"{model} {scheme}" + ("" if pd.isna(alpha) else f" a={alpha:g}")
+    print("| variant | " + " | ".join(label(*c) for c in columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
+    print("| fp16 | " + " | ".join(f"{fp16[c[0]]:.2f}" for c in columns) + " |")
+    for name in variants:
         cells = []
-        for model in sorted(fp16.index):
-            for alpha in (0.9995, 1.0):
-                row = table[(table.variant == name) & (table.model == model) & (table.scheme == "w8a8")
-                            & (table.alpha == alpha)].iloc[0]
-                cells.append(f"{row['mean']:.2f} +- {row['std']:.2f}")
+        for model, scheme, alpha in columns:
+            rows = quantized[(quantized.variant == name) & (quantized.model == model) & (quantized.scheme == scheme)
+                             & ((quantized.alpha == alpha) | (pd.isna(alpha) & quantized.alpha.isna()))]
+            cells.append("-" if rows.empty else f"{rows.iloc[0]['mean']:.2f} +- {rows.iloc[0]['std']:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
