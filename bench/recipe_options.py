@@ -95,10 +95,11 @@ def print_table(table: pd.DataFrame, variants: list[str]) -> None:
     """A markdown table: a row per variant, a column per (model, scheme, alpha) measured."""
     fp16 = table[table.scheme == "fp16"].groupby("model")["mean"].first()
     quantized = table[table.scheme != "fp16"]
-    columns = sorted({(r.model, r.scheme, r.alpha) for r in quantized.itertuples()},
-                     key=lambda c: (c[0], c[1], -1.0 if pd.isna(c[2]) else c[2]))
+    columns = sorted({(r.model, r.scheme, None if pd.isna(r.alpha) else r.alpha) for r in quantized.itertuples()},
+                     key=lambda c: (c[0], c[1], -1.0 if c[2] is None else c[2]))
+
     def label(model, scheme, alpha):
-        return f"{model} {scheme}" + ("" if pd.isna(alpha) else f" a={alpha:g}")
+        return f"{model} {scheme}" + ("" if alpha is None else f" a={alpha:g}")
     print("| variant | " + " | ".join(label(*c) for c in columns) + " |")
     print("| --- |" + " --- |" * len(columns))
     print("| fp16 | " + " | ".join(f"{fp16[c[0]]:.2f}" for c in columns) + " |")
@@ -106,7 +107,7 @@ def print_table(table: pd.DataFrame, variants: list[str]) -> None:
         cells = []
         for model, scheme, alpha in columns:
             rows = quantized[(quantized.variant == name) & (quantized.model == model) & (quantized.scheme == scheme)
-                             & ((quantized.alpha == alpha) | (pd.isna(alpha) & quantized.alpha.isna()))]
+                             & (quantized.alpha.isna() if alpha is None else quantized.alpha == alpha)]
             cells.append("-" if rows.empty else f"{rows.iloc[0]['mean']:.2f} +- {rows.iloc[0]['std']:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
