@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import quamba
-from quamba.models.quantized import QUANT_CONFIG, QuantLinear
+from quamba.formats.quantized_dir import QUANT_CONFIG
+from quamba.models.quantized import QuantLinear
 from quamba.numerics import quantizers
 
 

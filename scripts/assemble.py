@@ -16,4 +16,4 @@ with job_log(snakemake.log[0]) as log:  # noqa: F821
                                 scales_path=Path(scales) if scales else None,
                                 made_by={"rule": snakemake.rule, "wildcards": dict(wc.items()),  # noqa: F821
                                          "params": dict(snakemake.params.items())})  # noqa: F821
-    log.info("wrote %s (%d activation scales)", snakemake.output[0], len(config["activation_scales"]))  # noqa: F821
+    log.info("wrote %s (%d activation thresholds)", snakemake.output[0], len(config["activation_thresholds"]))  # noqa: F821

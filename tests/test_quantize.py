@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 import quamba
 from quamba.errors import ConfigError
 from quamba.models import MambaConfig
+from quamba.models.apply import apply_quantization
 from quamba.models.checkpoint import model_sha256, save_fp16
+from quamba.models.taps import named_taps
 from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
 from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
@@ -112,7 +114,7 @@ def test_quantized_dir_is_self_describing_and_runs(built, tmp_path, scheme, bits
     assert relative < (0.2 if bits == 8 else 0.5), relative
     assert not torch.equal(q_logits, fp_logits)
     if qc["a_bits"] is None:
-        assert qc["activation_scales"] == {}
+        assert qc["activation_thresholds"] == {}
 
 
 def test_quantized_model_decodes_step_by_step_like_its_full_forward(built, tmp_path):
@@ -132,14 +134,36 @@ def test_assembling_twice_gives_identical_weights(built, tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
-def activation_scales(qc):
-    return json.loads(json.dumps(qc["activation_scales"]))
+@pytest.mark.parametrize("scheme, bits", [("w8a8", 8), ("w4a8", 4), ("w4a16", 4)])
+def test_the_loaded_model_is_the_model_assembly_applied(built, tmp_path, monkeypatch, scheme, bits):
+    """One apply step: the model assembly builds and the model loading builds are the same."""
+    applied = []
+
+    def capture(model, plan):
+        applied.append(apply_quantization(model, plan))
+        return applied[-1]
+
+    monkeypatch.setattr("quamba.stages.assemble.apply_quantization", capture)
+    needs = dict(calib_dir=built["calib"], scales_path=built["scales"]) if scheme != "w4a16" else {}
+    quantize_model_dir(built["fp16"], tmp_path / "q", built[f"w{bits}"], scheme, Recipe(), **needs)
+    loaded = quamba.load(tmp_path / "q", device="cpu", dtype="float32")
+    assert not [name for name, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.is_meta]
+    assembled = applied[0].float()  # built from the fp16 tensors; loading gave float32
+    with torch.no_grad():
+        assert torch.equal(assembled(IDS).logits, loaded(IDS).logits)
 
 
 def test_activation_scales_are_thresholds_over_127_in_float32_floored_at_1e6(built, tmp_path):
     qc = quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
     thresholds = json.loads(built["scales"].read_text())["taps"]
-    for tap, scale in qc["activation_scales"].items():
+    del thresholds["lm_head:input"]  # lm_head stays an fp16 layer (quantize_lm_head: false)
+    assert qc["activation_thresholds"] == {tap: entry["threshold"] for tap, entry in thresholds.items()}
+    model = quamba.load(tmp_path / "q", device="cpu")
+    scales = {name: tap.scale for name, tap in named_taps(model).items() if tap.scale is not None}
+    for i, block in enumerate(model.backbone.layers):  # the Linears quantize their own inputs
+        scales |= {f"layer_{i}.{kind}:input": getattr(block.mixer, kind).act_scale for kind in ("in_proj", "out_proj")}
+    assert set(scales) == set(thresholds)  # every tap the scheme quantizes has its scale, derived at load
+    for tap, scale in scales.items():
         expected = (torch.tensor(thresholds[tap]["threshold"], dtype=torch.float32) / 127).clamp(min=1e-6)
         assert scale == float(expected), tap
 

@@ -81,16 +81,16 @@ def test_every_option_assembles_into_a_model_close_to_fp16(pipeline, tmp_path):
                             pipeline["scales"])
     assert qc["recipe"]["departures"] == ["reorder", "quantize_lm_head"] and qc["weights"]["lm_head"] == "integer"
     assert qc["recipe"]["options"]["rotate_residual"] is True and qc["reorder"]["head_clusters"] == 4
-    assert "lm_head" in qc["quantized_linears"] and "lm_head:input" in qc["activation_scales"]
+    assert "lm_head" in qc["quantized_linears"] and "lm_head:input" in qc["activation_thresholds"]
     grouped = {f"layer_{i}.{p}" for i in (0, 1) for p in ("x_conv_out:input", "B_conv_out:input", "C_conv_out:input",
                                                            "ssm_state_act:input")}
-    assert set(qc["group_activation_scales"]) == grouped and not grouped & set(qc["activation_scales"])
-    assert qc["group_activation_scales"]["layer_0.B_conv_out:input"] == {"granularity": "SSD group", "groups": 2,
+    assert set(qc["group_activation_thresholds"]) == grouped and not grouped & set(qc["activation_thresholds"])
+    assert qc["group_activation_thresholds"]["layer_0.B_conv_out:input"] == {"granularity": "SSD group", "groups": 2,
                                                                           "shape": [2 * MAMBA2.d_state]}
-    assert qc["group_activation_scales"]["layer_0.ssm_state_act:input"]["shape"] == [MAMBA2.nheads, 16, 16]
+    assert qc["group_activation_thresholds"]["layer_0.ssm_state_act:input"]["shape"] == [MAMBA2.nheads, 16, 16]
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     assert tensors["lm_head.qweight"].dtype == torch.int8 and "lm_head.weight" not in tensors
-    assert tensors["backbone.layers.0.mixer.group_scales.x_conv_out__input"].shape == (MAMBA2.d_inner,)
+    assert tensors["backbone.layers.0.mixer.group_thresholds.x_conv_out__input"].shape == (MAMBA2.d_inner,)
     state_taps = [tap for name, tap in named_taps(quamba.load(tmp_path / "q", device="cpu")).items()
                   if name.endswith("ssm_state_act:input")]
     assert all(tap.scale.shape == (MAMBA2.nheads, 16, 16) for tap in state_taps)  # per (cell, state index)

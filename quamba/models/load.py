@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from quamba.errors import ConfigError
+from quamba.formats.quantized_dir import QUANT_CONFIG
 from quamba.models.checkpoint import load_fp_model, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
 
@@ -48,8 +49,8 @@ def load(path_or_hub_id: str | Path, device: str | torch.device | None = None,
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     model_dir = resolve_model_dir(path_or_hub_id)
-    from quamba.models.quantized import is_quantized_dir, load_quantized  # imports the quantized modules
+    if (model_dir / QUANT_CONFIG).is_file():
+        from quamba.models.apply import load_quantized  # imports the quantized modules
 
-    if is_quantized_dir(model_dir):
         return load_quantized(model_dir, device=device, dtype=dtype)
     return load_fp_model(model_dir, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""The quantized model's modules and how a quantized dir is loaded into them.
+"""The quantized model's modules (quamba.models.apply puts them in place).
 
 `QuantLinear` runs an integer weight: on CPU the reference (dequantize, then a float matmul), on
 CUDA int8 GEMMs (torch._int_mm) for w8a8 and w4a8 (QQQ's int8 weights); taps fake-quantize activations.
@@ -6,33 +6,15 @@ CUDA int8 GEMMs (torch._int_mm) for w8a8 and w4a8 (QQQ's int8 weights); taps fak
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from quamba.errors import CheckpointError
-from quamba.models.checkpoint import SAFETENSORS_FILE, build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
-from quamba.models.taps import LM_HEAD_POINT, named_taps
 from quamba.numerics import quantizers
 from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.quantizers import HALF_EVEN, compiled, dequantize, expand_scales, quantize, unpack_int4
-from quamba.numerics.tensor_codecs import dequantize_tensor, qqq_int8_weight
-
-QUANT_CONFIG = "quant_config.json"
-QUANT_CONFIG_VERSION = 3  # 3: integer tensors beyond the projections ({path}.q, {path}.scale), grouped tap scales
-GROUP_SCALES = "group_scales"  # model.safetensors: {mixer}.group_scales.{tap key}, Quamba2's grouped scales
-
-
-def group_scales_key(layer: int, point: str) -> str:
-    """The model.safetensors key of one tap's grouped activation scales (a tensor broadcast over
-    the tap's trailing dims: per channel of x, B and C; per (head, channel, state) of the state)."""
-    return f"backbone.layers.{layer}.mixer.{GROUP_SCALES}.{point.replace(':', '__')}"
-
+from quamba.numerics.quantizers import HALF_EVEN, compiled, dequantize, expand_scales, quantize
+from quamba.numerics.tensor_codecs import qqq_int8_weight
 
 MIN_INT_MM_ROWS = 16  # torch._int_mm on CUDA needs more rows than this
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
@@ -116,76 +98,3 @@ def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:
         linears[f"backbone.layers.{i}.mixer.in_proj"] = block.mixer.in_proj
         linears[f"backbone.layers.{i}.mixer.out_proj"] = getattr(out_proj, "linear", out_proj)
     return linears
-
-
-def is_quantized_dir(model_dir: Path) -> bool:
-    return (Path(model_dir) / QUANT_CONFIG).is_file()
-
-
-def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) -> MambaLMHeadModel:
-    """A runnable quantized model: QuantLinear for in_proj/out_proj, int8 fake-quant at the taps."""
-    model_dir = Path(model_dir)
-    config, _ = read_config(model_dir)
-    try:
-        quant_config = json.loads((model_dir / QUANT_CONFIG).read_text())
-        tensors = load_file(model_dir / SAFETENSORS_FILE)
-    except Exception as err:
-        raise CheckpointError(f"{model_dir}: unreadable quantized model ({err})") from err
-    if quant_config.get("schema_version") != QUANT_CONFIG_VERSION:
-        raise CheckpointError(f"{model_dir / QUANT_CONFIG}: schema_version {quant_config.get('schema_version')!r}, "
-                              f"but this quamba-flow reads version {QUANT_CONFIG_VERSION}; rebuild the dir with "
-                              f"`quamba quantize` (or rerun snakemake)")
-    group_scales = {k: tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_SCALES}." in k]}
-    options = quant_config["recipe"]["options"]
-    qqq = quant_config["w_bits"] == 4 and quant_config["a_bits"] == 8 and options.get("w4_layout") == "quamba"
-    for key in [k for k in tensors if k.endswith(".q")]:  # integer tensors of fp modules: their values
-        path = key.removesuffix(".q")
-        q, scale = tensors.pop(key), tensors.pop(f"{path}.scale")
-        q = unpack_int4(q) if q.dtype == torch.uint8 else q
-        if qqq and path.endswith(".x_proj.weight"):  # Mamba1 W4A8: x_proj is a QQQ layer too
-            tensors[path] = dequantize(*qqq_int8_weight(q, scale))
-        else:
-            tensors[path] = dequantize_tensor(q, scale)
-    integer = {k.rpartition(".")[0]: {} for k in tensors if k.endswith(".qweight")}
-    for name in integer:
-        for field in ("qweight", "scales"):
-            integer[name][field] = tensors.pop(f"{name}.{field}")
-    # the integer layers' float weights stay on the meta device: QuantLinear replaces them below
-    model = build_model(config, tensors, source=str(model_dir), replaced=frozenset(f"{n}.weight" for n in integer))
-    act_scales = quant_config["activation_scales"]
-    hadamard = quant_config["hadamard"]["kind"]
-    rounding = quant_config["rounding"]  # per tap point
-    linears = quantized_linears(model)
-    for i, block in enumerate(model.backbone.layers):
-        for kind in ("in_proj", "out_proj"):
-            name = f"backbone.layers.{i}.mixer.{kind}"
-            if name not in integer:
-                continue
-            qweight = integer[name]["qweight"]
-            if quant_config["w_bits"] == 4:
-                qweight = unpack_int4(qweight)
-            bias = linears[name].bias
-            setattr(block.mixer, kind, QuantLinear(
-                qweight, integer[name]["scales"], quant_config["w_bits"],
-                None if bias is None else bias.detach().clone(),
-                act_scales.get(f"layer_{i}.{LINEAR_INPUT_TAPS[kind]}"), rotate_input=hadamard if kind == "out_proj" else None,
-                rounding=rounding[LINEAR_INPUT_TAPS[kind]], qqq=qqq))
-    if "lm_head" in integer:  # its input quantized inside QuantLinear, so its tap stays identity
-        qweight = integer["lm_head"]["qweight"]
-        model.lm_head = QuantLinear(unpack_int4(qweight) if quant_config["w_bits"] == 4 else qweight,
-                                    integer["lm_head"]["scales"], quant_config["w_bits"], None,
-                                    act_scales.get(LM_HEAD_POINT), rotate_input=None, rounding=rounding[LM_HEAD_POINT],
-                                    qqq=qqq and LM_HEAD_POINT in act_scales)
-    for tap_name, tap in named_taps(model).items():
-        if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT:
-            tap.scale, tap.rounding = act_scales.get(tap_name), rounding[tap.point]
-    for i, block in enumerate(model.backbone.layers):  # Quamba2: grouped scales after reordering
-        for tap in block.mixer.taps:
-            scales = group_scales.get(group_scales_key(i, tap.point))
-            if scales is not None:
-                tap.scale, tap.rounding = scales.float(), rounding[tap.point]
-    scales = {layer: layer.scales for layer in model.modules() if isinstance(layer, QuantLinear)}
-    model = model.to(device=device, dtype=dtype).eval()
-    for layer, fp32 in scales.items():  # scales stay float32 whatever the model's dtype (as Quamba keeps them)
-        layer.scales = fp32.to(layer.qweight.device)
-    return model

@@ -92,6 +92,11 @@ def activation_scale(threshold: float, bits: int = 8) -> float:
     return float((torch.tensor(threshold, dtype=torch.float32) / qmax).clamp(min=ACTIVATION_SCALE_FLOOR))
 
 
+def activation_scales(thresholds: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """`activation_scale` of every element (float32): grouped scales, one per group's threshold."""
+    return (thresholds.to(torch.float32) / qrange(bits)[1]).clamp(min=ACTIVATION_SCALE_FLOOR)
+
+
 def _quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:
     qmin, qmax = qrange(bits)
     compute = torch.promote_types(x.dtype, torch.float32)

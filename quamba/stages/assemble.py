@@ -1,11 +1,13 @@
-"""The `assemble` stage: FP16 weights + GPTQ integer weights + one alpha's activation scales ->
-a self-describing quantized model dir (loaded by quamba.models.quantized).
+"""The `assemble` stage: FP16 weights + GPTQ integer weights + one alpha's activation thresholds ->
+a self-describing quantized model dir.
 
-A quantized dir holds config.json, quant_config.json (scheme, recipe, bits, group size, alpha,
-seed, GPTQ settings, activation scales), model.safetensors (int8 / packed int4 weights and their
-scales, the rest fp16), stats.json and scales.json (the calibration statistics and thresholds it
-was built from, so they are never lost), provenance.json (input hashes, versions, command) and
-the tokenizer.
+Assembly derives every integer tensor as Quamba's layers build them, puts them in a QuantPlan and
+applies it to the FP16 model with quamba.models.apply, the step loading uses too. A quantized dir
+holds config.json, quant_config.json (scheme, recipe, bits, group widths, alpha, seed, GPTQ
+settings, activation thresholds), model.safetensors (quamba.formats.quantized_dir: integer
+tensors and their scales, the rest fp16), stats.json and scales.json (the calibration statistics
+and thresholds it was built from, so they are never lost), provenance.json (input hashes,
+versions, command) and the tokenizer.
 """
 
 from __future__ import annotations
@@ -15,21 +17,30 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quamba.errors import ConfigError
 from quamba.formats.calibration import STATS_FILE, read_stats, stats_path
 from quamba.formats.gptq_dir import load_gptq
+from quamba.formats.quantized_dir import (
+    QUANT_CONFIG,
+    QUANT_CONFIG_VERSION,
+    TENSORS_FILE,
+    QuantPlan,
+    plan_tensors,
+    write_tensors,
+)
 from quamba.formats.scales import SCALES_FILE, read_scales
 from quamba.io import atomic_dir, package_versions, sha256_file, write_json
+from quamba.models.apply import apply_quantization
 from quamba.models.checkpoint import (
     CONFIG_FILE,
     SAFETENSORS_FILE,
+    build_model,
     load_fp_model,
     model_sha256,
     require_fp16_dir,
 )
-from quamba.models.quantized import QUANT_CONFIG, QUANT_CONFIG_VERSION, group_scales_key
 from quamba.models.taps import LM_HEAD_POINT
 from quamba.numerics.gptq import rtn
 from quamba.numerics.observers import ABSMAX_FLOOR
@@ -37,10 +48,8 @@ from quamba.numerics.quantizers import (
     HALF_AWAY,
     HALF_EVEN,
     ROUNDING_BY_POINT,
-    activation_scale,
     dequantize,
     expand_scales,
-    pack_int4,
     per_tensor_w8,
     point_rounding,
 )
@@ -105,18 +114,17 @@ def _transformed_fp16_tensors(fp16_dir: Path, recipe: Recipe, reorder: dict | No
     return tensors, model.config
 
 
-def _scales(absmax) -> torch.Tensor:
-    """Quamba's min/max scales from group absmax values (floored as its observer floors each batch)."""
-    values = torch.tensor(absmax, dtype=torch.float32).clamp(min=ABSMAX_FLOOR)
-    return torch.tensor([activation_scale(float(v)) for v in values.reshape(-1)]).reshape(values.shape)
+def _thresholds(absmax) -> torch.Tensor:
+    """Quamba's min/max thresholds from group absmax values (floored as its observer floors each batch)."""
+    return torch.tensor(absmax, dtype=torch.float32).clamp(min=ABSMAX_FLOOR)
 
 
-def _group_scales(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, str, int]]:
-    """Quamba2's grouped scales of one reordered layer, per tap: a tensor laid over the tap's
-    trailing dims in the reordered layout, what one scale covers, and how many scales there are."""
+def _group_thresholds(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, str, int]]:
+    """Quamba2's grouped thresholds of one reordered layer, per tap: a tensor laid over the tap's
+    trailing dims in the reordered layout, what one threshold covers, and how many there are."""
     cell = ReorderPlan.from_record(plan_record).cell_of_channel()  # (d_inner,)
-    x, state = _scales(plan_record["group_absmax_after"]), _scales(plan_record["state_group_absmax"])
-    b, c = _scales(plan_record["B_group_absmax"]), _scales(plan_record["C_group_absmax"])
+    x, state = _thresholds(plan_record["group_absmax_after"]), _thresholds(plan_record["state_group_absmax"])
+    b, c = _thresholds(plan_record["B_group_absmax"]), _thresholds(plan_record["C_group_absmax"])
     return {
         REORDER_TAP: (x[cell], "reorder cell", x.numel()),
         "B_conv_out:input": (b.repeat_interleave(config.d_state), "SSD group", b.numel()),
@@ -124,6 +132,14 @@ def _group_scales(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, st
         "ssm_state_act:input": (state[cell].reshape(config.nheads, config.headdim, config.d_state),
                                 "reorder cell and state index", state.numel()),
     }
+
+
+def _float_state(model) -> dict[str, torch.Tensor]:
+    """The applied model's FP tensors as model.safetensors holds them: fp16, a tied lm_head once."""
+    state = {k: v for k, v in model.state_dict().items() if not isinstance(v, torch.Tensor) or v.is_floating_point()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return {k: v.detach().to(torch.float16) for k, v in state.items()}
 
 
 def _gptq_fp16(entry: dict) -> torch.Tensor:
@@ -169,14 +185,6 @@ def _mixer_tensor(codec: str, value: torch.Tensor, config) -> IntegerTensor:
         return w4_marlin(value)
     group = config.ngroups * config.d_state  # w8_conv_parts
     return w8_per_part(value, [config.d_inner, group, group], torch.float32)
-
-
-def _store(tensors: dict, path: str, coded: IntegerTensor, integer: dict) -> None:
-    """One integer tensor into model.safetensors as {path}.q (int4 packed) and {path}.scale."""
-    tensors.pop(path, None)
-    tensors[f"{path}.q"] = pack_int4(coded.q) if coded.bits == 4 else coded.q
-    tensors[f"{path}.scale"] = coded.scale.float()
-    integer[path] = {"bits": coded.bits, "codec": coded.codec, "scale_shape": list(coded.scale.shape)}
 
 
 def _lm_head_weight(entry: dict | None, tensors: dict, recipe: Recipe, w_bits: int) -> dict | None:
@@ -242,38 +250,45 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     elif head is not None:
         weights["lm_head"] = head
     group_widths = {}  # input columns one scale covers: None for W8 (per tensor, or per split of Mamba2's in_proj)
-    integer: dict[str, dict] = {}  # every integer tensor: bits, codec, scale shape
+    linears: dict[str, IntegerTensor] = {}
     for name, entry in weights.items():
         coded = _integer_linear(name, entry, tensors, scheme, recipe, config, gptq_info["method"])
-        tensors.pop(f"{name}.weight", None)  # a tied lm_head has no weight of its own
-        tensors[f"{name}.qweight"] = pack_int4(coded.q) if coded.bits == 4 else coded.q.to(torch.int8)
-        tensors[f"{name}.scales"] = coded.scale.float()
-        integer[name] = {"bits": coded.bits, "codec": coded.codec, "scale_shape": list(coded.scale.shape)}
+        linears[name] = coded
         group_widths[name] = None if coded.bits == 8 else coded.q.shape[1] // coded.scale.shape[-1]
+    coded_tensors: dict[str, IntegerTensor] = {}
     for i in range(config.n_layer):
         for tensor, codec in mixer_integer_tensors(config.layer, scheme.name, recipe.module_coverage).items():
             path = f"backbone.layers.{i}.mixer.{tensor}"
             if path in tensors:  # a conv without bias has none
-                _store(tensors, path, _mixer_tensor(codec, tensors[path], config), integer)
+                coded_tensors[path] = _mixer_tensor(codec, tensors[path], config)
     if recipe.quantize_embedding:
         if "lm_head.weight" not in tensors and "lm_head" not in weights:  # tied, fp16 lm_head: it keeps the values
             tensors["lm_head.weight"] = tensors["backbone.embedding.weight"].clone()
             config = config.replace(tie_embeddings=False)
-        _store(tensors, "backbone.embedding.weight", embedding_int(tensors["backbone.embedding.weight"],
-                                                                    scheme.w_bits), integer)
+        coded_tensors["backbone.embedding.weight"] = embedding_int(tensors["backbone.embedding.weight"], scheme.w_bits)
     if recipe.quantize_lm_head or "lm_head" in gptq_layers:
         config = config.replace(tie_embeddings=False)
-    act_scales, group_scales = {}, {}
+    thresholds, group_thresholds, grouped = {}, {}, {}
     if scales is not None:
-        act_scales = {tap: activation_scale(entry["threshold"]) for tap, entry in scales["taps"].items()
+        thresholds = {tap: float(entry["threshold"]) for tap, entry in scales["taps"].items()
                       if tap != LM_HEAD_POINT or "lm_head" in weights}
         if recipe.reorder:
             for layer, plan_record in stats["reorder"]["layers"].items():
-                for point, (values, granularity, groups) in _group_scales(plan_record, config).items():
-                    tensors[group_scales_key(int(layer.removeprefix("layer_")), point)] = values
-                    group_scales[f"{layer}.{point}"] = {"granularity": granularity, "groups": groups,
-                                                        "shape": list(values.shape)}
-                    act_scales.pop(f"{layer}.{point}", None)  # grouped, not per tensor
+                for point, (values, granularity, groups) in _group_thresholds(plan_record, config).items():
+                    group_thresholds[f"{layer}.{point}"] = values
+                    grouped[f"{layer}.{point}"] = {"granularity": granularity, "groups": groups,
+                                                   "shape": list(values.shape)}
+                    thresholds.pop(f"{layer}.{point}", None)  # grouped, not per tensor
+    rounding = {point: point_rounding(point, recipe.rounding) for point in sorted(ROUNDING_BY_POINT)}
+    plan = QuantPlan(w_bits=scheme.w_bits, rounding=rounding, hadamard=recipe.hadamard,
+                     qqq=scheme.w_bits == 4 and scheme.a_bits == 8 and recipe.w4_layout == "quamba",
+                     linears=linears, tensors=coded_tensors, thresholds=thresholds, group_thresholds=group_thresholds)
+    # the quantized model, made by the step loading uses too: the dir holds this model's tensors
+    replaced = plan.replaced_weights()
+    kept = {k: v for k, v in tensors.items() if k not in replaced}
+    model = apply_quantization(build_model(config, kept, str(fp16_dir), replaced=replaced), plan)
+    integer = {path: {"bits": c.bits, "codec": c.codec, "scale_shape": list(c.scale.shape)}
+               for path, c in {**linears, **coded_tensors}.items()}
     records = [gptq_info["recipe"], recipe.record("assemble")]
     records += [stats["recipe"]] if stats is not None else []
     records += [scales["recipe"]] if scales is not None else []
@@ -284,7 +299,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "group_size": _group_size(group_widths), "alpha": None if scales is None else scales["alpha"],
         "seed": gptq_info["settings"]["seed"],
         "gptq": {"settings": gptq_info["settings"], "data": gptq_info["data"]},
-        "rounding": {point: point_rounding(point, recipe.rounding) for point in sorted(ROUNDING_BY_POINT)},
+        "rounding": rounding,
         "weights": {"grids": gptq_info["grids"], "method": gptq_info["method"],
                     "w8": "re-rounded to one per-tensor scale from GPTQ's fp16 values" if scheme.w_bits == 8 else None,
                     "lm_head": None if head is None else ("integer" if recipe.quantize_lm_head else
@@ -293,18 +308,17 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "quantized_linears": sorted(weights),
         "group_widths": dict(sorted(group_widths.items())),
         "integer_tensors": dict(sorted(integer.items())),
-        "activation_scales": act_scales,
+        "activation_thresholds": thresholds,  # scale = threshold / 127 (float32, floored), derived at apply
     }
     if recipe.reorder:
         quant_config["reorder"] = {"method": stats["reorder"]["method"],
                                    "head_clusters": stats["reorder"]["head_clusters"],
                                    "channel_clusters": stats["reorder"]["channel_clusters"],
                                    "plan_sha256": plan_sha256(stats["reorder"])}
-        if group_scales:
-            quant_config["group_activation_scales"] = group_scales
+        if grouped:
+            quant_config["group_activation_thresholds"] = grouped
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / SAFETENSORS_FILE,
-                  metadata={"format": "quamba-quantized"})
+        write_tensors(tmp / TENSORS_FILE, plan_tensors(_float_state(model), plan))
         write_json(tmp / CONFIG_FILE, config.to_state_spaces())  # lm_head untied by rotation or quantization
         for tokenizer_file in fp16_dir.glob("tokenizer*"):
             shutil.copy(tokenizer_file, tmp / tokenizer_file.name)

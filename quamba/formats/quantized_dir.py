@@ -1,0 +1,133 @@
+"""The quantized model dir's tensors and record: model.safetensors and quant_config.json.
+
+In memory a quantized model is an FP model plus a `QuantPlan` (its integer tensors and
+activation thresholds; quamba.models.apply makes the model from both). On disk,
+model.safetensors holds the FP tensors as they are and the plan's integers under fixed keys:
+
+- `{linear}.qweight` (int8, or two int4 codes per uint8) and `{linear}.scales` (float32) of
+  each Linear that becomes a QuantLinear (in_proj, out_proj, lm_head);
+- `{tensor}.q` and `{tensor}.scale` of each tensor kept in a float module (conv, x_proj, dt_proj,
+  A_log, D, dt_bias, the embedding);
+- `{mixer}.group_thresholds.{tap key}`: Quamba2's grouped thresholds of one tap.
+
+quant_config.json records the rest (scheme, bits, rounding per tap point, the Hadamard kind,
+the per-tensor activation thresholds, what each integer tensor is); scales are never stored:
+they are derived from the thresholds where the plan is applied.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quamba.errors import CheckpointError
+from quamba.numerics.quantizers import pack_int4, unpack_int4
+from quamba.numerics.tensor_codecs import IntegerTensor
+
+QUANT_CONFIG = "quant_config.json"
+TENSORS_FILE = "model.safetensors"
+# 4: activation thresholds instead of scales (the scale is derived where the plan is applied);
+# 3: integer tensors beyond the projections ({path}.q, {path}.scale), grouped tap scales
+QUANT_CONFIG_VERSION = 4
+GROUP_THRESHOLDS = "group_thresholds"
+
+
+@dataclass(frozen=True, eq=False)
+class QuantPlan:
+    """Everything a quantized model is made of beyond its FP weights.
+
+    linears: module path -> integer weight of the Linears that become QuantLinear; tensors:
+    parameter path -> integer values of tensors that stay in float modules, which compute with
+    their dequantized values; thresholds: tap name -> per-tensor threshold; group_thresholds:
+    tap name -> thresholds laid over the tap's trailing dims (Quamba2's grouped scales).
+    """
+
+    w_bits: int
+    rounding: dict[str, str]  # tap point -> rounding of its int8 values
+    hadamard: str  # the Hadamard kind of out_proj's input rotation
+    qqq: bool = False  # W4A8 as QQQ: int4 codes turned into int8 weights with a scale per row
+    linears: dict[str, IntegerTensor] = field(default_factory=dict)
+    tensors: dict[str, IntegerTensor] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    group_thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def replaced_weights(self) -> frozenset[str]:
+        """State-dict keys of FP tensors the plan replaces (a loader never materializes them)."""
+        return frozenset(f"{name}.weight" for name in self.linears) | frozenset(self.tensors)
+
+
+def group_thresholds_key(tap_name: str) -> str:
+    """The model.safetensors key of one tap's grouped thresholds (`layer_3.x_conv_out:input` ->
+    `backbone.layers.3.mixer.group_thresholds.x_conv_out__input`)."""
+    layer, _, point = tap_name.partition(".")
+    return f"backbone.layers.{layer.removeprefix('layer_')}.mixer.{GROUP_THRESHOLDS}.{point.replace(':', '__')}"
+
+
+def _tap_name(key: str) -> str:
+    layer = key.split(".")[2]
+    return f"layer_{layer}.{key.rsplit('.', 1)[1].replace('__', ':')}"
+
+
+def _packed(coded: IntegerTensor) -> torch.Tensor:
+    return pack_int4(coded.q) if coded.bits == 4 else coded.q.to(torch.int8)
+
+
+def plan_tensors(float_state: dict[str, torch.Tensor], plan: QuantPlan) -> dict[str, torch.Tensor]:
+    """model.safetensors' content: the FP tensors the plan does not replace, and its integers."""
+    replaced = plan.replaced_weights()
+    tensors = {k: v for k, v in float_state.items() if k not in replaced}
+    for name, coded in plan.linears.items():
+        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = _packed(coded), coded.scale.float()
+    for path, coded in plan.tensors.items():
+        tensors[f"{path}.q"], tensors[f"{path}.scale"] = _packed(coded), coded.scale.float()
+    for tap_name, thresholds in plan.group_thresholds.items():
+        tensors[group_thresholds_key(tap_name)] = thresholds.float()
+    return tensors
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "quamba-quantized"})
+
+
+def read_quant_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / QUANT_CONFIG
+    try:
+        quant_config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable quant_config ({err})") from err
+    if quant_config.get("schema_version") != QUANT_CONFIG_VERSION:
+        raise CheckpointError(f"{path}: schema_version {quant_config.get('schema_version')!r}, but this "
+                              f"quamba-flow reads version {QUANT_CONFIG_VERSION}; rebuild the dir with "
+                              f"`quamba quantize` (or rerun snakemake)")
+    return quant_config
+
+
+def _integer(q: torch.Tensor, scale: torch.Tensor, entry: dict) -> IntegerTensor:
+    return IntegerTensor(unpack_int4(q) if q.dtype == torch.uint8 else q, scale, entry["bits"], entry["codec"])
+
+
+def read_plan(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor], QuantPlan]:
+    """(quant_config, the FP tensors, the plan) of a quantized dir."""
+    model_dir = Path(model_dir)
+    quant_config = read_quant_config(model_dir)
+    try:
+        tensors = load_file(model_dir / TENSORS_FILE)
+    except Exception as err:
+        raise CheckpointError(f"{model_dir / TENSORS_FILE}: unreadable quantized model ({err})") from err
+    integer = quant_config["integer_tensors"]
+    linears, coded = {}, {}
+    for name in quant_config["quantized_linears"]:
+        linears[name] = _integer(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"), integer[name])
+    for path in [p for p in integer if p not in linears]:
+        coded[path] = _integer(tensors.pop(f"{path}.q"), tensors.pop(f"{path}.scale"), integer[path])
+    grouped = {_tap_name(k): tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_THRESHOLDS}." in k]}
+    options = quant_config["recipe"]["options"]
+    plan = QuantPlan(
+        w_bits=quant_config["w_bits"], rounding=quant_config["rounding"], hadamard=quant_config["hadamard"]["kind"],
+        qqq=quant_config["w_bits"] == 4 and quant_config["a_bits"] == 8 and options.get("w4_layout") == "quamba",
+        linears=linears, tensors=coded, thresholds=quant_config["activation_thresholds"], group_thresholds=grouped)
+    return quant_config, tensors, plan

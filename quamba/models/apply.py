@@ -1,0 +1,85 @@
+"""The one step that turns an FP model into the quantized model: `apply_quantization`.
+
+Assembly applies it to the FP16 model it derived the integers from and writes what the applied
+model holds; loading a quantized dir applies it to a model whose integer layers were never
+materialized (they stay on the meta device until this step replaces them). So the model a dir
+describes and the model assembly made are the same by construction, and every activation scale
+is derived in one place: threshold / qmax of the tap's bits (Quamba's float32 division, floored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quamba.formats.quantized_dir import QuantPlan, read_plan
+from quamba.models.checkpoint import build_model, read_config
+from quamba.models.lm import MambaLMHeadModel
+from quamba.models.quantized import LINEAR_INPUT_TAPS, QuantLinear
+from quamba.models.taps import LM_HEAD_POINT, named_taps
+from quamba.numerics.quantizers import activation_scale, activation_scales
+from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor, qqq_int8_weight
+
+
+def _linear_input_tap(name: str) -> str:
+    """The full tap name whose scale quantizes a quantized Linear's input."""
+    if name == "lm_head":
+        return LM_HEAD_POINT
+    layer = name.split(".")[2]  # backbone.layers.{i}.mixer.{kind}
+    return f"layer_{layer}.{LINEAR_INPUT_TAPS[name.rsplit('.', 1)[1]]}"
+
+
+def _dequantized(path: str, coded: IntegerTensor, qqq: bool) -> torch.Tensor:
+    if qqq and path.endswith(".x_proj.weight"):  # Mamba1 W4A8: x_proj is a QQQ layer too
+        return dequantize_tensor(*qqq_int8_weight(coded.q, coded.scale))
+    return dequantize_tensor(coded.q, coded.scale)
+
+
+def _set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
+    module_path, _, name = path.rpartition(".")
+    model.get_submodule(module_path).register_parameter(name, nn.Parameter(value, requires_grad=False))
+
+
+def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadModel:
+    """Swap the plan's Linears for QuantLinear, give the float modules their integer tensors'
+    values, and set every tap's scale from its threshold; in place, returns the model."""
+    for path, coded in plan.tensors.items():
+        _set_parameter(model, path, _dequantized(path, coded, plan.qqq))
+    for name, coded in plan.linears.items():
+        module_path, _, kind = name.rpartition(".")
+        parent = model.get_submodule(module_path) if module_path else model
+        linear = getattr(parent, kind)
+        linear = getattr(linear, "linear", linear)  # a rotated out_proj wraps its Linear
+        tap = _linear_input_tap(name)
+        threshold = plan.thresholds.get(tap)
+        bias = linear.bias
+        setattr(parent, kind, QuantLinear(
+            coded.q, coded.scale, plan.w_bits, None if bias is None else bias.detach().clone(),
+            None if threshold is None else activation_scale(threshold),
+            rotate_input=plan.hadamard if kind == "out_proj" else None,
+            rounding=plan.rounding[tap.rpartition(".")[2]],  # by point: "layer_3.in_proj:input" -> "in_proj:input"
+            qqq=plan.qqq and (name != "lm_head" or threshold is not None)))
+    for tap_name, tap in named_taps(model).items():
+        if tap.point in LINEAR_INPUT_TAPS.values() or tap.point == LM_HEAD_POINT:
+            continue  # quantized inside QuantLinear, so the tap stays identity
+        if tap_name in plan.group_thresholds:
+            tap.scale, tap.rounding = activation_scales(plan.group_thresholds[tap_name]), plan.rounding[tap.point]
+        elif tap_name in plan.thresholds:
+            tap.scale, tap.rounding = activation_scale(plan.thresholds[tap_name]), plan.rounding[tap.point]
+    return model
+
+
+def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) -> MambaLMHeadModel:
+    """A quantized dir as a runnable model: its FP tensors loaded, the plan's weights left on the
+    meta device, then the plan applied; integer layers' scales stay float32 whatever `dtype`."""
+    config, _ = read_config(Path(model_dir))
+    _, tensors, plan = read_plan(model_dir)
+    model = build_model(config, tensors, source=str(model_dir), replaced=plan.replaced_weights())
+    model = apply_quantization(model, plan)
+    scales = {layer: layer.scales for layer in model.modules() if isinstance(layer, QuantLinear)}
+    model = model.to(device=device, dtype=dtype).eval()
+    for layer, fp32 in scales.items():  # as Quamba keeps them
+        layer.scales = fp32.to(layer.qweight.device)
+    return model
