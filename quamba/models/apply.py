@@ -31,6 +31,23 @@ def _linear_input_tap(name: str) -> str:
     return f"layer_{layer}.{LINEAR_INPUT_TAPS[name.rsplit('.', 1)[1]]}"
 
 
+def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Tensor | None, str | None]:
+    """How in_proj's int8 GEMM ends, as Quamba's layer: (epilogue order, the int8 output's scale
+    per output row, the output tap point). Mamba1 writes x and z with one scale (in_proj:output);
+    Mamba2's Parallel layer one per split z, x, B, C, dt (the taps after the split)."""
+    if config.layer == "Mamba1":
+        points, sizes, epilogue = ["in_proj:output"], [2 * config.d_inner], "seqlen_last"
+    else:
+        group = config.ngroups * config.d_state
+        points = ["z_act:input", "x_conv_in:input", "B_conv_in:input", "C_conv_in:input", "dt_act:input"]
+        sizes, epilogue = [config.d_inner, config.d_inner, group, group, config.nheads], "parallel"
+    thresholds = [plan.thresholds.get(f"{layer}.{point}") for point in points]
+    if any(t is None for t in thresholds):
+        return epilogue, None, None
+    scales = [torch.full((size,), activation_scale(t), dtype=torch.float32) for t, size in zip(thresholds, sizes)]
+    return epilogue, torch.cat(scales), points[0]
+
+
 def _dequantized(path: str, coded: IntegerTensor, qqq: bool) -> torch.Tensor:
     if qqq and path.endswith(".x_proj.weight"):  # Mamba1 W4A8: x_proj is a QQQ layer too
         return dequantize_tensor(*qqq_int8_weight(coded.q, coded.scale))
@@ -55,12 +72,17 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
         tap = _linear_input_tap(name)
         threshold = plan.thresholds.get(tap)
         bias = linear.bias
+        epilogue, out_scale, out_point = "forward", None, None
+        if kind == "in_proj" and threshold is not None:
+            epilogue, out_scale, out_point = _in_proj_output(model.config, tap.partition(".")[0], plan)
         setattr(parent, kind, QuantLinear(
             coded.q, coded.scale, plan.w_bits, None if bias is None else bias.detach().clone(),
             None if threshold is None else activation_scale(threshold),
             rotate_input=plan.hadamard if kind == "out_proj" else None,
             rounding=plan.rounding[tap.rpartition(".")[2]],  # by point: "layer_3.in_proj:input" -> "in_proj:input"
-            qqq=plan.qqq and (name != "lm_head" or threshold is not None)))
+            qqq=plan.qqq and (name != "lm_head" or threshold is not None),
+            epilogue=epilogue, out_scale=out_scale,
+            out_rounding=plan.rounding[out_point] if out_point else plan.rounding[tap.rpartition(".")[2]]))
     for tap_name, tap in named_taps(model).items():
         if tap.point in LINEAR_INPUT_TAPS.values() or tap.point == LM_HEAD_POINT:
             continue  # quantized inside QuantLinear, so the tap stays identity

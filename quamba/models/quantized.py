@@ -1,7 +1,8 @@
 """The quantized model's modules (quamba.models.apply puts them in place).
 
-`QuantLinear` runs an integer weight: on CPU the reference (dequantize, then a float matmul), on
-CUDA int8 GEMMs (torch._int_mm) for w8a8 and w4a8 (QQQ's int8 weights); taps fake-quantize activations.
+`QuantLinear` runs an integer weight: int8 weights with int8 activations (w8a8, and w4a8 as QQQ's
+int8 weights) through the exact int8 GEMM and Quamba's epilogue on CPU and CUDA alike, the others
+through a float weight dequantized once; taps fake-quantize activations.
 """
 
 from __future__ import annotations
@@ -13,45 +14,88 @@ from torch import nn
 from quamba.models.lm import MambaLMHeadModel
 from quamba.numerics import quantizers
 from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.quantizers import HALF_EVEN, compiled, dequantize, expand_scales, quantize
+from quamba.numerics.quantizers import HALF_EVEN, compiled, dequantize, expand_scales, quantize, round_to_integer
 from quamba.numerics.tensor_codecs import qqq_int8_weight
 
 MIN_INT_MM_ROWS = 16  # torch._int_mm on CUDA needs more rows than this
 LINEAR_INPUT_TAPS = {"in_proj": "in_proj:input", "out_proj": "out_proj:input"}
 
 
-def _epilogue(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (acc.float() * scale).to(dtype)  # int32 accumulator -> float32 -> the model's dtype
+# The int8 GEMM's epilogue as Quamba's layers call it (QUAMBA.md section 8): the exact int32
+# accumulator times two float32 factors, in this order, v = (acc * first) * second:
+#   forward (out_proj, lm_head, Mamba1 x_proj)     first = s_w,          second = s_in / s_out
+#   seqlen_last (Mamba1 in_proj, dt_proj)          first = s_in / s_out, second = s_w
+#   parallel (Mamba2 in_proj, a scale per split)   first = s_w / s_out,  second = s_in
+#   QQQ (W4A8, s_c a scale per output row)         first = s_c / s_out,  second = s_in
+# s_in / s_out is a double rounded to float32 (Quamba passes a Python float); without an int8
+# output s_out is 1 and v is cast to the model's dtype (fp16 on a GPU).
+EPILOGUES = ("forward", "seqlen_last", "parallel")
 
 
-def _fused_epilogue(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int8 GEMM's dequantization as one kernel where the activation quantizers are fused."""
-    return compiled(_epilogue, dtype=dtype)(acc, scale) if quantizers.FUSE_ON_CUDA else _epilogue(acc, scale, dtype)
+def _epilogue(acc: torch.Tensor, first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype,
+              out_scale: torch.Tensor | None, rounding: str) -> torch.Tensor:
+    v = (acc.to(torch.float32) * first) * second
+    if out_scale is None:
+        return v.to(dtype)
+    q = round_to_integer(v, rounding).clamp_(-128, 127)  # the kernel's saturating int8 output
+    return (q * out_scale).to(dtype)  # dequantized: the next tap takes back exactly these integers
+
+
+def _fused_epilogue(acc, first, second, dtype, out_scale, rounding) -> torch.Tensor:
+    """The epilogue as one kernel on CUDA where the activation quantizers are fused."""
+    if quantizers.FUSE_ON_CUDA and acc.is_cuda:
+        fn = compiled(_epilogue, dtype=dtype, rounding=rounding)
+        return fn(acc, first, second, out_scale=out_scale)
+    return _epilogue(acc, first, second, dtype, out_scale, rounding)
+
+
+def int8_matmul(x2d: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """The exact int32 product x2d (m, in) @ qweight (out, in).T of int8 values, as the GEMM
+    accumulates it: torch._int_mm on CPU (any shape) and CUDA (m > 16, padded with zero rows;
+    dims multiples of 8), float64 elsewhere (exact: |acc| < 2^53)."""
+    rows = x2d.shape[0]
+    if not x2d.is_cuda:
+        return torch._int_mm(x2d, qweight.t())
+    if x2d.shape[1] % 8 or qweight.shape[0] % 8:
+        return (x2d.double() @ qweight.double().t()).to(torch.int32)
+    if rows <= MIN_INT_MM_ROWS:
+        x2d = F.pad(x2d, (0, 0, 0, MIN_INT_MM_ROWS + 1 - rows))
+    return torch._int_mm(x2d, qweight.t())[:rows]
 
 
 class QuantLinear(nn.Module):
     """y = dequant(q) applied to x, with x Hadamard-rotated first (out_proj) and quantized to
     int8 with a static scale (schemes with 8-bit activations).
 
-    On CUDA, int8 weights with int8 activations (W8A8, and W4A8 once QQQ has turned its int4
-    codes into int8 with a scale per row) run as an int8 GEMM (torch._int_mm; M <= 16 padded)
-    and no float copy of the weight is kept. The reference path (CPU, or CUDA without an
-    integer kernel: W4A16) multiplies a float weight dequantized once per device and dtype.
+    Int8 weights with int8 activations (W8A8, and W4A8 once QQQ has turned its int4 codes into
+    int8 with a scale per row) compute as Quamba's kernels do, on CPU and CUDA alike: the exact
+    int32 accumulator (`int8_matmul`), then the epilogue's two float32 multiplies in the order of
+    the layer's call (`epilogue`), and, where the next op takes int8 (`out_scale`: Mamba1's
+    in_proj, Mamba2's in_proj splits), the saturating int8 output; no float copy of the weight is
+    kept on CUDA. Other layers (W4A16; W4A8 with w4_layout gptq_codes) multiply a float weight
+    dequantized once per device and dtype.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
-                 act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False):
+                 act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False,
+                 epilogue: str = "forward", out_scale: torch.Tensor | None = None, out_rounding: str = HALF_EVEN):
         super().__init__()
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue: {epilogue!r}; allowed: {list(EPILOGUES)}")
         self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
         self.rounding = rounding  # of the int8 input: the norm's (ties to even) or the Hadamard's (away)
+        self.epilogue, self.out_rounding, self.qqq = epilogue, out_rounding, qqq
         self.out_features, self.in_features = qweight.shape
         if qqq:  # W4A8 as QQQ's kernel: the int4 codes turned into int8 with one scale per row
             qweight, scales = qqq_int8_weight(qweight.to(torch.int8), scales)
         self.int8_weight = bits == 8 or qqq  # qweight holds int8 values the GEMM can take as they are
         self.register_buffer("qweight", qweight.to(torch.int8))  # (out, in) integer values
         self.register_buffer("scales", scales.float())  # (out, groups), (out, 1) or (1, 1)
+        # the int8 output's scale per output row (None: the layer writes the model's dtype)
+        self.out_scale = None if out_scale is None else out_scale.float().reshape(-1)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._reference: torch.Tensor | None = None  # the float weight, made when a path needs it
+        self._factors: tuple[torch.Tensor, ...] | None = None  # the epilogue's, on the layer's device
 
     def reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight on the layer's device in `dtype`, made once and kept."""
@@ -60,9 +104,24 @@ class QuantLinear(nn.Module):
             self._reference = dequantize(self.qweight, expand_scales(self.scales, self.in_features)).to(dtype)
         return self._reference
 
-    def _int8_gemm_ok(self, x2d: torch.Tensor) -> bool:
-        return (x2d.is_cuda and self.int8_weight and self.act_scale is not None and self.scales.shape[-1] == 1
-                and self.in_features % 8 == 0 and self.out_features % 8 == 0)
+    def epilogue_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(first, second, out_scale) of the epilogue, float32 on the layer's device, made once."""
+        device = self.qweight.device
+        if self._factors is None or self._factors[0].device != device:
+            s_w = self.scales.to(device=device, dtype=torch.float32).reshape(-1)  # (1,) or (out,)
+            s_in = torch.tensor(self.act_scale, dtype=torch.float32, device=device)
+            out = None if self.out_scale is None else self.out_scale.to(device)
+            if self.qqq or self.epilogue == "parallel":
+                factors = (s_w if out is None else s_w / out, s_in, out)
+            else:
+                ratio = s_in if out is None else torch.tensor(self.act_scale / float(out[0]), dtype=torch.float32,
+                                                              device=device)
+                factors = (ratio, s_w, out) if self.epilogue == "seqlen_last" else (s_w, ratio, out)
+            self._factors = factors
+        return self._factors
+
+    def _integer_path(self) -> bool:
+        return self.int8_weight and self.act_scale is not None and self.scales.shape[-1] == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation
@@ -71,13 +130,11 @@ class QuantLinear(nn.Module):
         if self.act_scale is None:
             return F.linear(x, self.reference_weight(x.dtype), bias)
         x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
-        x2d = x_q.reshape(-1, self.in_features)
-        if self._int8_gemm_ok(x2d):
-            rows = x2d.shape[0]
-            if rows <= MIN_INT_MM_ROWS:  # torch._int_mm wants more than 16 rows: pad with zeros
-                x2d = F.pad(x2d, (0, 0, 0, MIN_INT_MM_ROWS + 1 - rows))
-            acc = torch._int_mm(x2d, self.qweight.t())[:rows]  # (m, out) int32, exact
-            y = _fused_epilogue(acc, self.act_scale * self.scales.reshape(1, -1), x.dtype).view(*x.shape[:-1], -1)
+        if self._integer_path():
+            acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
+            first, second, out_scale = self.epilogue_factors()
+            y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.out_rounding)
+            y = y.view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         x_dq = dequantize(x_q, self.act_scale).to(x.dtype)
         return F.linear(x_dq, self.reference_weight(x.dtype), bias)

@@ -1,0 +1,93 @@
+"""QuantLinear's int8 GEMM as Quamba's kernels compute it: the exact int32 accumulator, then the
+epilogue's two float32 multiplies in the order of the layer's call, then (where the next op takes
+int8) a saturating int8 output rounded ties to even."""
+
+import pytest
+import torch
+
+from quamba.models.quantized import QuantLinear, int8_matmul
+from quamba.numerics.quantizers import HALF_AWAY, HALF_EVEN
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def int8(*shape):
+    return torch.randint(-128, 128, shape, generator=GEN, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 8, 8), (5, 13, 7), (40, 256, 96)])
+def test_the_accumulator_is_the_exact_integer_product(m, k, n):
+    x, w = int8(m, k), int8(n, k)
+    assert torch.equal(int8_matmul(x, w), (x.double() @ w.double().t()).to(torch.int32))
+
+
+def layer(epilogue, out_scale=None, qweight=None, scales=None, act_scale=0.0123):
+    qweight = int8(24, 32) if qweight is None else qweight
+    scales = torch.tensor([[0.00731]]) if scales is None else scales
+    return QuantLinear(qweight, scales, 8, None, act_scale, None, epilogue=epilogue, out_scale=out_scale)
+
+
+def integer_input(lin, x):
+    """x's int8 values and their exact accumulator with the layer's weight (as the layer forms them)."""
+    x_q = torch.round(x / lin.act_scale).clamp(-128, 127)
+    return (x_q.double() @ lin.qweight.double().t()).float()
+
+
+def f32(value):
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def test_each_call_multiplies_in_its_own_order():
+    x = torch.randn(64, 32, generator=GEN)
+    s_in, s_w, s_out = f32(0.0123), f32(0.00731), f32(0.0417)
+    ratio = f32(float(s_in) / float(s_out))  # a double rounded to float32
+    expected = {
+        "forward": lambda acc: (acc * s_w) * ratio,
+        "seqlen_last": lambda acc: (acc * ratio) * s_w,
+        "parallel": lambda acc: (acc * (s_w / s_out)) * s_in,
+    }
+    values = {}
+    for epilogue, formula in expected.items():
+        lin = layer(epilogue, out_scale=s_out.reshape(1))
+        v = formula(integer_input(lin, x))
+        q = torch.round(v).clamp(-128, 127)
+        assert torch.equal(lin(x), q * s_out), epilogue
+        values[epilogue] = v
+    # the orders are not interchangeable: some values differ in float32 (so following one matters)
+    assert not torch.equal(values["forward"], values["seqlen_last"])
+
+
+def test_an_fp16_output_is_s_in_times_s_w_times_acc_then_the_cast():
+    x = torch.randn(64, 32, generator=GEN)
+    lin = layer("forward")
+    v = (integer_input(lin, x) * f32(0.00731)) * f32(0.0123)
+    assert torch.equal(lin(x), v)
+    x16 = x.half()
+    v16 = (integer_input(lin, x16.float()) * f32(0.00731)) * f32(0.0123)
+    lin.half().scales = lin.scales.float()  # scales stay float32 in a half model, as loading keeps them
+    assert torch.equal(lin(x16), v16.half())
+
+
+def test_the_int8_output_rounds_ties_to_even_and_saturates():
+    # one input column, weight 1: acc = x's integer; with s_w = s_in = 1 and s_out = 2: v = acc / 2
+    lin = layer("forward", out_scale=torch.tensor([2.0]), qweight=torch.ones(1, 8, dtype=torch.int8),
+                scales=torch.ones(1, 1), act_scale=1.0)
+    x = torch.zeros(6, 8)
+    x[:, 0] = torch.tensor([5.0, 7.0, -5.0, 1.0, 127.0, -128.0])  # v = 2.5, 3.5, -2.5, 0.5, 63.5, -64
+    x[4:, 1:] = torch.tensor([127.0, -128.0]).reshape(2, 1)  # acc = 8 * 127 and 8 * -128: saturates
+    q = lin(x)[:, 0] / 2
+    assert q.tolist() == [2.0, 4.0, -2.0, 0.0, 127.0, -128.0]
+    lin.out_rounding = HALF_AWAY
+    assert (lin(x)[:4, 0] / 2).tolist() == [3.0, 4.0, -3.0, 1.0]
+    assert lin.rounding == HALF_EVEN  # the input's own rounding is not the output's
+
+
+def test_qqq_divides_its_row_scale_by_the_output_scale_first():
+    q = torch.randint(-8, 8, (16, 256), generator=GEN, dtype=torch.int8)
+    group_scales = torch.rand(16, 2, generator=GEN) * 0.01 + 1e-3
+    s_out = torch.full((16,), 0.05)
+    lin = QuantLinear(q, group_scales, 4, None, 0.02, None, qqq=True, out_scale=s_out)
+    x = torch.randn(8, 256, generator=GEN)
+    s_c = lin.scales.reshape(-1)
+    v = (integer_input(lin, x) * (s_c / s_out)) * f32(0.02)
+    assert torch.equal(lin(x), torch.round(v).clamp(-128, 127) * s_out)
