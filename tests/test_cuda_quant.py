@@ -35,12 +35,30 @@ def test_int8_gemm_equals_the_reference_quant_linear():
     scales = weight_scales(weight, 8, "tensor")
     layer = QuantLinear(quantize(weight, scales, 8), scales, 8, None, act_scale=0.03, rotate_input="quamba")
     x = torch.randn(4, 64, 256, generator=g)
-    ref = layer(x)  # CPU: dequantize, then float matmul
-    fast = layer.cuda()(x.cuda())  # CUDA: torch._int_mm on int8 activations and weights
-    assert layer._int8_gemm_ok(x.cuda().reshape(-1, 256).to(torch.int8))
+    ref = layer(x)  # CPU: torch._int_mm, then the epilogue
+    fast = layer.cuda()(x.cuda())  # CUDA: the same on the GPU (the Hadamard's float matmul may differ)
+    assert layer._integer_path()
     diff = relative_diff(fast, ref)
     print(f"\nQuantLinear int8 GEMM vs CPU reference: relative diff {diff:.2e}")
     assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("epilogue", ["forward", "seqlen_last", "parallel"])
+@pytest.mark.parametrize("rows", [3, 40])  # 3: torch._int_mm's padded case on CUDA
+def test_int8_gemm_and_its_epilogue_are_bit_equal_on_cpu_and_cuda(epilogue, rows):
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-128, 128, (96, 64), generator=g, dtype=torch.int8)
+    out_scale = None if epilogue == "forward" else torch.rand(96, generator=g) * 0.05 + 0.01
+    if epilogue == "seqlen_last":
+        out_scale = out_scale[:1]
+    layer = QuantLinear(qweight, torch.tensor([[0.0071]]), 8, None, 0.0213, None, epilogue=epilogue,
+                        out_scale=out_scale)
+    x = torch.randn(rows, 64, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        cpu = layer(x.to(dtype))
+        gpu = layer.cuda()(x.to(dtype).cuda()).cpu()
+        layer = layer.cpu()
+        assert torch.equal(cpu, gpu), (epilogue, rows, dtype)
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a16"])
