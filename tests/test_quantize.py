@@ -14,6 +14,7 @@ from quamba.errors import ConfigError
 from quamba.models import MambaConfig
 from quamba.models.apply import apply_quantization
 from quamba.models.checkpoint import model_sha256, save_fp16
+from quamba.models.quantized import QuantLinear
 from quamba.models.taps import named_taps
 from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
@@ -151,6 +152,26 @@ def test_the_loaded_model_is_the_model_assembly_applied(built, tmp_path, monkeyp
     assembled = applied[0].float()  # built from the fp16 tensors; loading gave float32
     with torch.no_grad():
         assert torch.equal(assembled(IDS).logits, loaded(IDS).logits)
+
+
+def test_each_int8_gemm_ends_as_its_quamba_layer(built, tmp_path):
+    quantize_model_dir(built["fp16"], tmp_path / "a8", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
+    quantize_model_dir(built["fp16"], tmp_path / "a16", built["w4"], "w4a16")
+    mixer = quamba.load(tmp_path / "a8", device="cpu").backbone.layers[0].mixer
+    assert mixer.out_proj.epilogue == "forward" and mixer.out_proj.out_scale is None  # fp16 out
+    if mixer.in_proj.epilogue == "parallel":  # Mamba2: one output scale per split z, x, B, C, dt
+        assert len(set(mixer.in_proj.out_scale.tolist())) == 5
+        return
+    assert mixer.in_proj.epilogue == "seqlen_last" and mixer.in_proj.out_scale.numel() == 1
+    assert isinstance(mixer.x_proj, QuantLinear) and mixer.x_proj.epilogue == "forward"
+    assert isinstance(mixer.dt_proj, QuantLinear) and mixer.dt_proj.epilogue == "seqlen_last"
+    assert not mixer.dt_proj.add_bias and mixer.dt_proj.bias is not None  # the scan adds it as delta_bias
+    dt = torch.randn(3, mixer.dt_rank)
+    without = mixer.dt_proj(dt)
+    mixer.dt_proj.add_bias = True
+    assert torch.allclose(mixer.dt_proj(dt) - mixer.dt_proj.bias, without, atol=1e-5)
+    w4a16 = quamba.load(tmp_path / "a16", device="cpu").backbone.layers[0].mixer
+    assert isinstance(w4a16.x_proj, torch.nn.Linear) and isinstance(w4a16.dt_proj, torch.nn.Linear)
 
 
 def test_activation_scales_are_thresholds_over_127_in_float32_floored_at_1e6(built, tmp_path):

@@ -31,12 +31,41 @@ def _linear_input_tap(name: str) -> str:
     return f"layer_{layer}.{LINEAR_INPUT_TAPS[name.rsplit('.', 1)[1]]}"
 
 
+# Mamba1's small int8 GEMMs under Quamba's module coverage (A8): weight -> (input tap, output tap,
+# epilogue order). Without an input threshold (W4A16) their weights stay dequantized in nn.Linear.
+SMALL_GEMMS = {"x_proj.weight": ("x_proj:input", "x_proj:output", "forward"),
+               "dt_proj.weight": ("x_proj:output", "dt_proj:output", "seqlen_last")}
+
+
+def _small_gemm_points(path: str, plan: QuantPlan) -> tuple[str, str, str] | None:
+    """(input tap, output tap, epilogue) of x_proj / dt_proj at `path` when its input is quantized."""
+    points = SMALL_GEMMS.get(".".join(path.split(".")[-2:]))
+    if points is None or f"layer_{path.split('.')[2]}.{points[0]}" not in plan.thresholds:
+        return None
+    return points
+
+
+def _swap_small_gemm(model: nn.Module, path: str, coded: IntegerTensor, plan: QuantPlan) -> None:
+    in_point, out_point, epilogue = _small_gemm_points(path, plan)
+    layer = f"layer_{path.split('.')[2]}"
+    mixer_path, _, name = path.removesuffix(".weight").rpartition(".")
+    mixer = model.get_submodule(mixer_path)
+    bias = getattr(mixer, name).bias  # dt_proj's: the scan's delta bias, not added by the GEMM
+    out_threshold = plan.thresholds.get(f"{layer}.{out_point}")
+    setattr(mixer, name, QuantLinear(
+        coded.q, coded.scale, coded.bits, None if bias is None else bias.detach().clone(),
+        activation_scale(plan.thresholds[f"{layer}.{in_point}"]), None, rounding=plan.rounding[in_point],
+        qqq=plan.qqq and coded.bits == 4, epilogue=epilogue,
+        out_scale=None if out_threshold is None else torch.tensor([activation_scale(out_threshold)]),
+        out_rounding=plan.rounding[out_point], add_bias=False))
+
+
 def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Tensor | None, str | None]:
-    """How in_proj's int8 GEMM ends, as Quamba's layer: (epilogue order, the int8 output's scale
-    per output row, the output tap point). Mamba1 writes x and z with one scale (in_proj:output);
-    Mamba2's Parallel layer one per split z, x, B, C, dt (the taps after the split)."""
+    """How in_proj's int8 GEMM ends, as Quamba's layer: (epilogue order, the int8 output's scale,
+    the output tap point). Mamba1 writes x and z with one scale (in_proj:output); Mamba2's
+    Parallel layer one per split z, x, B, C, dt (the taps after the split), laid out per row."""
     if config.layer == "Mamba1":
-        points, sizes, epilogue = ["in_proj:output"], [2 * config.d_inner], "seqlen_last"
+        points, sizes, epilogue = ["in_proj:output"], [], "seqlen_last"
     else:
         group = config.ngroups * config.d_state
         points = ["z_act:input", "x_conv_in:input", "B_conv_in:input", "C_conv_in:input", "dt_act:input"]
@@ -44,6 +73,8 @@ def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Ten
     thresholds = [plan.thresholds.get(f"{layer}.{point}") for point in points]
     if any(t is None for t in thresholds):
         return epilogue, None, None
+    if epilogue == "seqlen_last":
+        return epilogue, torch.tensor([activation_scale(thresholds[0])]), points[0]
     scales = [torch.full((size,), activation_scale(t), dtype=torch.float32) for t, size in zip(thresholds, sizes)]
     return epilogue, torch.cat(scales), points[0]
 
@@ -62,8 +93,12 @@ def _set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
 def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadModel:
     """Swap the plan's Linears for QuantLinear, give the float modules their integer tensors'
     values, and set every tap's scale from its threshold; in place, returns the model."""
+    small = {path: coded for path, coded in plan.tensors.items() if _small_gemm_points(path, plan)}
     for path, coded in plan.tensors.items():
-        _set_parameter(model, path, _dequantized(path, coded, plan.qqq))
+        if path not in small:
+            _set_parameter(model, path, _dequantized(path, coded, plan.qqq))
+    for path, coded in small.items():  # after the biases: dt_proj's QuantLinear keeps its integer bias
+        _swap_small_gemm(model, path, coded, plan)
     for name, coded in plan.linears.items():
         module_path, _, kind = name.rpartition(".")
         parent = model.get_submodule(module_path) if module_path else model

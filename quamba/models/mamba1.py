@@ -43,6 +43,12 @@ class Mamba1Mixer(nn.Module):
         dt = dt.clamp(min=1e-4)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
+    def _project_dt(self, dt: torch.Tensor) -> torch.Tensor:
+        """dt_proj without its bias, which the scan adds (delta_bias); a quantized dt_proj knows that."""
+        if isinstance(self.dt_proj, nn.Linear):
+            return F.linear(dt, self.dt_proj.weight)
+        return self.dt_proj(dt)
+
     def forward(self, hidden_states: torch.Tensor, conv_state: torch.Tensor | None = None,
                 ssm_state: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (b, l, d_model) -> (b, l, d_model); fills the states when given."""
@@ -57,7 +63,7 @@ class Mamba1Mixer(nn.Module):
         x = tap("x_proj:input", x)
         x_dbl = tap("x_proj:output", self.x_proj(x.transpose(1, 2)))  # (b, l, dt_rank + 2 d_state)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = tap("dt_proj:output", F.linear(dt, self.dt_proj.weight).transpose(1, 2))  # (b, d_inner, l)
+        delta = tap("dt_proj:output", self._project_dt(dt).transpose(1, 2))  # (b, d_inner, l)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         y, last_state = k.selective_scan(
             x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
@@ -79,7 +85,7 @@ class Mamba1Mixer(nn.Module):
         x = tap("x_proj:input", x)
         x_dbl = tap("x_proj:output", self.x_proj(x))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = tap("dt_proj:output", F.linear(dt, self.dt_proj.weight))  # (b, d_inner)
+        delta = tap("dt_proj:output", self._project_dt(dt))  # (b, d_inner)
         A = -torch.exp(self.A_log.float())
         y = k.selective_state_update(ssm_state, x, delta, A, B, C, self.D.float(), z=z,
                                      dt_bias=self.dt_proj.bias.float(), dt_softplus=True)

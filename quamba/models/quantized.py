@@ -78,7 +78,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
                  act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False,
-                 epilogue: str = "forward", out_scale: torch.Tensor | None = None, out_rounding: str = HALF_EVEN):
+                 epilogue: str = "forward", out_scale: torch.Tensor | None = None, out_rounding: str = HALF_EVEN,
+                 add_bias: bool = True):
         super().__init__()
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue: {epilogue!r}; allowed: {list(EPILOGUES)}")
@@ -94,6 +95,7 @@ class QuantLinear(nn.Module):
         # the int8 output's scale per output row (None: the layer writes the model's dtype)
         self.out_scale = None if out_scale is None else out_scale.float().reshape(-1)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.add_bias = add_bias  # False: the bias belongs to a later op (Mamba1's dt_proj: the scan's delta bias)
         self._reference: torch.Tensor | None = None  # the float weight, made when a path needs it
         self._factors: tuple[torch.Tensor, ...] | None = None  # the epilogue's, on the layer's device
 
@@ -126,7 +128,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation
             x = hadamard_transform(x, self.rotate_input)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = None if self.bias is None or not self.add_bias else self.bias.to(x.dtype)
         if self.act_scale is None:
             return F.linear(x, self.reference_weight(x.dtype), bias)
         x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
