@@ -3,21 +3,16 @@
 import re
 from pathlib import Path
 
-from snakemake.utils import validate
-
 from quamba.errors import QuambaError
 from quamba.formats import layout
-from quamba.formats.study import check_study_config
-from quamba.models.checkpoint import check_source
+from quamba.formats.study import check_study
 from quamba.recipe import Recipe
 from quamba.schemes import get_scheme
-from quamba.stages.evaluate import split_tasks
 
-try:  # one short error naming the key; then Snakemake's validation fills in the defaults
-    check_study_config(config)
+try:  # the door: one short error naming the key, before any job; fills in the schema's defaults
+    check_study(config)
 except QuambaError as err:
     raise ValueError(str(err)) from None
-validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 MODELS = sorted(config["models"])
 CALIBRATIONS = sorted(config["calibrations"])
@@ -33,40 +28,7 @@ CONDA_ENV = "../envs/quamba.yaml"  # used only with --software-deployment-method
 DEVICE = config["device"]
 GPUS = 1 if DEVICE == "cuda" else 0  # resources: gpu of the jobs that run the model
 
-try:
-    RECIPE = Recipe.from_mapping(config["recipe"], where="config: recipe")
-except QuambaError as err:
-    raise ValueError(str(err)) from None
-
-
-def _check_quantization():
-    """Study alphas must be ones the feeding calibration can answer: any in [min_alpha, 1]."""
-    if STUDY_CALIBRATION not in config["calibrations"]:
-        raise ValueError(f"config: quantization.calibration: {STUDY_CALIBRATION!r} is not a calibration setting; "
-                         f"allowed: {CALIBRATIONS}")
-    min_alpha = config["calibrations"][STUDY_CALIBRATION]["min_alpha"]
-    low = [a for a in QUANTIZATION["alphas"] if a < min_alpha]
-    if low:
-        raise ValueError(f"config: quantization.alphas: {low} are below calibrations.{STUDY_CALIBRATION}.min_alpha "
-                         f"{min_alpha}; lower min_alpha (that reruns the calibration) or pick alphas in "
-                         f"[{min_alpha}, 1]")
-
-
-_check_quantization()
-
-
-def _check_sources():
-    """Every source is a local dir or a hub id, so a typo fails before any job runs."""
-    for name, spec in config["models"].items():
-        for key in ("source", "tokenizer"):
-            if key in spec:
-                try:
-                    check_source(spec[key])
-                except QuambaError as err:
-                    raise ValueError(f"config: models.{name}.{key}: {err}") from None
-
-
-_check_sources()
+RECIPE = Recipe.from_mapping(config["recipe"], where="config: recipe")  # checked at the door
 
 
 # A variant of a model: its FP16 checkpoint or one quantized run (the results/ tree's second level).
@@ -92,7 +54,7 @@ def canonical(mapping):
 
 
 def calibration_setting(calib):
-    """A calibration setting; validate() has filled in the schema's defaults."""
+    """A calibration setting; the door (check_study) has filled in the schema's defaults."""
     return canonical(config["calibrations"][calib])
 
 
@@ -144,25 +106,8 @@ OFFLINE_TASKS = Path("resources") / "tasks"
 PERPLEXITY_TEXT = Path("resources") / "corpus" / "test.txt"
 
 
-def task_key(task):
-    """A task as a file name: perplexity:path/to/x.txt -> perplexity_path_to_x.txt."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", task)
-
-
-TASK_BY_KEY = {task_key(task): task for task in EVAL_TASKS}
-
-
-def _check_tasks():
-    """Every task is known to lm-eval (or is perplexity[:FILE]), so a typo fails before any job runs."""
-    try:
-        split_tasks(EVAL_TASKS)
-    except QuambaError as err:
-        raise ValueError(f"config: tasks: {err}") from None
-    if len(TASK_BY_KEY) < len(EVAL_TASKS):
-        raise ValueError(f"config: tasks: {EVAL_TASKS} name two tasks that share a file name")
-
-
-_check_tasks()
+task_key = layout.task_key
+TASK_BY_KEY = {task_key(task): task for task in EVAL_TASKS}  # tasks sharing a file name fail at the door
 
 
 def is_perplexity(task):
@@ -196,12 +141,3 @@ def perplexity_tokens(task):
     """Only perplexity jobs read eval.perplexity_tokens, so only they rerun when it changes."""
     return config["eval"]["perplexity_tokens"] if is_perplexity(task) else None
 
-
-def _check_limits():
-    limit = config["eval"]["limit"]
-    unknown = sorted(set(limit) - set(EVAL_TASKS)) if isinstance(limit, dict) else []
-    if unknown:
-        raise ValueError(f"config: eval.limit: {unknown} are not in tasks {EVAL_TASKS}")
-
-
-_check_limits()

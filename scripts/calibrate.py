@@ -14,12 +14,7 @@ with job_log(snakemake.log[0]) as log, lease_for(snakemake.params.device, f"cali
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     setting = dict(snakemake.params.settings)  # noqa: F821
     recipe = Recipe(**snakemake.params.recipe)  # noqa: F821
-    layers = setting.get("activation_layers")
-    settings = CalibrationSettings(
-        num_samples=setting["samples"], seq_len=setting["seq_len"], batch_size=setting["batch_size"],
-        seed=setting["seed"], min_alpha=setting["min_alpha"],
-        activation_layers=None if layers is None else tuple(layers),
-        activation_samples=setting["activation_samples"], save_activations=True)
+    settings = CalibrationSettings.from_config(setting)  # as the study's door built it
     data = setting.get("data")
     log.info("calibrating %s with %s, %s (data: %s)", snakemake.input.model, settings, recipe,  # noqa: F821
              data or "shipped corpus")

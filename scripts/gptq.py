@@ -14,10 +14,8 @@ with job_log(snakemake.log[0]) as log, lease_for(snakemake.params.device, f"gptq
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     setting = dict(snakemake.params.settings)  # noqa: F821
     recipe = Recipe(**snakemake.params.recipe)  # noqa: F821
-    settings = GPTQSettings(w_bits=int(snakemake.wildcards.bits), seed=int(snakemake.wildcards.seed),  # noqa: F821
-                            nsamples=setting["nsamples"], seqlen=setting["seqlen"],
-                            group_size=setting["group_size"], percdamp=setting["percdamp"],
-                            act_order=setting["act_order"])
+    settings = GPTQSettings.from_config(setting, w_bits=int(snakemake.wildcards.bits),  # noqa: F821
+                                        seed=int(snakemake.wildcards.seed))  # noqa: F821  (as the door built it)
     log.info("GPTQ of %s with %s, %s (data: %s)", snakemake.input.model, settings, recipe,  # noqa: F821
              setting.get("data") or "shipped corpus")
     stats = getattr(snakemake.input, "stats", None)  # noqa: F821  (only with reorder)

@@ -426,17 +426,14 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, messag
     ({"eval": {"batch_size": 0}}, "0 is less than the minimum of 1"),
 ])
 def test_bad_study_setting_fails_at_the_door_naming_the_key(tmp_path, changes, message):
-    """The door of every study: the schema check the Snakefile runs first, then the settings checks
-    it runs next (tasks, sources, recipe); each case is checked in-process here (a Snakemake
-    start-up costs seconds), and through Snakemake itself below."""
+    """The door of every study (check_study, which the Snakefile runs first): each case is checked
+    in-process here (a Snakemake start-up costs seconds), and three through Snakemake itself below."""
     from quamba.errors import QuambaError
-    from quamba.formats.study import check_study_config
-    from quamba.stages.evaluate import split_tasks
+    from quamba.formats.study import check_study
 
     config = tiny_config(tmp_path, **changes)
     with pytest.raises(QuambaError) as raised:
-        check_study_config(config)
-        split_tasks(config["tasks"])
+        check_study(config)
     assert message in str(raised.value)
 
 

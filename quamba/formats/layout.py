@@ -32,6 +32,11 @@ SUMMARY_PLOT = SUMMARY + "/plots/{plot}.png"
 RESERVED_MODEL_NAMES = ("summary",)  # results/summary/ holds the study's tables
 
 
+def task_key(task: str) -> str:
+    """A task as a file name: perplexity:path/to/x.txt -> perplexity_path_to_x.txt."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", task)
+
+
 def alpha_key(alpha: float) -> str:
     """How an alpha is written in a path or a JSON key: Python's shortest repr, e.g. '0.9995', '1.0'."""
     return repr(float(alpha))

@@ -67,12 +67,22 @@ class CalibrationSettings:
     save_activations: bool = True
     mantissa_bits: int = 6  # stream histogram: 2^6 = 64 bins per octave
 
+    @classmethod
+    def from_config(cls, setting: dict, save_activations: bool = True) -> CalibrationSettings:
+        """A study's calibration setting (config.yaml's keys, defaults filled) as its job runs it."""
+        layers = setting.get("activation_layers")
+        return cls(num_samples=setting["samples"], seq_len=setting["seq_len"], batch_size=setting["batch_size"],
+                   seed=setting["seed"], min_alpha=setting["min_alpha"],
+                   activation_layers=None if layers is None else tuple(layers),
+                   activation_samples=setting["activation_samples"], save_activations=save_activations)
+
     def sampled_layers(self, n_layer: int) -> tuple[int, ...]:
         if not self.save_activations:
             return ()
         return tuple(range(min(3, n_layer))) if self.activation_layers is None else tuple(self.activation_layers)
 
-    def validate(self, n_layer: int, recipe: Recipe) -> None:
+    def check(self, recipe: Recipe) -> None:
+        """Everything that does not depend on the model (the study's door runs this)."""
         for key in ("num_samples", "seq_len", "batch_size", "activation_samples", "mantissa_bits"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -85,6 +95,12 @@ class CalibrationSettings:
             raise ConfigError(f"batch_size: {self.batch_size} with recipe.calibration_data rows: rows keep their own "
                               f"lengths and run one per forward, as in Quamba; use batch_size 1, or "
                               f"calibration_data packed for full windows that stack")
+        if self.activation_layers is not None and any(
+                isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 for layer in self.activation_layers):
+            raise ConfigError(f"activation_layers: {list(self.activation_layers)}; allowed: layer indices >= 0")
+
+    def validate(self, n_layer: int, recipe: Recipe) -> None:
+        self.check(recipe)
         for layer in self.sampled_layers(n_layer):
             if not 0 <= layer < n_layer:
                 raise ConfigError(f"activation_layers: layer {layer} does not exist; the model has "

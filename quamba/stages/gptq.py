@@ -54,6 +54,12 @@ class GPTQSettings:
     blocksize: int = 128
     batch_size: int = 8  # windows per forward; the Hessians still add one sequence at a time
 
+    @classmethod
+    def from_config(cls, setting: dict, w_bits: int, seed: int) -> GPTQSettings:
+        """A study's gptq setting (config.yaml's keys, defaults filled) at one w_bits and seed."""
+        return cls(w_bits=w_bits, seed=seed, nsamples=setting["nsamples"], seqlen=setting["seqlen"],
+                   group_size=setting["group_size"], percdamp=setting["percdamp"], act_order=setting["act_order"])
+
     def record(self) -> dict:
         return asdict(self)
 
