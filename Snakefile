@@ -4,6 +4,9 @@
 # The default study, unless --configfile names others (to layer on top of it, name both:
 # --configfile config.yaml my.yaml); a study file is then complete on its own.
 if not workflow.config_settings.configfiles:
+    from quamba.formats.study import read_study_file
+
+    read_study_file("config.yaml")  # a YAML error names the file and line (`quamba check-study FILE` for others)
 
     configfile: "config.yaml"
 

@@ -64,6 +64,27 @@ def _compare(args: argparse.Namespace) -> None:
                  args.effect))
 
 
+def _merge(base: dict, update: dict) -> dict:
+    """update layered on base, key by key into nested mappings (Snakemake's --configfile order)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _check_study(args: argparse.Namespace) -> None:
+    from quamba.formats.study import check_study, read_study_file
+
+    config: dict = {}
+    for path in args.files:
+        config = _merge(config, read_study_file(path))
+    check_study(config)
+    print(f"ok: {len(config['models'])} models, {len(config['calibrations'])} calibrations, schemes "
+          f"{config['quantization']['schemes']}, alphas {config['quantization']['alphas']}, seeds "
+          f"{config['quantization']['seeds']}, tasks {config['tasks']}")
+
+
 def _view(args: argparse.Namespace) -> None:
     from quamba.report.view import render
 
@@ -246,12 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare = command("compare", help="model x scheme x alpha: a task's metric mean +- std over seeds, delta to "
                                       "FP16, SSM-input clipping")
     compare.add_argument("results", type=Path, nargs="?", default=Path("results"), help="a study's results/ dir")
-    compare.add_argument("--task", help="task to compare (default: the first in alphabetical order)")
+    compare.add_argument("--task", help="task to compare (default: an accuracy task; perplexity only when there "
+                                         "is no other)")
     compare.add_argument("--metric", help="metric of that task (default: acc, else perplexity, else the first)")
     compare.add_argument("--schemes", help="comma-separated schemes to show (default: all)")
     compare.add_argument("--effect", type=float, help="also say how many seeds would detect an effect this large "
                                                        "(points of accuracy, or percent of perplexity)")
     compare.set_defaults(run=_compare)
+
+    check = command("check-study", help="run the study's door on study files without Snakemake: a YAML error "
+                                        "with its file and line, every bad setting naming its key")
+    check.add_argument("files", type=Path, nargs="+", help="study files, later ones updating earlier ones as "
+                                                           "snakemake --configfile does")
+    check.set_defaults(run=_check_study)
     return parser
 
 

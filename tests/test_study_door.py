@@ -97,9 +97,19 @@ def malformed(draw):
     return config
 
 
-@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-@given(malformed())
-def test_a_malformed_study_fails_at_the_door_or_is_a_valid_one(config):
+@pytest.fixture(scope="module")
+def task_index():
+    """lm-eval's task index, built once per process (seconds): an unknown task name reads it."""
+    from quamba.stages.evaluate import task_manager
+
+    with pytest.raises(QuambaError):
+        task_manager(["no_such_task"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(config=malformed())
+def test_a_malformed_study_fails_at_the_door_or_is_a_valid_one(task_index, config):
     original = copy.deepcopy(config)
     start = time.perf_counter()
     try:
@@ -124,3 +134,29 @@ def _leaves(node):
             yield from _leaves(child)
     else:
         yield node
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    from quamba.formats.study import read_study_file
+
+    bad = tmp_path / "study.yaml"
+    bad.write_text("models:\n  a: {source: x\ntasks: [\n")
+    with pytest.raises(QuambaError, match=rf"^{bad}:3:6: not valid YAML: expected ',' or '}}'"):
+        read_study_file(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(QuambaError, match="list.yaml: a study file is a mapping"):
+        read_study_file(tmp_path / "list.yaml")
+
+
+def test_check_study_runs_the_door_on_layered_files(tmp_path, capsys):
+    from quamba.cli import main
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(valid_study()))
+    (tmp_path / "more.yaml").write_text("quantization: {alphas: [1.0]}\n")
+    assert main(["check-study", str(tmp_path / "base.yaml"), str(tmp_path / "more.yaml")]) == 0
+    assert "alphas [1.0]" in capsys.readouterr().out
+    (tmp_path / "bad.yaml").write_text("gptq: {percdamp: .nan}\n")
+    assert main(["check-study", str(tmp_path / "base.yaml"), str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "quamba check-study: error: config.gptq.percdamp: nan is not a finite number; NaN and infinity " \
+                  "are not allowed anywhere in a study"

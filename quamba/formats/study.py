@@ -7,6 +7,7 @@ when its jobs would accept it, and the CLI's flags meet the same checks."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -33,6 +34,26 @@ def _allowed(error: jsonschema.ValidationError) -> str:
         return ""  # the message lists them
     description = " ".join(str(schema.get("description", "")).split())
     return description[:200]
+
+
+def read_study_file(path: str | Path) -> dict[str, Any]:
+    """A study file parsed, or one line naming the file, line and column of its YAML error
+    (Snakemake's own message for a --configfile names neither)."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: unreadable study file ({err.strerror})") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a study file is a mapping of keys (models, calibrations, ...), "
+                          f"got {type(config).__name__}")
+    return config
 
 
 def check_study_config(config: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ results JSON and, beside it, the per-item results (quamba.formats.samples).
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -51,6 +52,14 @@ def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any
     return names, files, task_manager(names)
 
 
+@functools.cache
+def _indexed_task_manager():
+    """lm-eval's whole task index with the offline tasks, built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
 def task_manager(names: Sequence[str]):
     """A TaskManager for `names`. Indexing lm-eval's ~15k bundled tasks takes seconds, so the
     offline tasks alone are tried first."""
@@ -59,7 +68,7 @@ def task_manager(names: Sequence[str]):
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     if all(name in manager.all_tasks for name in names):
         return manager
-    manager = TaskManager(include_path=str(TASKS_DIR))
+    manager = _indexed_task_manager()
     for name in names:
         if name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
