@@ -160,3 +160,17 @@ def test_check_study_runs_the_door_on_layered_files(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "quamba check-study: error: config.gptq.percdamp: nan is not a finite number; NaN and infinity " \
                   "are not allowed anywhere in a study"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gptq", "DIR", "--out", "OUT", "--seed", "-1"], "seed: must be an integer >= 0, got -1"),
+    (["view", "DIR", "--alphas", "0.999", "0.999"], "alphas: [0.999, 0.999]; allowed: distinct numbers in (0, 1]"),
+    (["view", "DIR", "--alphas", "nan"], "alphas: [nan]; allowed: distinct numbers in (0, 1]"),
+])
+def test_the_cli_meets_the_checks_a_study_meets(tmp_path, capsys, argv, message):
+    from quamba.cli import main
+
+    argv = [str(tmp_path / a) if a in ("DIR", "OUT") else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "OUT").exists()

@@ -7,10 +7,12 @@ own alpha-quantile of |x| (within 1/64), and the share of the whole stream the t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from quamba.errors import ConfigError
 from quamba.formats.calibration import read_stats, stats_path
 from quamba.formats.layout import alpha_key
 from quamba.stages.scales import derive_scales
@@ -94,6 +96,8 @@ LEGEND = ("threshold: where the recipe's observer clips |x| (scale = threshold /
 def render(path: str | Path, alphas: list[float] | None = None, alpha_one: str = "quamba",
            filter_text: str | None = None, compare: str | Path | None = None) -> str:
     alphas = list(alphas or DEFAULT_ALPHAS)
+    if len(set(alphas)) < len(alphas) or not all(math.isfinite(a) and 0 < a <= 1 for a in alphas):
+        raise ConfigError(f"alphas: {alphas}; allowed: distinct numbers in (0, 1], as quantization.alphas of a study")
     path = stats_path(path).parent
     with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_rows", None,
                            "display.float_format", "{:.4g}".format):
