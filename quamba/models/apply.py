@@ -105,19 +105,18 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
         linear = getattr(parent, kind)
         linear = getattr(linear, "linear", linear)  # a rotated out_proj wraps its Linear
         tap = _linear_input_tap(name)
+        point = tap.rpartition(".")[2]  # "layer_3.in_proj:input" -> "in_proj:input"
         threshold = plan.thresholds.get(tap)
         bias = linear.bias
-        epilogue, out_scale, out_point = "forward", None, None
+        epilogue, out_scale, out_point = "forward", None, point
         if kind == "in_proj" and threshold is not None:
             epilogue, out_scale, out_point = _in_proj_output(model.config, tap.partition(".")[0], plan)
         setattr(parent, kind, QuantLinear(
             coded.q, coded.scale, plan.w_bits, None if bias is None else bias.detach().clone(),
             None if threshold is None else activation_scale(threshold),
             rotate_input=plan.hadamard if kind == "out_proj" else None,
-            rounding=plan.rounding[tap.rpartition(".")[2]],  # by point: "layer_3.in_proj:input" -> "in_proj:input"
-            qqq=plan.qqq and (name != "lm_head" or threshold is not None),
-            epilogue=epilogue, out_scale=out_scale,
-            out_rounding=plan.rounding[out_point] if out_point else plan.rounding[tap.rpartition(".")[2]]))
+            rounding=plan.rounding[point], qqq=plan.qqq and (name != "lm_head" or threshold is not None),
+            epilogue=epilogue, out_scale=out_scale, out_rounding=plan.rounding[out_point or point]))
     for tap_name, tap in named_taps(model).items():
         if tap.point in LINEAR_INPUT_TAPS.values() or tap.point == LM_HEAD_POINT:
             continue  # quantized inside QuantLinear, so the tap stays identity
