@@ -74,7 +74,8 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _check_study(args: argparse.Namespace) -> None:
-    from quamba.formats.study import check_study, read_study_file
+    from quamba.formats.study import read_study_file
+    from quamba.study import check_study
 
     config: dict = {}
     for path in args.files:

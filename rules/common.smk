@@ -5,7 +5,7 @@ from pathlib import Path
 
 from quamba.errors import QuambaError
 from quamba.formats import layout
-from quamba.formats.study import check_study
+from quamba.study import check_study
 from quamba.recipe import Recipe
 from quamba.schemes import get_scheme
 

@@ -1,4 +1,4 @@
-"""The study's door (quamba.formats.study.check_study, run by rules/common.smk before any job):
+"""The study's door (quamba.study.check_study, run by rules/common.smk before any job):
 every malformed study fails there with one short ConfigError naming its key, never with another
 exception, a crash inside a job, or a long wait."""
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quamba.errors import QuambaError
-from quamba.formats.study import check_study
+from quamba.study import check_study
 
 
 def valid_study() -> dict:

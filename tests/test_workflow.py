@@ -429,7 +429,7 @@ def test_bad_study_setting_fails_at_the_door_naming_the_key(tmp_path, changes, m
     """The door of every study (check_study, which the Snakefile runs first): each case is checked
     in-process here (a Snakemake start-up costs seconds), and three through Snakemake itself below."""
     from quamba.errors import QuambaError
-    from quamba.formats.study import check_study
+    from quamba.study import check_study
 
     config = tiny_config(tmp_path, **changes)
     with pytest.raises(QuambaError) as raised:

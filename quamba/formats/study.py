@@ -1,8 +1,7 @@
-"""The study config (config.yaml, a study file) and its door, `check_study`: everything that can
-be wrong with a study fails there, before any job, with one short error naming the key, its path
-and what is allowed (Snakemake's own validation prints the whole schema). The door builds every
-setting the jobs will build (recipe, calibration and GPTQ settings), so a config passes exactly
-when its jobs would accept it, and the CLI's flags meet the same checks."""
+"""The study file (config.yaml, a study file): parsed with its YAML errors located, checked
+against schemas/config.schema.yaml with one short error naming the key, its path and what is
+allowed (Snakemake's own validation prints the whole schema), its defaults filled in.
+quamba.study runs these first at the study's door."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from quamba.errors import ConfigError, QuambaError
-from quamba.formats import layout
+from quamba.errors import ConfigError
 from quamba.shipped import SCHEMAS
 
 SCHEMA_PATH = SCHEMAS / "config.schema.yaml"
@@ -107,78 +105,13 @@ def fill_defaults(config: dict[str, Any]) -> None:
     _with_defaults()(yaml.safe_load(SCHEMA_PATH.read_text())).validate(config)
 
 
-def _settings(config: dict[str, Any]) -> None:
-    """Build every setting the jobs build from this study; each names its key when it fails."""
-    from quamba.recipe import Recipe
-    from quamba.schemes import get_scheme
-    from quamba.stages.calibrate import CalibrationSettings
-    from quamba.stages.gptq import GPTQSettings
-
-    recipe = Recipe.from_mapping(config["recipe"], where="config: recipe")
-    for name, setting in config["calibrations"].items():
-        try:
-            CalibrationSettings.from_config(setting).check(recipe)
-        except ConfigError as err:
-            raise ConfigError(f"config: calibrations.{name}: {err}") from None
-    quantization = config["quantization"]
-    bits = sorted({get_scheme(s).w_bits for s in quantization["schemes"]})
-    for w_bits in bits:
-        for seed in quantization["seeds"]:
-            try:
-                GPTQSettings.from_config(config["gptq"], w_bits=w_bits, seed=seed).validate()
-            except ConfigError as err:
-                raise ConfigError(f"config: gptq: {err}") from None
-    calibration = quantization["calibration"]
-    if calibration not in config["calibrations"]:
-        raise ConfigError(f"config: quantization.calibration: {calibration!r} is not a calibration setting; "
-                          f"allowed: {sorted(config['calibrations'])}")
-    min_alpha = config["calibrations"][calibration]["min_alpha"]
-    low = [a for a in quantization["alphas"] if a < min_alpha]
-    if low:
-        raise ConfigError(f"config: quantization.alphas: {low} are below calibrations.{calibration}.min_alpha "
-                          f"{min_alpha}; lower min_alpha (that reruns the calibration) or pick alphas in "
-                          f"[{min_alpha}, 1]")
-
-
-def _sources_and_tasks(config: dict[str, Any]) -> None:
-    """Every source is a local dir or a hub id and every task is known, so a typo fails here."""
-    from quamba.models.checkpoint import check_source
-    from quamba.stages.evaluate import split_tasks
-
-    for name, spec in config["models"].items():
-        for key in ("source", "tokenizer"):
-            if key in spec:
-                try:
-                    check_source(spec[key])
-                except QuambaError as err:
-                    raise ConfigError(f"config: models.{name}.{key}: {err}") from None
-    tasks = config["tasks"]
-    try:
-        split_tasks(tasks)
-    except QuambaError as err:
-        raise ConfigError(f"config: tasks: {err}") from None
-    if len({layout.task_key(task) for task in tasks}) < len(tasks):
-        raise ConfigError(f"config: tasks: {tasks} name two tasks that share a file name")
-    limit = config["eval"]["limit"]
-    unknown = sorted(set(limit) - set(tasks)) if isinstance(limit, dict) else []
-    if unknown:
-        raise ConfigError(f"config: eval.limit: {unknown} are not in tasks {tasks}")
-
-
-def check_study(config: dict[str, Any]) -> None:
-    """The study's door: non-finite numbers, the schema, then every setting as its job builds it,
-    the sources and the tasks. Fills in the schema's defaults in place; raises ConfigError."""
+def check_finite_numbers(config: dict[str, Any]) -> None:
+    """Fail on the first NaN or infinite number (YAML's .nan, .inf), naming its path: the schema's
+    bounds let NaN through (every comparison with it is false)."""
     where = _non_finite(config, ())
     if where is not None:
-        raise ConfigError(f"config{_where(where)}: {config_value(config, where)!r} is not a finite number; "
-                          f"NaN and infinity are not allowed anywhere in a study")
-    check_study_config(config)
-    fill_defaults(config)
-    _settings(config)
-    _sources_and_tasks(config)
-
-
-def config_value(config: Any, path: tuple) -> Any:
-    for key in path:
-        config = config[key]
-    return config
+        value = config
+        for key in where:
+            value = value[key]
+        raise ConfigError(f"config{_where(where)}: {value!r} is not a finite number; NaN and infinity are not "
+                          f"allowed anywhere in a study")
