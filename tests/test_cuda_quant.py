@@ -37,7 +37,7 @@ def test_int8_gemm_equals_the_reference_quant_linear():
     x = torch.randn(4, 64, 256, generator=g)
     ref = layer(x)  # CPU: torch._int_mm, then the epilogue
     fast = layer.cuda()(x.cuda())  # CUDA: the same on the GPU (the Hadamard's float matmul may differ)
-    assert layer._integer_path()
+    assert layer.integer_path()
     diff = relative_diff(fast, ref)
     print(f"\nQuantLinear int8 GEMM vs CPU reference: relative diff {diff:.2e}")
     assert diff <= 1e-5

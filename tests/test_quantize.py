@@ -158,6 +158,9 @@ def test_each_int8_gemm_ends_as_its_quamba_layer(built, tmp_path):
     quantize_model_dir(built["fp16"], tmp_path / "a8", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
     quantize_model_dir(built["fp16"], tmp_path / "a16", built["w4"], "w4a16")
     mixer = quamba.load(tmp_path / "a8", device="cpu").backbone.layers[0].mixer
+    gemms = json.loads((tmp_path / "a8" / "quant_config.json").read_text())["gemms"]
+    assert gemms["backbone.layers.0.mixer.out_proj"] == {"int8_gemm": True, "epilogue": "forward", "output": "float"}
+    assert gemms["backbone.layers.0.mixer.in_proj"]["output"] == "int8"
     assert mixer.out_proj.epilogue == "forward" and mixer.out_proj.out_scale is None  # fp16 out
     if mixer.in_proj.epilogue == "parallel":  # Mamba2: one output scale per split z, x, B, C, dt
         assert len(set(mixer.in_proj.out_scale.tolist())) == 5

@@ -122,7 +122,8 @@ class QuantLinear(nn.Module):
             self._factors = factors
         return self._factors
 
-    def _integer_path(self) -> bool:
+    def integer_path(self) -> bool:
+        """Whether forward runs the int8 GEMM (int8 weights, int8 input, one scale per row)."""
         return self.int8_weight and self.act_scale is not None and self.scales.shape[-1] == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ class QuantLinear(nn.Module):
         if self.act_scale is None:
             return F.linear(x, self.reference_weight(x.dtype), bias)
         x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
-        if self._integer_path():
+        if self.integer_path():
             acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
             first, second, out_scale = self.epilogue_factors()
             y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.out_rounding)

@@ -145,6 +145,14 @@ def _float_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16) for k, v in state.items()}
 
 
+def _gemms(model) -> dict[str, dict]:
+    """How each integer layer of the applied model computes: int8 GEMM or a dequantized float
+    weight, its epilogue order, and whether it writes int8 (the record of quamba.models.apply)."""
+    return {name: {"int8_gemm": layer.integer_path(), "epilogue": layer.epilogue if layer.integer_path() else None,
+                   "output": "int8" if layer.integer_path() and layer.out_scale is not None else "float"}
+            for name, layer in model.named_modules() if isinstance(layer, QuantLinear)}
+
+
 def _gptq_fp16(entry: dict) -> torch.Tensor:
     """GPTQ's result as fp16 values: the fake-quantized weights Quamba's GPTQ solve hands to its layers."""
     return dequantize(entry["qweight"], expand_scales(entry["scales"], entry["qweight"].shape[1])).to(torch.float16)
@@ -311,6 +319,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "quantized_linears": sorted(weights),
         "group_widths": dict(sorted(group_widths.items())),
         "integer_tensors": dict(sorted(integer.items())),
+        "gemms": _gemms(model),
         "activation_thresholds": thresholds,  # scale = threshold / 127 (float32, floored), derived at apply
     }
     if recipe.reorder:
