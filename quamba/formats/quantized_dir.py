@@ -29,7 +29,7 @@ from quamba.numerics.quantizers import pack_int4, unpack_int4
 from quamba.numerics.tensor_codecs import IntegerTensor
 
 QUANT_CONFIG = "quant_config.json"
-TENSORS_FILE = "model.safetensors"
+TENSORS_FILE = "model.safetensors"  # the name an FP16 dir uses too (models.checkpoint.SAFETENSORS_FILE)
 # 4: activation thresholds instead of scales (the scale is derived where the plan is applied);
 # 3: integer tensors beyond the projections ({path}.q, {path}.scale), grouped tap scales
 QUANT_CONFIG_VERSION = 4

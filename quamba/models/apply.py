@@ -20,7 +20,7 @@ from quamba.models.lm import MambaLMHeadModel
 from quamba.models.quantized import LINEAR_INPUT_TAPS, QuantLinear
 from quamba.models.taps import LM_HEAD_POINT, named_taps
 from quamba.numerics.quantizers import activation_scale, activation_scales
-from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor, qqq_int8_weight
+from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor
 
 
 def _linear_input_tap(name: str) -> str:
@@ -79,12 +79,6 @@ def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Ten
     return epilogue, torch.cat(scales), points[0]
 
 
-def _dequantized(path: str, coded: IntegerTensor, qqq: bool) -> torch.Tensor:
-    if qqq and path.endswith(".x_proj.weight"):  # Mamba1 W4A8: x_proj is a QQQ layer too
-        return dequantize_tensor(*qqq_int8_weight(coded.q, coded.scale))
-    return dequantize_tensor(coded.q, coded.scale)
-
-
 def _set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
     module_path, _, name = path.rpartition(".")
     model.get_submodule(module_path).register_parameter(name, nn.Parameter(value, requires_grad=False))
@@ -96,7 +90,7 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
     small = {path: coded for path, coded in plan.tensors.items() if _small_gemm_points(path, plan)}
     for path, coded in plan.tensors.items():
         if path not in small:
-            _set_parameter(model, path, _dequantized(path, coded, plan.qqq))
+            _set_parameter(model, path, dequantize_tensor(coded.q, coded.scale))
     for path, coded in small.items():  # after the biases: dt_proj's QuantLinear keeps its integer bias
         _swap_small_gemm(model, path, coded, plan)
     for name, coded in plan.linears.items():

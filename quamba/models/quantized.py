@@ -116,8 +116,8 @@ class QuantLinear(nn.Module):
             if self.qqq or self.epilogue == "parallel":
                 factors = (s_w if out is None else s_w / out, s_in, out)
             else:
-                ratio = s_in if out is None else torch.tensor(self.act_scale / float(out[0]), dtype=torch.float32,
-                                                              device=device)
+                ratio = s_in if out is None else torch.tensor(  # a double rounded to float32, as Quamba's
+                    self.act_scale / float(self.out_scale[0]), dtype=torch.float32, device=device)
                 factors = (ratio, s_w, out) if self.epilogue == "seqlen_last" else (s_w, ratio, out)
             self._factors = factors
         return self._factors
