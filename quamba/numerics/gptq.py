@@ -38,6 +38,7 @@ from quamba.numerics.quantizers import (
 )
 
 SOLVE_DTYPE = torch.float32  # Quamba's dtype for the damped Cholesky and the column loop of its Linears
+GRAPHS_ON_CUDA = True  # replay each block's column loop as one CUDA graph (the same kernels, no launch cost)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +127,7 @@ class GPTQ:
             raise ValueError(f"percdamp: {percdamp} must be in [0, 1)")
         if blocksize <= 0:
             raise ValueError(f"blocksize: must be positive, got {blocksize}")
-        qmin, qmax = qrange(bits)
+        qrange(bits)  # validates bits
         n_out, n_in = weight.shape
         width = group_width(n_in, granularity, group_size)  # columns per scale
         dynamic_groups = width < n_in and not act_order
@@ -162,27 +163,74 @@ class GPTQ:
 
         Q = torch.empty(n_out, n_in, dtype=torch.int8, device=device)  # (out, in), quantization order
         loss = torch.zeros((), dtype=torch.float64, device=device)
+        step = _ColumnLoop(bits, grid, rounding, width if dynamic_groups else None, loss)
         for start in range(0, n_in, blocksize):
             end = min(start + blocksize, n_in)
-            W_block = W[:, start:end]  # (out, b), a view: updated in place
-            U_block = U[start:end, start:end]  # (b, b)
-            errors = torch.empty_like(W_block)  # (out, b): (w - q) / d per column
-            for i in range(end - start):
-                column = start + i
-                if dynamic_groups and column % width == 0:
-                    group = W_block[:, i:i + width]  # (out, width), inside this block by the alignment
-                    scales[:, column // width] = grid_scale(group.abs().amax(dim=1), bits, grid)
-                scale = scales[:, column // width] if dynamic_groups else column_scales[:, column]  # (out|1,)
-                w = W_block[:, i]  # (out,)
-                q = round_to_integer(w / scale, rounding).clamp_(qmin, qmax)  # (out,), in dtype
-                Q[:, column] = q.to(torch.int8)
-                dequantized = (q * scale).to(torch.float16).to(dtype)  # Quamba keeps fp16 weights
-                error = (w - dequantized) / U_block[i, i]  # (out,)
-                loss += error.double().square().sum()
-                W_block[:, i + 1:] -= error[:, None] * U_block[i, i + 1:][None, :]  # OBS update, this block
-                errors[:, i] = error
+            groups = slice(start // width, end // width)  # blocks hold whole groups (blocksize rounded above)
+            block_scales = scales[:, groups] if dynamic_groups else column_scales[:, start:end]
+            Q[:, start:end], errors, block_scales = step(W[:, start:end], U[start:end, start:end], block_scales)
+            if dynamic_groups:
+                scales[:, groups] = block_scales
             W[:, end:] -= errors @ U[start:end, end:]  # the block's deferred update of later columns
 
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]  # back to the original column order
         return QuantizedLinearWeight(Q, scales.float(), bits, granularity, group_size, perm, float(loss))
+
+
+def _quantize_columns(W_block: torch.Tensor, U_block: torch.Tensor, block_scales: torch.Tensor, Q_block: torch.Tensor,
+                      errors: torch.Tensor, loss: torch.Tensor, bits: int, grid: str, rounding: str,
+                      width: int | None) -> None:
+    """GPTQ's column loop over one block, in place: W_block (out, b) is updated column by column,
+    Q_block (out, b) and errors (out, b) written, loss accumulated. With `width` (groups met in the
+    loop) block_scales (out, b / width) are written as each group starts; without, block_scales
+    (out|1, b) are the columns' fixed scales. No host sync: the loop can be captured as a graph."""
+    qmin, qmax = qrange(bits)
+    for i in range(W_block.shape[1]):
+        if width is not None and i % width == 0:  # blocks start on a group boundary
+            block_scales[:, i // width] = grid_scale(W_block[:, i:i + width].abs().amax(dim=1), bits, grid)
+        scale = block_scales[:, i // width] if width is not None else block_scales[:, i]  # (out|1,)
+        w = W_block[:, i]  # (out,)
+        q = round_to_integer(w / scale, rounding).clamp_(qmin, qmax)  # (out,), in dtype
+        Q_block[:, i] = q.to(torch.int8)
+        dequantized = (q * scale).to(torch.float16).to(W_block.dtype)  # Quamba keeps fp16 weights
+        error = (w - dequantized) / U_block[i, i]  # (out,)
+        loss += error.double().square().sum()
+        W_block[:, i + 1:] -= error[:, None] * U_block[i, i + 1:][None, :]  # OBS update, this block
+        errors[:, i] = error
+
+
+class _ColumnLoop:
+    """Runs `_quantize_columns` on each block: eagerly on the CPU; on CUDA as one captured graph
+    per block shape, replayed with the block copied into its static buffers (the loop is ~10 small
+    kernels per column, so eager CUDA is launch-bound). The graph runs exactly the eager kernels in
+    the eager order, so both give the same bits; `loss` is the one accumulator either way."""
+
+    def __init__(self, bits: int, grid: str, rounding: str, width: int | None, loss: torch.Tensor):
+        self.args = (bits, grid, rounding, width)
+        self.loss = loss
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, W_block: torch.Tensor, U_block: torch.Tensor, block_scales: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q_block, errors, block_scales) of one block; W_block is not written back."""
+        key = (tuple(W_block.shape), tuple(block_scales.shape))
+        if not (W_block.is_cuda and GRAPHS_ON_CUDA) or key not in self.graphs:
+            self.graphs.setdefault(key, None)  # a shape met again is captured: the first run was its warm-up
+            buffers = (W_block.clone(), U_block, block_scales.clone(),
+                       torch.empty(W_block.shape, dtype=torch.int8, device=W_block.device), torch.empty_like(W_block))
+            _quantize_columns(*buffers, self.loss, *self.args)
+            return buffers[3], buffers[4], buffers[2]
+        if self.graphs[key] is None:
+            static = (W_block.clone(), U_block.clone(), block_scales.clone(),
+                      torch.empty(W_block.shape, dtype=torch.int8, device=W_block.device), torch.empty_like(W_block))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the kernels; nothing runs yet
+                _quantize_columns(*static, self.loss, *self.args)
+            self.graphs[key] = (graph, static)
+        graph, (W_s, U_s, S_s, Q_s, E_s) = self.graphs[key]
+        W_s.copy_(W_block)
+        U_s.copy_(U_block)
+        S_s.copy_(block_scales)
+        graph.replay()
+        return Q_s.clone(), E_s.clone(), S_s.clone()
