@@ -279,7 +279,16 @@ def test_perplexity_max_tokens_scores_the_first_tokens_only(tmp_path, ours):
         perplexity.documents(ours, tmp_path / "held_out.txt", 0)
 
 
-def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_path, model_dir):
+def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_path, model_dir, monkeypatch):
+    import subprocess
+
+    import torch.utils.collect_env
+
+    def no_subprocess(*args, **kwargs):  # lm-eval's machine report (pip list, nvidia-smi, git) is skipped
+        raise AssertionError(f"an evaluation started a subprocess: {args}")
+
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
     runs = [tmp_path / "a.json", tmp_path / "b.json"]
     for out in runs:
         evaluate(model_dir, ["quamba_mc", "quamba_cloze", "perplexity"], out, batch_size=4, limit=5, device="cpu",

@@ -7,13 +7,15 @@ results JSON and, beside it, the per-item results (quamba.formats.samples).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from quamba import perplexity
 from quamba.errors import ConfigError, ResultError
@@ -161,9 +163,10 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
 
     specs = [*names, *(perplexity.task_config(lm, data, perplexity_tokens) for data in perplexity_files)]
     try:
-        output = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
-                                 limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                 torch_random_seed=seed, fewshot_random_seed=seed)
+        with _without_environment_report():
+            output = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
+                                     limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                                     torch_random_seed=seed, fewshot_random_seed=seed)
     except OverflowError as err:  # lm-eval's exp() of a loglikelihood beyond float range
         raise ResultError(f"{local_dir}: a metric overflowed ({err}): the model's loglikelihoods are far out of "
                           f"range; nothing was written (check the model's weights and quantization scales)") from None
@@ -175,6 +178,19 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     write_samples(samples_path(out), reduce_samples(output["samples"], aggregation_names(output)))
     write_json(out, doc)  # last: the results JSON is the job's output, its per-item file is already there
     return doc
+
+
+@contextlib.contextmanager
+def _without_environment_report() -> Iterator[None]:
+    """simple_evaluate ends by describing the machine: torch's collect_env (subprocesses: pip list,
+    nvidia-smi; 1.7 s of every evaluation job on a CPU, more on a GPU box) and `git describe`. That
+    report lands in sections this stage drops (LM_EVAL_SECTIONS; package_versions records what
+    counts), so evaluations skip it."""
+    import lm_eval.evaluator as evaluator
+
+    with mock.patch.object(evaluator, "add_env_info", lambda storage: None), \
+            mock.patch.object(evaluator, "get_git_commit_hash", lambda: None):
+        yield
 
 
 def aggregation_names(output: dict[str, Any]) -> dict[str, dict[str, str]]:
