@@ -8,6 +8,8 @@ Prints one JSON line per model; goal: ratio >= 0.8.
 
     python bench/eval.py                       # the shipped demo models
     python bench/eval.py --size 130m           # random weights at mamba-130m's width and depth
+    python -m bench.eval --arch mamba2-2.7b --profile   # a real architecture (random weights); --profile
+        # prints where one adapter run's time goes
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
+from bench.profiling import profile, random_model_dir
 from quamba.lm_eval_model import QuambaLM
 from quamba.models import MambaConfig, MambaLMHeadModel
 from quamba.models.checkpoint import save_fp16
+from quamba.models.random_checkpoint import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_DATA = REPO / "resources" / "tasks" / "data"
@@ -76,7 +80,7 @@ def best_seconds(fns: dict, device: torch.device, repeats: int) -> dict[str, flo
 
 
 def bench(model_dir: Path, name: str, batch_size: int, limit: int | None = None, repeats: int = 3,
-          device: str | None = None) -> dict:
+          device: str | None = None, profiled: bool = False) -> dict:
     lm = QuambaLM(model_dir, batch_size=batch_size, device=device, progress=False)
     reqs = requests(limit)
     rows = scored_rows(lm, reqs)
@@ -94,6 +98,8 @@ def bench(model_dir: Path, name: str, batch_size: int, limit: int | None = None,
 
     times = best_seconds({"adapter": lambda: lm.loglikelihood(reqs), "plain": plain}, lm.device, repeats)
     adapter_s, plain_s = times["adapter"], times["plain"]
+    if profiled:
+        profile(lambda: lm.loglikelihood(reqs), f"adapter {name}, {len(reqs)} requests")
     return {"model": name, "device": torch.cuda.get_device_name() if lm.device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "dtype": str(lm.model.backbone.embedding.weight.dtype).removeprefix("torch."),
             "requests": len(reqs), "tokens": tokens, "padding": round(1 - tokens / padded, 4),
@@ -109,7 +115,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", help="default: cuda when present")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help="a real architecture, random weights")
+    parser.add_argument("--layers", type=int, default=None, help="with --arch: its first N blocks")
+    parser.add_argument("--profile", action="store_true", help="also print a torch profile of one adapter run")
     args = parser.parse_args()
+    if args.arch:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = random_model_dir(args.arch, args.layers, Path(tmp))
+            print(json.dumps(bench(model_dir, args.arch, args.batch_size, args.limit, args.repeats, args.device,
+                                   args.profile)), flush=True)
+        return
     if args.size == "demo":
         models = {name: REPO / "resources" / "models" / name for name in ("mamba1-demo", "mamba2-demo")}
         for name, model_dir in models.items():
