@@ -60,7 +60,7 @@ def main() -> None:
                    "dtype": str(dtype).removeprefix("torch.")}
             ref = seconds_per_forward(model.use_kernels(False), ids, max(1, args.repeats // 2))
             row.update(reference_s=round(ref, 5), reference_tok_s=round(batch * seqlen / ref))
-            if cuda and kernels.AVAILABLE:
+            if cuda and kernels.available():
                 fast = seconds_per_forward(model.use_kernels(True), ids, args.repeats)
                 row.update(kernels_s=round(fast, 5), kernels_tok_s=round(batch * seqlen / fast),
                            speedup_kernels_over_reference=round(ref / fast, 2))

@@ -13,7 +13,7 @@ from quamba.models import MambaConfig, kernels, ops
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not kernels.AVAILABLE, reason="needs mamba_ssm and causal_conv1d (pip install .[cuda])"),
+    pytest.mark.skipif(not kernels.available(), reason="needs mamba_ssm and causal_conv1d (pip install .[cuda])"),
 ]
 
 MODELS = {

@@ -44,3 +44,23 @@ def test_a_failure_is_logged_with_its_traceback_and_re_raised(tmp_path, root_han
             raise ValueError("bad value")
     text = log.read_text()
     assert "job failed" in text and "Traceback" in text and "bad value" in text
+
+
+def test_job_imports_leave_the_cuda_packages_alone():
+    """The stages' modules import neither mamba_ssm nor causal_conv1d (seconds of Triton set-up
+    on a GPU box): the kernels load on the first CUDA call. An import hook records any attempt."""
+    code = """
+import sys
+tried = []
+class Recorder:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('mamba_ssm', 'causal_conv1d', 'triton'):
+            tried.append(name)
+        return None
+sys.meta_path.insert(0, Recorder())
+import quamba.stages.assemble, quamba.stages.calibrate, quamba.stages.evaluate, quamba.stages.gptq
+import quamba.stages.scales, quamba.stages.summarize, quamba.models.checkpoint, quamba.lm_eval_model
+print(tried)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"

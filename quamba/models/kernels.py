@@ -2,12 +2,17 @@
 
 These packages only build with nvcc (the `cuda` extra) and mamba_ssm does not even import on
 a machine without CUDA, so everything here is optional. `backend_for` picks, per call, the
-kernels for CUDA tensors when they imported, and the pure-PyTorch reference otherwise. The
+kernels for CUDA tensors when they import, and the pure-PyTorch reference otherwise. The
 RMSNorms always use the reference: mamba_ssm's Triton RMSNorm is not deterministic.
+
+The packages are imported on the first CUDA call, not with this module: importing mamba_ssm
+(Triton and its kernels' definitions) costs seconds that a job which never runs a CUDA model
+(normalize, scales, a CPU study) should not pay.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType, SimpleNamespace
 
@@ -15,16 +20,20 @@ import torch
 
 from quamba.models import ops
 
-try:  # pragma: no cover - exercised only where the CUDA extras are installed
-    from causal_conv1d import causal_conv1d_fn as _conv_fn
-    from causal_conv1d import causal_conv1d_update as _conv_update
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _state_update
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _chunk_scan
 
-    AVAILABLE = True
-except ImportError:  # no CUDA build here: the reference path runs
-    AVAILABLE = False
+@functools.cache
+def available() -> bool:
+    """Whether mamba_ssm and causal_conv1d import here (tried once per process)."""
+    global _conv_fn, _conv_update, _selective_scan, _state_update, _chunk_scan
+    try:  # pragma: no cover - exercised only where the CUDA extras are installed
+        from causal_conv1d import causal_conv1d_fn as _conv_fn
+        from causal_conv1d import causal_conv1d_update as _conv_update
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _chunk_scan
+    except ImportError:  # no CUDA build here: the reference path runs
+        return False
+    return True
 
 
 def causal_conv1d(x, weight, bias, activation="silu"):
@@ -78,6 +87,6 @@ _FAST = SimpleNamespace(
 
 def backend_for(x: torch.Tensor, allow_kernels: bool = True) -> ModuleType | SimpleNamespace:
     """The kernels for a CUDA tensor when they are installed, else the reference `ops`."""
-    if allow_kernels and AVAILABLE and x.is_cuda:
+    if allow_kernels and x.is_cuda and available():
         return _FAST
     return ops
