@@ -194,3 +194,28 @@ def test_histogram_survives_storage():
     again = StreamHistogram.from_stored(offset, counts, histogram.mantissa_bits)
     assert again.numel == histogram.numel and torch.equal(again.counts, histogram.counts)
     assert again.quantile_bracket(0.9995) == histogram.quantile_bracket(0.9995)
+
+
+def fp16_extremes(seed=0):
+    """fp16 activations with every kind of magnitude: zeros, subnormals, the largest finite value."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(6, 700, generator=g) * 10.0 ** torch.randint(-7, 4, (6, 700), generator=g)).half()
+    x.view(-1)[:5] = torch.tensor([0.0, -0.0, 2.0 ** -24, -65504.0, 65504.0]).half()
+    return x
+
+
+@pytest.mark.parametrize("chunk", [StreamHistogram.HISTC_CHUNK, 1000])  # 1000: several histc calls per batch
+def test_fp16_histogram_path_counts_exactly_as_bincount(monkeypatch, chunk):
+    """The compact fp16 path (CUDA's, no host sync) gives the full histogram's counts bit for bit."""
+    monkeypatch.setattr(StreamHistogram, "HISTC_CHUNK", chunk)
+    full, compact = StreamHistogram(), StreamHistogram()
+    for seed in range(3):
+        x = fp16_extremes(seed)
+        full.update(x)  # the CPU: bincount over all bins
+        keys = x.reshape(-1).float().abs().view(torch.int32) >> compact.shift
+        compact._update_fp16(keys)
+        compact.numel += x.numel()
+    assert torch.equal(compact.counts, full.counts) and compact.stored()[0] == full.stored()[0]
+    assert torch.equal(compact.stored()[1], full.stored()[1])
+    zeros = sum(int((fp16_extremes(seed) == 0).sum()) for seed in range(3))
+    assert compact.counts[0] == zeros >= 6 and compact.counts[compact.fp16_high] >= 6  # 0 and 65504 counted

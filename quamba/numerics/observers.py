@@ -154,33 +154,68 @@ class Moments:
 
 class StreamHistogram:
     """Counts of |x| per float32 bin: sign dropped, the 8 exponent bits and the first
-    `mantissa_bits` mantissa bits select the bin. Zero and subnormals fall in the lowest bins."""
+    `mantissa_bits` mantissa bits select the bin. Zero and subnormals fall in the lowest bins.
+
+    On CUDA, fp16 activations take a faster path with the same counts: their |x| is 0 or lies
+    in [2^-24, 65504], a few thousand of the bins, whose compact histogram fits a GPU block's
+    shared memory; torch.histc counts it with no host sync (torch.bincount of all 2^14 bins
+    counts in global memory and syncs twice per call). Counts are integers held in float32
+    there, exact because no chunk counted at once holds 2^24 values or more."""
+
+    HISTC_CHUNK = 1 << 24  # values per histc call: float32 counts stay exact
 
     def __init__(self, mantissa_bits: int = 6):
         self.mantissa_bits = mantissa_bits
         self.shift = 23 - mantissa_bits  # float32 has 23 mantissa bits
         self.nbins = 1 << (8 + mantissa_bits)
-        self._counts: torch.Tensor | None = None  # int64, on the stream's device
+        self._counts: torch.Tensor | None = None  # int64 over all bins, on the stream's device
+        self._fp16_counts: torch.Tensor | None = None  # int64 over the fp16 bins (fast path)
         self.numel = 0
+        # the bins finite fp16 magnitudes fall in: 0 (bin 0) and [2^-24, 65504]
+        self.fp16_low = _float32_key(2.0 ** -24, self.shift)
+        self.fp16_high = _float32_key(65504.0, self.shift)
 
     @property
     def bins_per_octave(self) -> int:
         return 1 << self.mantissa_bits
 
     def update(self, x: torch.Tensor) -> None:
-        bits = x.detach().reshape(-1).float().abs().view(torch.int32)
-        counts = torch.bincount(bits >> self.shift, minlength=self.nbins)
-        self._counts = counts if self._counts is None else self._counts + counts
-        self.numel += x.numel()
+        flat = x.detach().reshape(-1)
+        keys = flat.float().abs().view(torch.int32) >> self.shift
+        if flat.is_cuda and flat.dtype == torch.float16 and not torch.are_deterministic_algorithms_enabled():
+            self._update_fp16(keys)
+        else:
+            counts = torch.bincount(keys, minlength=self.nbins)
+            self._counts = counts if self._counts is None else self._counts + counts
+        self.numel += flat.numel()
+
+    def _update_fp16(self, keys: torch.Tensor) -> None:
+        """Bin 0 -> compact 0, bins fp16_low..fp16_high -> 1..; counted by histc, no host sync.
+        Non-finite values (their key is past fp16_high) are left out: calibration refuses them."""
+        n = self.fp16_high - self.fp16_low + 2
+        compact = torch.where(keys == 0, 0, keys - (self.fp16_low - 1)).float()
+        counts = sum(torch.histc(chunk, bins=n, min=-0.5, max=n - 0.5).long()
+                     for chunk in compact.split(self.HISTC_CHUNK))
+        self._fp16_counts = counts if self._fp16_counts is None else self._fp16_counts + counts
+
+    def _all_counts(self) -> torch.Tensor:
+        """int64 counts over all bins, both paths merged."""
+        counts = self._counts
+        if self._fp16_counts is not None:
+            full = torch.zeros(self.nbins, dtype=torch.int64, device=self._fp16_counts.device)
+            full[0] = self._fp16_counts[0]
+            full[self.fp16_low:self.fp16_high + 1] = self._fp16_counts[1:]
+            counts = full if counts is None else counts + full.to(counts.device)
+        return counts
 
     @property
     def counts(self) -> torch.Tensor:
         """Counts per bin as float64 on the CPU (read after the stream)."""
-        return self._counts.double().cpu()
+        return self._all_counts().double().cpu()
 
     def stored(self) -> tuple[int, torch.Tensor]:
         """(first nonempty bin, int64 counts from there to the last nonempty one): what is kept."""
-        counts = self._counts.cpu()
+        counts = self._all_counts().cpu()
         nonzero = counts.nonzero()
         first, last = int(nonzero[0]), int(nonzero[-1])
         return first, counts[first:last + 1].clone()
@@ -222,19 +257,33 @@ class StreamHistogram:
         return (above + in_bin * share_of_bin_above) / self.numel, in_bin / self.numel
 
 
+def _float32_key(value: float, shift: int) -> int:
+    """The bin of a float32 magnitude: its bit pattern shifted right by `shift`."""
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32)) >> shift
+
+
 class Reservoir:
     """A uniform random sample of `size` values from a stream: keep the values with the
-    smallest of independent uniform keys (bottom-k sampling), drawn from a seeded generator."""
+    smallest of independent uniform keys (bottom-k sampling), drawn from a seeded generator.
+
+    On the CPU only the keys that can enter are drawn (their law, not one key per value). A
+    CUDA stream draws a key for every value on the device with the device's generator and keeps
+    the bottom keys with topk: no host sync, nothing leaves the GPU until `sample()`. Same law,
+    a different random stream: a CUDA run samples other values than a CPU run of the same seed."""
 
     def __init__(self, size: int, seed: int):
-        self.size = size
+        self.size, self.seed = size, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.scalar_rng = np.random.default_rng(seed)  # the one Beta draw per large first batch
+        self.device_generator: torch.Generator | None = None  # made on the first CUDA batch
         self.keys = torch.empty(0, dtype=torch.float64)
         self.values = torch.empty(0, dtype=torch.float32)
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1)
+        if flat.is_cuda:
+            self._update_on_device(flat)
+            return
         if flat.numel() < 4 * self.size:  # small batch: a key for every value is cheap
             keys = torch.rand(flat.numel(), dtype=torch.float64, generator=self.generator)
             values = flat.float().cpu()
@@ -247,6 +296,21 @@ class Reservoir:
         if keys.numel() > self.size:
             order = keys.topk(self.size, largest=False, sorted=False).indices
             keys, values = keys[order], values[order]
+        self.keys, self.values = keys, values
+
+    def _update_on_device(self, flat: torch.Tensor) -> None:
+        if self.device_generator is None or self.keys.device != flat.device:
+            self.device_generator = torch.Generator(device=flat.device).manual_seed(self.seed)
+            self.keys, self.values = self.keys.to(flat.device), self.values.to(flat.device)
+        keys = torch.rand(flat.numel(), dtype=torch.float64, device=flat.device, generator=self.device_generator)
+        values = flat.float()
+        if keys.numel() > self.size:
+            keys, order = keys.topk(self.size, largest=False, sorted=False)
+            values = values[order]
+        keys, values = torch.cat([self.keys, keys]), torch.cat([self.values, values])
+        if keys.numel() > self.size:
+            keys, order = keys.topk(self.size, largest=False, sorted=False)
+            values = values[order]
         self.keys, self.values = keys, values
 
     def _smallest_keys(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,8 +346,8 @@ class Reservoir:
         return unique[first_seen.argsort()[:count]]
 
     def sample(self) -> torch.Tensor:
-        """The sample, ordered by key: a random order, the same for the same seed and stream."""
-        return self.values[self.keys.argsort()]
+        """The sample on the CPU, ordered by key: a random order, the same for the same seed and stream."""
+        return self.values[self.keys.argsort()].cpu()
 
 
 def replay_percentile(tails: list[torch.Tensor], numels: list[int], alpha: float) -> float:

@@ -1,0 +1,69 @@
+"""On CUDA: calibration's observers stay on the GPU (histc histogram of fp16 activations, device
+reservoir keys) and give the reference's statistics. Skipped without a GPU."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_model
+
+from quamba.models import MambaConfig
+from quamba.numerics.observers import Reservoir, StreamHistogram
+from quamba.recipe import Recipe
+from quamba.stages.calibrate import CalibrationSettings, calibrate
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_fp16_histogram_on_cuda_counts_as_the_cpu_bincount():
+    g = torch.Generator().manual_seed(0)
+    cpu, gpu = StreamHistogram(), StreamHistogram()
+    for _ in range(3):
+        x = (torch.randn(8, 512, 640, generator=g) * 10.0 ** torch.randint(-6, 4, (8, 512, 640), generator=g)).half()
+        cpu.update(x)
+        gpu.update(x.cuda())
+    assert gpu._fp16_counts is not None and gpu._counts is None  # the fast path ran
+    assert torch.equal(gpu.counts, cpu.counts) and gpu.numel == cpu.numel
+
+
+def test_device_reservoir_is_seeded_and_uniform():
+    total, size = 200_000, 2000
+
+    def run(seed):
+        reservoir = Reservoir(size, seed)
+        for start in range(0, total, 25_000):
+            reservoir.update(torch.arange(start, start + 25_000, dtype=torch.float32, device="cuda"))
+        return reservoir.sample().numpy()
+
+    a, b, c = run(0), run(0), run(1)
+    assert np.array_equal(a, b) and not np.array_equal(np.sort(a), np.sort(c))
+    assert a.size == size and np.unique(a).size == size
+    ordered = np.sort(a) / total
+    cdf = np.arange(1, size + 1) / size
+    assert max(np.max(cdf - ordered), np.max(ordered - (cdf - 1 / size))) < 1.63 / math.sqrt(size)
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_calibration_on_cuda_keeps_the_reference_statistics(layer, monkeypatch):
+    """The fast observers give the histograms and tails of the plain bincount path, bit for bit."""
+    extra = {"d_state": 32, "headdim": 32, "chunk_size": 64} if layer == "Mamba2" else {}
+    model = random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, layer=layer, **extra)).cuda().half()
+    windows = torch.randint(0, 4096, (8, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    settings = CalibrationSettings(num_samples=8, seq_len=256, batch_size=4)
+    fast = calibrate(model, list(windows.split(4)), settings, Recipe(), progress=False)[1]
+
+    def bincount_everything(self, keys):  # the general path for every batch
+        counts = torch.bincount(keys, minlength=self.nbins)
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    monkeypatch.setattr(StreamHistogram, "_update_fp16", bincount_everything)
+    plain = calibrate(model, list(windows.split(4)), settings, Recipe(), progress=False)[1]
+    assert fast.keys() == plain.keys()
+    for name in fast:
+        assert fast[name].histogram_offset == plain[name].histogram_offset, name
+        assert torch.equal(fast[name].histogram, plain[name].histogram), name
+        assert (fast[name].tails is None) == (plain[name].tails is None)
+        for a, b in zip(fast[name].tails or [], plain[name].tails or []):
+            assert torch.equal(a, b), name
