@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
 # Where the real-size stages spend their time, on one GPU (../shared/gpu/README.md stages the kernels):
-#   1. GPTQ's CUDA tests (the column loop as CUDA graphs equals the eager loop, run to run identity);
-#   2. the gptq stage at mamba2-2.7b width (random weights, a few blocks, Quamba's 128 x 1024 windows):
+#   1. the CUDA tests of the kernels, GPTQ (column loop as CUDA graphs = eager) and calibration's observers;
+#   2. the gptq stage at mamba2-2.7b width (random weights, 4 blocks, Quamba's 128 x 1024 windows):
 #      eager against CUDA-graph column loop, GPU busy share, byte-identical weights;
-#   3. calibrate against a plain forward at mamba2-2.7b width, with a torch profile;
-#   4. the lm-eval adapter at mamba2-2.7b width against a plain forward, with a torch profile;
-#   5. job start-up: a small `device: cuda` study; every job's "start-up" log line and wall time.
-# Run from the repo root: bash bench/realsize_stages.sh OUT_DIR [LAYERS]
+#   3. calibrate against a plain forward at mamba2-2.7b width, batch 1 (Quamba's) and 8, a torch profile;
+#   4. the lm-eval adapter at mamba2-2.7b width against a plain forward at batch 8, 64, 256, a profile;
+#   5. job start-up: import times, and a few jobs of a `device: cuda` study with their "start-up" lines.
+# Run from the repo root: bash bench/realsize_stages.sh OUT_DIR [LAYERS]   (8 files in OUT_DIR)
 set -uo pipefail
 out=${1:?usage: bench/realsize_stages.sh OUT_DIR [LAYERS]}
 layers=${2:-8}
 mkdir -p "$out"
+err="$out/stderr.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_quant.py -k gptq -s 2>&1 \
-    | grep -E "GPTQ|passed|failed|Error" | tee "$out/gptq_tests.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_cuda_calibration.py \
+    tests/test_cuda_quant.py -k "kernel or gptq or calibration or reservoir or histogram" -s 2>&1 \
+    | grep -E "GPTQ|passed|failed|Error|assert" | tee "$out/tests.txt"
 timeout 200 python3 -m bench.gptq --arch mamba2-2.7b --layers 4 --nsamples 128 --seqlen 1024 \
-    > "$out/gptq_stage.json" 2> "$out/gptq_stage.err"; tail -2 "$out/gptq_stage.json" "$out/gptq_stage.err"
-timeout 150 python3 -m bench.calibration --arch mamba2-2.7b --layers "$layers" --samples 64 --seq-len 512 \
-    --profile > "$out/calibration.json" 2> "$out/calibration_profile.txt"; cat "$out/calibration.json"
-timeout 150 python3 -m bench.eval --arch mamba2-2.7b --layers "$layers" --repeats 1 --profile \
-    > "$out/eval.json" 2> "$out/eval_profile.txt"; cat "$out/eval.json"
+    > "$out/gptq_stage.json" 2>> "$err"; cat "$out/gptq_stage.json"
+for batch in 1 8; do  # Quamba's calibration runs batch 1 (each window is one sample of its observers)
+  timeout 150 python3 -m bench.calibration --arch mamba2-2.7b --layers "$layers" --samples 64 --seq-len 512 \
+      --batch-size $batch $([ $batch = 1 ] && echo --profile) >> "$out/calibration.json" \
+      2> "$out/calibration_profile.txt.$batch"
+done
+mv "$out/calibration_profile.txt.1" "$out/calibration_profile.txt"; cat "$out/calibration_profile.txt.8" >> "$err"
+rm -f "$out/calibration_profile.txt.8"; cat "$out/calibration.json"
+for batch in 8 64 256; do
+  timeout 150 python3 -m bench.eval --arch mamba2-2.7b --layers "$layers" --repeats 1 --batch-size $batch \
+      $([ $batch = 64 ] && echo --profile) >> "$out/eval.json" 2> "$out/eval_profile.txt.$batch"
+done
+mv "$out/eval_profile.txt.64" "$out/eval_profile.txt"; cat "$out"/eval_profile.txt.* >> "$err"
+rm -f "$out"/eval_profile.txt.*; cat "$out/eval.json"
 
+for module in torch quamba.stages.calibrate quamba.stages.evaluate; do
+  /usr/bin/time -f "import $module: %e s" python3 -c "import $module" 2>&1 | tail -1 | tee -a "$out/startup.txt"
+done
+python3 -X importtime -c "import quamba.stages.evaluate" 2>&1 | sort -t'|' -k2 -n | tail -25 >> "$out/startup.txt"
 work=$(mktemp -d)
 ln -s "$(pwd)/resources" "$work/resources"
 cat > "$work/study.yaml" <<'YAML'
@@ -36,7 +51,8 @@ tasks: [perplexity]
 eval: {batch_size: 8, perplexity_tokens: 2048}
 YAML
 start=$SECONDS
-(cd "$work" && timeout 150 python3 -m snakemake --snakefile "$OLDPWD/Snakefile" --cores 8 --resources gpu=1 \
-    --configfile study.yaml --quiet rules > "$out/study.log" 2>&1)
-echo "cuda study: rc=$? in $((SECONDS - start)) s"
-grep -H "start-up\|job done" -r "$work/logs" | sed "s|$work/logs/||" | tee "$out/startup.txt"
+(cd "$work" && timeout 120 python3 -m snakemake --snakefile "$OLDPWD/Snakefile" --cores 8 --resources gpu=1 \
+    --configfile study.yaml --quiet rules results/mamba2-demo/fp16/eval/perplexity.json \
+    results/mamba2-demo/calib/default/stats.json >> "$err" 2>&1)
+echo "cuda study (3 jobs): rc=$? in $((SECONDS - start)) s" | tee -a "$out/startup.txt"
+grep -H "start-up\|job done" -r "$work/logs" | sed "s|$work/logs/||" | tee -a "$out/startup.txt"

@@ -151,9 +151,12 @@ class QuambaLM(TemplateLM):
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 logits = self.logits([inputs[i] for i in batch])  # (b, l, padded_vocab)
-                # The logits that predict each continuation token: the last len(target) real positions.
-                scored = torch.cat([logits[row, len(inputs[i]) - len(targets[i]):len(inputs[i])]
-                                    for row, i in enumerate(batch)])  # (sum of target lengths, padded_vocab)
+                # The logits that predict each continuation token: the last len(target) real positions,
+                # gathered in one indexing op (a slice per row costs a kernel launch per request).
+                width = logits.shape[1]
+                positions = torch.tensor([row * width + p for row, i in enumerate(batch)
+                                          for p in range(len(inputs[i]) - len(targets[i]), len(inputs[i]))])
+                scored = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]  # (targets, vocab)
                 wanted = torch.tensor([t for i in batch for t in targets[i]], device=scored.device)
                 logprobs = scored.float().log_softmax(dim=-1)
                 token_logprobs = logprobs.gather(-1, wanted[:, None])[:, 0].tolist()
