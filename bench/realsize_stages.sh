@@ -26,7 +26,7 @@ for batch in 1 8; do  # Quamba's calibration runs batch 1 (each window is one sa
 done
 mv "$out/calibration_profile.txt.1" "$out/calibration_profile.txt"; cat "$out/calibration_profile.txt.8" >> "$err"
 rm -f "$out/calibration_profile.txt.8"; cat "$out/calibration.json"
-for batch in 8 64 256; do
+for batch in 8 64; do
   timeout 150 python3 -m bench.eval --arch mamba2-2.7b --layers "$layers" --repeats 1 --batch-size $batch \
       $([ $batch = 64 ] && echo --profile) >> "$out/eval.json" 2> "$out/eval_profile.txt.$batch"
 done

@@ -52,14 +52,15 @@ def test_calibration_on_cuda_keeps_the_reference_statistics(layer, monkeypatch):
     model = random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, layer=layer, **extra)).cuda().half()
     windows = torch.randint(0, 4096, (8, 256), generator=torch.Generator().manual_seed(0)).cuda()
     settings = CalibrationSettings(num_samples=8, seq_len=256, batch_size=4)
-    fast = calibrate(model, list(windows.split(4)), settings, Recipe(), progress=False)[1]
+    packed = Recipe(calibration_data="packed")  # full windows, 4 per forward
+    fast = calibrate(model, list(windows.split(4)), settings, packed, progress=False)[1]
 
     def bincount_everything(self, keys):  # the general path for every batch
         counts = torch.bincount(keys, minlength=self.nbins)
         self._counts = counts if self._counts is None else self._counts + counts
 
     monkeypatch.setattr(StreamHistogram, "_update_fp16", bincount_everything)
-    plain = calibrate(model, list(windows.split(4)), settings, Recipe(), progress=False)[1]
+    plain = calibrate(model, list(windows.split(4)), settings, packed, progress=False)[1]
     assert fast.keys() == plain.keys()
     for name in fast:
         assert fast[name].histogram_offset == plain[name].histogram_offset, name
