@@ -123,3 +123,32 @@ def test_zero_weights_get_the_scale_floor():
     scales = weight_scales(torch.zeros(3, 8), 4, "channel")
     assert torch.equal(scales, torch.full((3, 1), WEIGHT_SCALE_FLOOR))
     assert torch.equal(quantize(torch.zeros(3, 8), scales, 4), torch.zeros(3, 8, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_packed_int4_dequantizes_to_the_unpacked_reference(groups):
+    from quamba.numerics.quantizers import dequantize, dequantize_packed_int4, expand_scales, pack_int4
+
+    g = torch.Generator().manual_seed(groups)
+    q = torch.randint(-8, 8, (6, 384), generator=g, dtype=torch.int8)
+    scales = torch.rand(6, groups, generator=g) + 0.01
+    assert torch.equal(dequantize_packed_int4(pack_int4(q), scales), dequantize(q, expand_scales(scales, 384)))
+
+
+def test_a_w4_quant_linear_stays_packed_and_keeps_no_float_copy():
+    """W4A16: the codes stay two per byte and the float weight is made per call, never kept; the
+    output is the reference F.linear with the dequantized weight, bit for bit."""
+    import torch.nn.functional as F
+
+    from quamba.models.quantized import QuantLinear
+    from quamba.numerics.quantizers import dequantize, expand_scales
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (64, 256), generator=g, dtype=torch.int8)
+    scales = torch.rand(64, 2, generator=g) * 0.01
+    layer = QuantLinear(q, scales, 4, None, act_scale=None, rotate_input=None)
+    x = torch.randn(3, 5, 256, generator=g)
+    y = layer(x)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (64, 128)
+    assert layer._reference is None and layer.weight_bytes() == 64 * 128 + 64 * 2 * 4
+    assert torch.equal(y, F.linear(x, dequantize(q, expand_scales(scales, 256))))

@@ -2,7 +2,8 @@
 
 `QuantLinear` runs an integer weight: int8 weights with int8 activations (w8a8, and w4a8 as QQQ's
 int8 weights) through the exact int8 GEMM and Quamba's epilogue on CPU and CUDA alike, the others
-through a float weight dequantized once; taps fake-quantize activations.
+through a float weight: int4 weights stay packed two per byte and are dequantized for each call
+(the float weight is never kept), int8 ones are dequantized once; taps fake-quantize activations.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from torch import nn
 from quamba.models.lm import MambaLMHeadModel
 from quamba.numerics import quantizers
 from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.quantizers import HALF_EVEN, compiled, dequantize, expand_scales, quantize, round_to_integer
+from quamba.numerics.quantizers import (
+    HALF_EVEN,
+    compiled,
+    dequantize,
+    dequantize_packed_int4,
+    expand_scales,
+    pack_int4,
+    quantize,
+    round_to_integer,
+)
 from quamba.numerics.tensor_codecs import qqq_int8_weight
 
 MIN_INT_MM_ROWS = 16  # torch._int_mm on CUDA needs more rows than this
@@ -72,8 +82,9 @@ class QuantLinear(nn.Module):
     int32 accumulator (`int8_matmul`), then the epilogue's two float32 multiplies in the order of
     the layer's call (`epilogue`), and, where the next op takes int8 (`out_scale`: Mamba1's
     in_proj, Mamba2's in_proj splits), the saturating int8 output; no float copy of the weight is
-    kept on CUDA. Other layers (W4A16; W4A8 with w4_layout gptq_codes) multiply a float weight
-    dequantized once per device and dtype.
+    kept on CUDA. Other layers multiply a float weight: int4 ones (W4A16; W4A8 with w4_layout
+    gptq_codes) hold their codes packed two per byte (`pack_int4`) and dequantize them on each
+    call, so a 4-bit model stays 4-bit in memory; int8 ones dequantize once per device and dtype.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
@@ -90,7 +101,9 @@ class QuantLinear(nn.Module):
         if qqq:  # W4A8 as QQQ's kernel: the int4 codes turned into int8 with one scale per row
             qweight, scales = qqq_int8_weight(qweight.to(torch.int8), scales)
         self.int8_weight = bits == 8 or qqq  # qweight holds int8 values the GEMM can take as they are
-        self.register_buffer("qweight", qweight.to(torch.int8))  # (out, in) integer values
+        self.packed = bits == 4 and not qqq  # qweight holds two int4 codes per byte
+        qweight = qweight.to(torch.int8)
+        self.register_buffer("qweight", pack_int4(qweight) if self.packed else qweight)  # (out, in | in / 2)
         self.register_buffer("scales", scales.float())  # (out, groups), (out, 1) or (1, 1)
         # the int8 output's scale per output row (None: the layer writes the model's dtype)
         self.out_scale = None if out_scale is None else out_scale.float().reshape(-1)
@@ -100,7 +113,10 @@ class QuantLinear(nn.Module):
         self._factors: tuple[torch.Tensor, ...] | None = None  # the epilogue's, on the layer's device
 
     def reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized weight on the layer's device in `dtype`, made once and kept."""
+        """The dequantized weight on the layer's device in `dtype`: made for this call from packed
+        int4 codes, made once and kept for int8 ones."""
+        if self.packed:
+            return dequantize_packed_int4(self.qweight, self.scales).to(dtype)
         cached = self._reference
         if cached is None or cached.device != self.qweight.device or cached.dtype != dtype:
             self._reference = dequantize(self.qweight, expand_scales(self.scales, self.in_features)).to(dtype)

@@ -212,6 +212,19 @@ def expand_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor:
     return scales.repeat_interleave(in_features // n_groups, dim=-1)  # (rows, in_features)
 
 
+def dequantize_packed_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 q * s of `pack_int4` codes (rows, in / 2) with scales (rows, groups), (rows, 1) or
+    (1, 1): the values of dequantize(q, expand_scales(scales, in)), without the (rows, in) scale
+    tensor (each group is multiplied by its scale in place of a repeated copy)."""
+    q = unpack_int4(packed)  # (rows, in) int8
+    rows, n_in = q.shape
+    groups = scales.shape[-1]
+    if n_in % groups:
+        raise ValueError(f"scales: {groups} groups do not divide in_features {n_in}")
+    grouped = q.view(rows, groups, n_in // groups).to(torch.float32) * scales.float().unsqueeze(-1)
+    return grouped.view(rows, n_in)
+
+
 def _check_int4(q: torch.Tensor) -> None:
     if q.dtype != torch.int8:
         raise ValueError(f"pack_int4: expected torch.int8 values, got {q.dtype}")
