@@ -478,6 +478,32 @@ def test_realsize_study_dry_run_lists_the_expected_jobs(tmp_path):
                       "summarize": 1, "plot_summary": 1, "plot_activations": 2, "all": 1, "total": 59}
 
 
+@pytest.mark.slow
+def test_realsize_study_runs_on_a_cpu_at_one_layer(tmp_path):
+    """configs/realsize.yaml's mamba2-2.7b cut to 1 block (random:ARCH:SEED:LAYERS), small windows,
+    on the CPU: the real width (2560, 80 heads, 128-state groups, vocab 50277 padded) through every
+    stage, and each job's log opens with its start-up. lm_head is left to FP16 here (lm_head_gptq:
+    none): its 4-bit GPTQ at this vocabulary is 2.5 minutes of fp16 solve on 2 CPU cores."""
+    config = yaml.safe_load((REPO / "configs" / "realsize.yaml").read_text())
+    config.update(device="cpu", tasks=["perplexity"], eval={"batch_size": 8, "limit": None, "perplexity_tokens": 256})
+    config["recipe"] = {"name": "quamba", "lm_head_gptq": "none"}
+    config["models"] = {"mamba2-2.7b": {"source": "random:mamba2-2.7b:0:1"}}
+    config["calibrations"]["default"].update(samples=2, seq_len=64)
+    config["quantization"].update(schemes=["w8a8", "w4a16"], alphas=[1.0], seeds=[0])
+    config["gptq"] = {"nsamples": 2, "seqlen": 64}
+    (tmp_path / "resources").symlink_to(REPO / "resources")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, "--configfile", "study.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    fp16 = json.loads((tmp_path / "results" / "mamba2-2.7b" / "fp16" / "model" / "config.json").read_text())
+    assert fp16["d_model"] == 2560 and fp16["n_layer"] == 1
+    runs = pd.read_csv(tmp_path / "results" / "summary" / "aggregate.csv")
+    ppl = runs[runs.metric == "perplexity"]
+    assert set(ppl.scheme) == {"fp16", "w8a8", "w4a16"} and ppl["mean"].map(math.isfinite).all()
+    logs = list((tmp_path / "logs").rglob("*.log"))  # every job: normalize ... plots
+    assert len(logs) == 13 and all("start-up:" in log.read_text().partition("\n")[0] for log in logs)
+
+
 def test_a_random_source_names_a_known_architecture(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, models={"m": {"source": "random:mamba-9b"}})))
     run = snakemake(tmp_path, "--configfile", "bad.yaml")

@@ -33,17 +33,19 @@ def is_hub_id(path_or_hub_id: str | Path) -> bool:
     return not Path(path_or_hub_id).exists() and bool(_HUB_ID.match(str(path_or_hub_id)))
 
 
-RANDOM_PREFIX = "random:"  # random:ARCH[:SEED], a random-weight checkpoint (quamba.models.random_checkpoint)
+RANDOM_PREFIX = "random:"  # random:ARCH[:SEED[:LAYERS]], a random-weight checkpoint (quamba.models.random_checkpoint)
 
 
-def random_source(source: str | Path) -> tuple[str, int] | None:
-    """(arch, seed) of a `random:ARCH[:SEED]` source, else None."""
+def random_source(source: str | Path) -> tuple[str, int, int | None] | None:
+    """(arch, seed, layers or None: the published depth) of a `random:ARCH[:SEED[:LAYERS]]` source,
+    else None. LAYERS keeps the first blocks' widths at a smaller depth (a real-width study on a CPU)."""
     if not str(source).startswith(RANDOM_PREFIX):
         return None
-    arch, _, seed = str(source).removeprefix(RANDOM_PREFIX).partition(":")
-    if seed and not seed.isdigit():
-        raise CheckpointError(f"{source}: a random source is random:ARCH[:SEED] with an integer seed >= 0")
-    return arch, int(seed or 0)
+    arch, *rest = str(source).removeprefix(RANDOM_PREFIX).split(":")
+    if len(rest) > 2 or not all(part.isdigit() for part in rest) or (len(rest) == 2 and int(rest[1]) == 0):
+        raise CheckpointError(f"{source}: a random source is random:ARCH[:SEED[:LAYERS]] with an integer seed >= 0 "
+                              f"and a number of layers >= 1")
+    return arch, int(rest[0]) if rest else 0, int(rest[1]) if len(rest) == 2 else None
 
 
 def check_source(path_or_hub_id: str | Path) -> None:
@@ -259,13 +261,13 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
 
 
 def normalize(src: str | Path, tokenizer: str | Path, out_dir: Path) -> Path:
-    """Any supported FP checkpoint (local dir, hub id, or random:ARCH[:SEED]) -> our FP16 dir, with
+    """Any supported FP checkpoint (local dir, hub id, or random:ARCH[:SEED[:LAYERS]]) -> our FP16 dir, with
     the input's hash. A random checkpoint is written in that format directly (no fp32 copy)."""
     if random_source(src) is not None:
         from quamba.models.random_checkpoint import write_random_checkpoint
 
-        arch, seed = random_source(src)
-        return write_random_checkpoint(arch, Path(out_dir), seed=seed,
+        arch, seed, layers = random_source(src)
+        return write_random_checkpoint(arch, Path(out_dir), seed=seed, n_layer=layers,
                                        tokenizer=None if str(tokenizer) == str(src) else tokenizer)
     model_dir = resolve_model_dir(src)
     _, fmt = read_config(model_dir)
