@@ -174,6 +174,9 @@ class StreamHistogram:
         # the bins finite fp16 magnitudes fall in: 0 (bin 0) and [2^-24, 65504]
         self.fp16_low = _float32_key(2.0 ** -24, self.shift)
         self.fp16_high = _float32_key(65504.0, self.shift)
+        # histc bins a value k at float32 (k + 0.5) n / n: exact while 2 n^2 < 2^24 (mantissa_bits <= 6)
+        n = self.fp16_high - self.fp16_low + 2
+        self.fp16_fast = 2 * n * n < 1 << 24
 
     @property
     def bins_per_octave(self) -> int:
@@ -182,7 +185,8 @@ class StreamHistogram:
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1)
         keys = flat.float().abs().view(torch.int32) >> self.shift
-        if flat.is_cuda and flat.dtype == torch.float16 and not torch.are_deterministic_algorithms_enabled():
+        if (flat.is_cuda and flat.dtype == torch.float16 and self.fp16_fast
+                and not torch.are_deterministic_algorithms_enabled()):
             self._update_fp16(keys)
         else:
             counts = torch.bincount(keys, minlength=self.nbins)
