@@ -4,7 +4,7 @@
 #   2. the gptq stage at mamba2-2.7b width (random weights, 4 blocks, Quamba's 128 x 1024 windows):
 #      eager against CUDA-graph column loop, GPU busy share, byte-identical weights;
 #   3. calibrate against a plain forward at mamba2-2.7b width, batch 1 (Quamba's) and 8, a torch profile;
-#   4. the lm-eval adapter at mamba2-2.7b width against a plain forward at batch 8, 64, 256, a profile;
+#   4. the lm-eval adapter at mamba2-2.7b width against a plain forward at batch 8 and 64, a profile;
 #   5. job start-up: import times, and a few jobs of a `device: cuda` study with their "start-up" lines.
 # Run from the repo root: bash bench/realsize_stages.sh OUT_DIR [LAYERS]   (8 files in OUT_DIR)
 set -uo pipefail
