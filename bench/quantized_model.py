@@ -1,6 +1,7 @@
 """Quantized models against their FP16 model, in one process: weight memory on the device,
 prefill time (batch x seq tokens, one forward) and batch-1 decode tokens/s with the state cache
-(Quamba's headline). Ratios are against the FP16 run of the same process.
+(Quamba's headline), each step a replayed CUDA graph (`quamba.models.decode`) and, beside it,
+eager. Ratios are against the FP16 run of the same process.
 
     python -m bench.quantized_model --fp16 DIR --quantized W8A8_DIR W4A16_DIR --device cuda
     python -m bench.quantized_model ... --device cpu --prefill 2 64 --decode 8   # a smoke run
@@ -19,6 +20,8 @@ import torch
 
 import quamba
 from quamba.formats.quantized_dir import QUANT_CONFIG
+from quamba.models import decode as decoding
+from quamba.models.decode import Decoder
 from quamba.models.quantized import QuantLinear
 from quamba.numerics import quantizers
 
@@ -65,21 +68,25 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
     ids = torch.randint(0, vocab, prefill, generator=torch.Generator().manual_seed(0)).to(device)
     prefill_s = best(lambda: model(ids), device, repeats)
 
-    def generate() -> None:
-        cache = model.allocate_cache(1)
-        token = ids[:1, :16]
-        logits = model(token, cache=cache).logits
+    def generate(decoder: Decoder) -> None:
+        decoder.reset()
+        logits = model(ids[:1, :16], cache=decoder.cache).logits
         for _ in range(decode):
-            token = logits[:, -1:].argmax(dim=-1)
-            logits = model(token, cache=cache).logits
+            logits = decoder.step(logits[:, -1:].argmax(dim=-1))
 
-    decode_s = best(generate, device, repeats)
+    decode_s = {}
+    for graphs in (True, False):  # a captured step per token (on CUDA), then eager launches
+        decoding.GRAPHS_ON_CUDA = graphs
+        decoder = Decoder(model, batch_size=1)
+        decode_s[graphs] = best(lambda: generate(decoder), device, repeats)
+    decoding.GRAPHS_ON_CUDA = True
     held = weight_bytes(model)  # after the runs: includes any float copy a path made
     allocated = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
     quant = json.loads((model_dir / QUANT_CONFIG).read_text()) if (model_dir / QUANT_CONFIG).is_file() else {}
     scheme = quant.get("scheme", "fp16") + ("" if fused or not quant.get("a_bits") else " (quantizers unfused)")
     return {"model": str(model_dir), "scheme": scheme, "weight_bytes": held,
-            "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s}
+            "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
+            "eager_decode_tokens_per_s": decode / decode_s[False]}
 
 
 def main() -> None:
@@ -100,12 +107,15 @@ def main() -> None:
     base = rows[0]
     name = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
     print(f"device {name}; prefill {args.prefill[0]} x {args.prefill[1]}; decode {args.decode} tokens at batch 1")
-    print("| scheme | weights (MB) | x FP16 | prefill (ms) | x FP16 time | decode tok/s | x FP16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| scheme | weights (MB) | x FP16 | prefill (ms) | x FP16 time | decode tok/s | x FP16 "
+          "| eager decode tok/s | x FP16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['scheme']} | {row['weight_bytes'] / 1e6:.0f} | {row['weight_bytes'] / base['weight_bytes']:.2f} "
               f"| {row['prefill_s'] * 1e3:.1f} | {row['prefill_s'] / base['prefill_s']:.2f} "
-              f"| {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |")
+              f"| {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} "
+              f"| {row['eager_decode_tokens_per_s']:.1f} "
+              f"| {row['eager_decode_tokens_per_s'] / base['eager_decode_tokens_per_s']:.2f} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

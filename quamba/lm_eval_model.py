@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from quamba.errors import CheckpointError, ConfigError
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
+from quamba.models.decode import Decoder
 from quamba.models.load import load
 
 eval_logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class QuambaLM(TemplateLM):
                                   f"one is needed to score text that starts a document")
         self.model = load(model_dir, device=device, dtype=dtype)
         self._device = self.model.backbone.embedding.weight.device
+        self._decoder: Decoder | None = None  # greedy decoding's, made on its first use
         # Generation never picks a row past the tokenizer's vocabulary (mamba_ssm pads it to a multiple of 8).
         self.vocab_size = len(self.tokenizer)
         if self.vocab_size > self.model.config.padded_vocab_size:
@@ -192,9 +194,12 @@ class QuambaLM(TemplateLM):
     def greedy(self, prompt: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> list[int]:
         """Greedy tokens after `prompt`, decoded step by step on the model's state cache; ends at
         EOS, after max_new_tokens, or once the decoded text holds a stop string."""
-        cache = self.model.allocate_cache(batch_size=1)
+        if self._decoder is None:  # made once: on CUDA its step is a captured graph
+            self._decoder = Decoder(self.model, batch_size=1)
+        decoder = self._decoder
+        decoder.reset()
         ids = torch.tensor([prompt], dtype=torch.long, device=self._device)  # (1, l)
-        logits = self.model(ids, cache=cache).logits[0, -1]  # (padded_vocab,)
+        logits = self.model(ids, cache=decoder.cache).logits[0, -1]  # (padded_vocab,)
         tokens: list[int] = []
         while len(tokens) < max_new_tokens:
             token = int(logits[:self.vocab_size].argmax())
@@ -204,7 +209,7 @@ class QuambaLM(TemplateLM):
             if stop and any(s in self.tok_decode(tokens) for s in stop):
                 break
             step = torch.tensor([[token]], dtype=torch.long, device=self._device)  # (1, 1)
-            logits = self.model(step, cache=cache).logits[0, -1]
+            logits = decoder.step(step)[0, -1]
         return tokens
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -53,6 +53,22 @@ def test_kernel_decoding_matches_kernel_forward(name):
     assert diff <= FP16_TOLERANCE
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_decoding_as_a_cuda_graph_equals_eager_kernel_steps(name, monkeypatch):
+    from quamba.models import decode
+
+    model = random_model(MODELS[name]).cuda().half().use_kernels(True)
+    ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    runs = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(decode, "GRAPHS_ON_CUDA", graphs)
+        decoder = decode.Decoder(model, batch_size=2)
+        with torch.inference_mode():
+            model(ids[:, :30], cache=decoder.cache)
+            runs[graphs] = torch.cat([decoder.step(ids[:, t:t + 1]).clone() for t in range(30, 40)], dim=1)
+    assert torch.equal(runs[True], runs[False])
+
+
 def test_selective_scan_kernel_matches_reference():
     g = torch.Generator("cuda").manual_seed(2)
     b, d, n, l = 2, 64, 16, 100

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import REPO, random_model
 
+from quamba.models import MambaConfig
 from quamba.models.quantized import QuantLinear
 from quamba.numerics.quantizers import quantize, weight_scales
+from quamba.recipe import Recipe
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -61,25 +63,36 @@ def test_int8_gemm_and_its_epilogue_are_bit_equal_on_cpu_and_cuda(epilogue, rows
         assert torch.equal(cpu, gpu), (epilogue, rows, dtype)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a16"])
-def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
-    from quamba.models import MambaConfig
+# Residual rotation, Mamba2 reordering (per-cell x scales) and an int8 lm_head
+EVERY_OPTION_CONFIG = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2,
+                                  chunk_size=64)
+EVERY_OPTION_RECIPE = Recipe(reorder=True, quantize_lm_head=True)
+
+
+def quantized_dir(tmp_path, scheme, config=None, recipe=None, alpha=0.9995):
+    """A small quantized dir built on the CPU: calibration, scales, GPTQ, assembly."""
     from quamba.models.checkpoint import save_fp16
-    from quamba.recipe import Recipe
     from quamba.stages.assemble import quantize_model_dir
     from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
     from quamba.stages.gptq import GPTQSettings, gptq_model_dir
     from quamba.stages.scales import scales_file
 
-    fp16 = save_fp16(random_model(MambaConfig(d_model=256, n_layer=2, vocab_size=4096)), tmp_path / "fp16",
-                     REPO / "resources" / "tokenizer")
+    config = config or MambaConfig(d_model=256, n_layer=2, vocab_size=4096)
+    recipe = recipe or Recipe()
+    fp16 = save_fp16(random_model(config), tmp_path / "fp16", REPO / "resources" / "tokenizer")
     calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=8, seq_len=128, save_activations=False),
-                        device="cpu", progress=False)
-    scales_file(tmp_path / "calib", 0.9995, tmp_path / "scales.json")
+                        recipe, device="cpu", progress=False)
+    scales_file(tmp_path / "calib", alpha, tmp_path / "scales.json")
     bits = 8 if scheme == "w8a8" else 4
-    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=bits, nsamples=8, seqlen=128), device="cpu", progress=False)
-    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", scheme, Recipe(), tmp_path / "calib", tmp_path / "scales.json")
-    diff = cuda_vs_cpu(tmp_path / "q")
+    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=bits, nsamples=8, seqlen=128), recipe,
+                   device="cpu", progress=False, calib_dir=tmp_path / "calib" if recipe.reorder else None)
+    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", scheme, recipe, tmp_path / "calib", tmp_path / "scales.json")
+    return tmp_path / "q"
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a16"])
+def test_quantized_model_on_cuda_matches_cpu(scheme, tmp_path):
+    diff = cuda_vs_cpu(quantized_dir(tmp_path, scheme))
     print(f"\n{scheme}: CUDA (kernels, fp32) vs CPU reference logits, relative diff {diff:.2e}")
     assert diff <= 2e-2
 
@@ -130,28 +143,58 @@ def test_gptq_column_loop_as_cuda_graphs_equals_the_eager_loop(case, monkeypatch
 
 def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
     """Residual rotation, Mamba2 reordering (per-cell x scales) and an int8 lm_head on the fast path."""
-    from quamba.models import MambaConfig
-    from quamba.models.checkpoint import save_fp16
-    from quamba.recipe import Recipe
-    from quamba.stages.assemble import quantize_model_dir
-    from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
-    from quamba.stages.gptq import GPTQSettings, gptq_model_dir
-    from quamba.stages.scales import scales_file
-
-    config = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2, chunk_size=64)
-    fp16 = save_fp16(random_model(config), tmp_path / "fp16", REPO / "resources" / "tokenizer")
-    recipe = Recipe(reorder=True, quantize_lm_head=True)
-    calibrate_model_dir(fp16, tmp_path / "calib", CalibrationSettings(num_samples=8, seq_len=128, save_activations=False),
-                        recipe, device="cpu", progress=False)
-    scales_file(tmp_path / "calib", 0.99999, tmp_path / "scales.json")
-    gptq_model_dir(fp16, tmp_path / "g", GPTQSettings(w_bits=8, nsamples=8, seqlen=128), recipe,
-                   device="cpu", progress=False, calib_dir=tmp_path / "calib")
-    quantize_model_dir(fp16, tmp_path / "q", tmp_path / "g", "w8a8", recipe, tmp_path / "calib", tmp_path / "scales.json")
-    diff = cuda_vs_cpu(tmp_path / "q")
+    diff = cuda_vs_cpu(quantized_dir(tmp_path, "w8a8", EVERY_OPTION_CONFIG, EVERY_OPTION_RECIPE, alpha=0.99999))
     print(f"\nw8a8, rotated + reordered + int8 lm_head: CUDA vs CPU reference logits, relative diff {diff:.2e}")
     # 1.95e-2 on an H100: besides the block taps, lm_head's int8 input sits right before the logits,
     # so each rounding flip between the kernels and the reference shows there undamped.
     assert diff <= 5e-2
+
+
+def test_int4_gemm_kernel_and_its_dispatch_on_cuda():
+    """The Triton kernel compiled: each weight value exactly the reference's, products within fp16
+    rounding, at the test cases and at mamba2-2.7b's in_proj (group 128); many rows take the
+    compiled dequantization and cuBLAS, bit-equal to the reference."""
+    import torch.nn.functional as F
+    from test_int4_matmul import CASES, check_kernel_cases, layer
+
+    from quamba.numerics import int4_matmul
+    from quamba.numerics.quantizers import dequantize_packed_int4
+
+    check_kernel_cases("cuda", CASES + [(1, 10576, 2560, 20), (16, 2560, 5120, 40)])
+    packed, scales = (t.cuda() for t in layer(10576, 2560, 20))
+    for rows in (1, 17, 512):
+        x = torch.randn(rows, 2560, generator=torch.Generator().manual_seed(rows)).half().cuda()
+        assert int4_matmul.fused_applies(x, packed, scales) == (rows <= int4_matmul.FUSED_MAX_ROWS)
+        y = int4_matmul.int4_linear(x, packed, scales)
+        want = F.linear(x, dequantize_packed_int4(packed, scales).half())
+        if rows > int4_matmul.FUSED_MAX_ROWS:
+            assert torch.equal(y, want), rows
+        else:
+            print(f"\nint4 kernel vs cuBLAS on the dequantized weight, 1 x 2560 -> 10576: "
+                  f"relative diff {relative_diff(y, want):.2e}")
+            assert relative_diff(y, want) <= 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16", "every option"])
+def test_decoding_as_a_cuda_graph_equals_eager_steps(scheme, tmp_path, monkeypatch):
+    """quamba.models.decode replays a captured step: the same logits, bit for bit, as eager steps
+    of the same fp16 model on the GPU (fused quantizers, int8 GEMMs, packed int4 weights)."""
+    import quamba
+    from quamba.models import decode
+
+    model_dir = (quantized_dir(tmp_path, "w8a8", EVERY_OPTION_CONFIG, EVERY_OPTION_RECIPE, alpha=0.99999)
+                 if scheme == "every option" else quantized_dir(tmp_path, scheme))
+    ids = torch.randint(0, 4096, (1, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    model = quamba.load(model_dir, device="cuda", dtype=torch.float16)
+    runs = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(decode, "GRAPHS_ON_CUDA", graphs)
+        decoder = decode.Decoder(model, batch_size=1)
+        assert (decoder.graph is not None) == graphs
+        with torch.inference_mode():
+            model(ids[:, :8], cache=decoder.cache)
+            runs[graphs] = torch.cat([decoder.step(ids[:, t:t + 1]).clone() for t in range(8, 24)], dim=1)
+    assert torch.equal(runs[True], runs[False])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

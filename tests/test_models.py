@@ -75,6 +75,26 @@ def test_step_decoding_equals_full_forward(name):
     assert (torch.cat([prompt, steps], dim=1) - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_decoder_steps_equal_the_model_on_a_cache_and_reset_starts_over(name):
+    from quamba.models.decode import Decoder
+
+    model = random_model(CONFIGS[name])
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model.allocate_cache(batch_size=2)
+        model(ids[:, :5], cache=cache)
+        want = model(ids[:, 5:], cache=cache).logits
+        decoder = Decoder(model, batch_size=2)
+        with pytest.raises(RuntimeError, match="prompt"):
+            decoder.step(ids[:, :1])
+        for _ in range(2):  # the second run after reset() gives the same logits
+            model(ids[:, :5], cache=decoder.cache)
+            got = torch.cat([decoder.step(ids[:, t:t + 1]) for t in range(5, 12)], dim=1)
+            assert torch.equal(got, want) and decoder.cache.seqlen_offset == 12
+            decoder.reset()
+
+
 def test_ssm_state_is_reachable_and_matches_prefill():
     """The cache's ssm_state after a prompt equals the state reached by stepping token by token."""
     model = random_model(CONFIGS["mamba2"])

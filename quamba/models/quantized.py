@@ -2,8 +2,9 @@
 
 `QuantLinear` runs an integer weight: int8 weights with int8 activations (w8a8, and w4a8 as QQQ's
 int8 weights) through the exact int8 GEMM and Quamba's epilogue on CPU and CUDA alike, the others
-through a float weight: int4 weights stay packed two per byte and are dequantized for each call
-(the float weight is never kept), int8 ones are dequantized once; taps fake-quantize activations.
+through a float weight: int4 weights stay packed two per byte and are dequantized inside the GEMM
+(`int4_matmul`; the float weight is never kept), int8 ones are dequantized once; taps
+fake-quantize activations.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from quamba.models.lm import MambaLMHeadModel
 from quamba.numerics import quantizers
 from quamba.numerics.hadamard import hadamard_transform
+from quamba.numerics.int4_matmul import int4_linear
 from quamba.numerics.quantizers import (
     HALF_EVEN,
     compiled,
@@ -83,8 +85,9 @@ class QuantLinear(nn.Module):
     the layer's call (`epilogue`), and, where the next op takes int8 (`out_scale`: Mamba1's
     in_proj, Mamba2's in_proj splits), the saturating int8 output; no float copy of the weight is
     kept on CUDA. Other layers multiply a float weight: int4 ones (W4A16; W4A8 with w4_layout
-    gptq_codes) hold their codes packed two per byte (`pack_int4`) and dequantize them on each
-    call, so a 4-bit model stays 4-bit in memory; int8 ones dequantize once per device and dtype.
+    gptq_codes) hold their codes packed two per byte (`pack_int4`) and multiply through
+    `int4_linear` (on CUDA the weight is made inside the GEMM), so a 4-bit model stays 4-bit in
+    memory; int8 ones dequantize once per device and dtype.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
@@ -147,7 +150,7 @@ class QuantLinear(nn.Module):
             x = hadamard_transform(x, self.rotate_input)
         bias = None if self.bias is None or not self.add_bias else self.bias.to(x.dtype)
         if self.act_scale is None:
-            return F.linear(x, self.reference_weight(x.dtype), bias)
+            return self._float_linear(x, bias)
         x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
         if self.integer_path():
             acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
@@ -155,8 +158,14 @@ class QuantLinear(nn.Module):
             y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.out_rounding)
             y = y.view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
-        x_dq = dequantize(x_q, self.act_scale).to(x.dtype)
-        return F.linear(x_dq, self.reference_weight(x.dtype), bias)
+        return self._float_linear(dequantize(x_q, self.act_scale).to(x.dtype), bias)
+
+    def _float_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x times the float weight: packed int4 codes through `int4_linear` (on CUDA the weight is
+        made inside the GEMM, or once per call for many rows), int8 ones through their kept copy."""
+        if self.packed:
+            return int4_linear(x, self.qweight, self.scales, bias)
+        return F.linear(x, self.reference_weight(x.dtype), bias)
 
     def weight_bytes(self) -> int:
         """Bytes this layer holds on its device for its weight: integers, scales, any float copy."""

@@ -61,7 +61,9 @@ class Tap(nn.Module):
             return x
         from quamba.numerics.quantizers import fake_quantize  # the FP path never needs it
 
-        scale = self.scale.to(x.device) if isinstance(self.scale, torch.Tensor) else self.scale
+        scale = self.scale
+        if isinstance(scale, torch.Tensor) and scale.device != x.device:  # copied once per device
+            self.scale = scale = scale.to(x.device)
         return fake_quantize(x, scale, 8, self.rounding)
 
     def extra_repr(self) -> str:

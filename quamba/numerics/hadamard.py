@@ -114,6 +114,13 @@ def base_matrix(m: int) -> torch.Tensor:
     return _BASE_BUILDERS[m]()
 
 
+@functools.cache
+def _base_on(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """base_matrix(m) in `dtype` on `device`, copied there once (no host copy per transform, which a
+    CUDA graph could not record)."""
+    return base_matrix(m).to(dtype=dtype, device=device)
+
+
 def _sylvester(p: int) -> torch.Tensor:
     """H_p for p = 2^k by doubling H -> [[H, H], [H, -H]]."""
     h = torch.ones(1, 1, dtype=torch.float64)
@@ -166,6 +173,6 @@ def hadamard_transform(x: torch.Tensor, kind: str = "quamba") -> torch.Tensor:
     lead = x.shape[:-1]
     y = _walsh_hadamard(x.to(compute).reshape(*lead, m, p))  # (..., m, p) = X H_p^T
     if m > 1:
-        y = torch.matmul(base_matrix(m).to(dtype=compute, device=x.device), y)  # (..., m, p) = M X H_p^T
+        y = torch.matmul(_base_on(m, compute, x.device), y)  # (..., m, p) = M X H_p^T
     y = y.reshape(*lead, n) / math.sqrt(n)  # (..., n)
     return y.to(x.dtype)
