@@ -2,13 +2,14 @@
 # Real-size quantized models from random weights of a real architecture, then bench.quantized_model
 # (weight memory, prefill, batch-1 decode against FP16). Round-to-nearest weights (--no-gptq: the
 # speed and memory of a layer do not depend on how its integers were found) and a small calibration.
-#   bash bench/realsize_quantized.sh ARCH OUT_DIR DEVICE [N_LAYER]
+#   bash bench/realsize_quantized.sh ARCH OUT_DIR DEVICE [N_LAYER]   (SKIP_BUILD=1: only the bench)
 # e.g. on the H200: bash bench/realsize_quantized.sh mamba2-2.7b /tmp/rs cuda
 #      on a CPU, a smoke run: bash bench/realsize_quantized.sh mamba2-130m /tmp/rs cpu 2
 set -euo pipefail  # the independent steps run side by side (wait fails on none: check the dirs)
 arch=${1:-mamba2-2.7b}; out=${2:-/tmp/realsize}; device=${3:-cuda}; layers=${4:-}
 q() { python3 -m quamba.cli "$@"; }
 start=$SECONDS
+if [ -z "${SKIP_BUILD:-}" ]; then  # SKIP_BUILD=1: bench the dirs an earlier run built in OUT_DIR
 rm -rf "$out" && mkdir -p "$out"
 q random-checkpoint "$arch" --out "$out/fp16" ${layers:+--layers "$layers"}
 q calibrate "$out/fp16" --samples 8 --seq-len 256 --device "$device" --out "$out/calib"
@@ -20,6 +21,7 @@ q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a8 --calib "$out/calib" --sca
 q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a16 --out "$out/w4a16" &
 wait
 echo "built in $((SECONDS - start)) s"
-if [ "$device" = cpu ]; then shape="--prefill 2 64 --decode 8 --repeats 1"; else shape=""; fi
+fi
+if [ "$device" = cpu ]; then shape="--prefill 2 64 --decode 8 --repeats 1"; else shape=${BENCH_ARGS:-}; fi
 python3 -m bench.quantized_model --fp16 "$out/fp16" --quantized "$out/w8a8" "$out/w4a8" "$out/w4a16" \
     --device "$device" $shape --out "$out/quantized_model.json"

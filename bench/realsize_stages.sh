@@ -5,7 +5,7 @@
 #      eager against CUDA-graph column loop, GPU busy share, byte-identical weights;
 #   3. calibrate against a plain forward at mamba2-2.7b width, batch 1 (Quamba's) and 8, a torch profile;
 #   4. the lm-eval adapter at mamba2-2.7b width against a plain forward at batch 8 and 64, a profile;
-#   5. job start-up: import times, and a few jobs of a `device: cuda` study with their "start-up" lines.
+#   5. job start-up (bench/startup.sh).
 # Run from the repo root: bash bench/realsize_stages.sh OUT_DIR [LAYERS]   (8 files in OUT_DIR)
 set -uo pipefail
 out=${1:?usage: bench/realsize_stages.sh OUT_DIR [LAYERS]}
@@ -33,26 +33,4 @@ done
 mv "$out/eval_profile.txt.64" "$out/eval_profile.txt"; cat "$out"/eval_profile.txt.* >> "$err"
 rm -f "$out"/eval_profile.txt.*; cat "$out/eval.json"
 
-for module in torch quamba.stages.calibrate quamba.stages.evaluate; do
-  /usr/bin/time -f "import $module: %e s" python3 -c "import $module" 2>&1 | tail -1 | tee -a "$out/startup.txt"
-done
-python3 -X importtime -c "import quamba.stages.evaluate" 2>&1 | sort -t'|' -k2 -n | tail -25 >> "$out/startup.txt"
-work=$(mktemp -d)
-ln -s "$(pwd)/resources" "$work/resources"
-cat > "$work/study.yaml" <<'YAML'
-device: cuda
-models:
-  mamba2-demo: {source: resources/models/mamba2-demo}
-calibrations:
-  default: {samples: 32, seq_len: 256}
-quantization: {calibration: default, schemes: [w8a8], alphas: [1.0], seeds: [0]}
-gptq: {nsamples: 8, seqlen: 128}
-tasks: [perplexity]
-eval: {batch_size: 8, perplexity_tokens: 2048}
-YAML
-start=$SECONDS
-(cd "$work" && timeout 120 python3 -m snakemake --snakefile "$OLDPWD/Snakefile" --cores 8 --resources gpu=1 \
-    --configfile study.yaml --quiet rules results/mamba2-demo/fp16/eval/perplexity.json \
-    results/mamba2-demo/calib/default/stats.json >> "$err" 2>&1)
-echo "cuda study (3 jobs): rc=$? in $((SECONDS - start)) s" | tee -a "$out/startup.txt"
-grep -H "start-up\|job done" -r "$work/logs" | sed "s|$work/logs/||" | tee -a "$out/startup.txt"
+bash bench/startup.sh "$out/startup.txt" 2>> "$err"
