@@ -23,8 +23,8 @@ tasks: [perplexity]
 eval: {batch_size: 8, perplexity_tokens: 2048}
 YAML
 start=$SECONDS
-(cd "$work" && timeout 120 python3 -m snakemake --snakefile "$OLDPWD/Snakefile" --cores 8 --resources gpu=1 \
-    --configfile study.yaml --quiet rules results/mamba2-demo/fp16/eval/perplexity.json \
-    results/mamba2-demo/calib/default/stats.json 1>&2)
+(cd "$work" && timeout 120 python3 -m snakemake results/mamba2-demo/fp16/eval/perplexity.json \
+    results/mamba2-demo/calib/default/stats.json --snakefile "$OLDPWD/Snakefile" --cores 8 --resources gpu=1 \
+    --configfile study.yaml --quiet rules 1>&2)  # targets first: --quiet takes several values
 echo "cuda study (3 jobs): rc=$? in $((SECONDS - start)) s" | tee -a "$log"
 grep -H "start-up\|job done" -r "$work/logs" | sed "s|$work/logs/||" | tee -a "$log"
