@@ -181,3 +181,15 @@ def test_half_precision_input_comes_back_half_precision():
 def test_transform_accepts_a_single_vector():
     x = random_input(40, shape=())  # (40,)
     assert (hadamard_transform(x) - rotation(40) @ x).abs().max().item() < 1e-5
+
+
+def test_compiled_butterflies_and_scale_equal_the_eager_ones_bit_for_bit():
+    """What CUDA runs compiled (the cast and butterfly stages; the scale and cast), compiled here on
+    the CPU: the same float operations per element, so the same bits."""
+    from quamba.numerics.hadamard import _butterflies, _scaled
+    from quamba.numerics.quantizers import compiled
+
+    x = (torch.randn(3, 5, 5120, generator=torch.Generator().manual_seed(0)) * 3).half()
+    eager = _butterflies(x, m=40, p=128, compute=torch.float32)
+    assert torch.equal(compiled(_butterflies, m=40, p=128, compute=torch.float32)(x), eager)
+    assert torch.equal(compiled(_scaled, n=5120, dtype=torch.float16)(eager), _scaled(eager, n=5120, dtype=torch.float16))
