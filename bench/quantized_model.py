@@ -83,7 +83,7 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
     held = weight_bytes(model)  # after the runs: includes any float copy a path made
     allocated = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
     quant = json.loads((model_dir / QUANT_CONFIG).read_text()) if (model_dir / QUANT_CONFIG).is_file() else {}
-    scheme = quant.get("scheme", "fp16") + ("" if fused else " (quantizers, rotation unfused)")
+    scheme = quant.get("scheme", "fp16") + ("" if fused or not quant.get("a_bits") else " (quantizers unfused)")
     return {"model": str(model_dir), "scheme": scheme, "weight_bytes": held,
             "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
             "eager_decode_tokens_per_s": decode / decode_s[False]}
@@ -101,9 +101,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats) for d in [args.fp16, *args.quantized]]
-    if device.type == "cuda":  # the same models with the quantizers and the Hadamard as eager elementwise chains
+    if device.type == "cuda":  # the same A8 models with the activation quantizers as eager elementwise chains
         rows += [measure(d, device, tuple(args.prefill), args.decode, args.repeats, fused=False)
-                 for d in args.quantized]
+                 for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
     base = rows[0]
     name = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
     print(f"device {name}; prefill {args.prefill[0]} x {args.prefill[1]}; decode {args.decode} tokens at batch 1")

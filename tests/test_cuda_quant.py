@@ -199,16 +199,16 @@ def test_decoding_as_a_cuda_graph_equals_eager_steps(scheme, tmp_path, monkeypat
 
 @pytest.mark.parametrize("n", [5120, 2560, 768, 1024])  # 40 * 128, 40 * 64, 12 * 64, 2^10
 def test_fused_hadamard_transform_equals_the_eager_one_bit_for_bit(n, monkeypatch):
-    from quamba.numerics import quantizers
+    from quamba.numerics import hadamard
     from quamba.numerics.hadamard import hadamard_transform
 
     g = torch.Generator().manual_seed(n)
     for shape in ((1, n), (4, 33, n)):
         for dtype in (torch.float16, torch.float32):
             x = (torch.randn(*shape, generator=g) * 3).to(dtype).cuda()
-            monkeypatch.setattr(quantizers, "FUSE_ON_CUDA", False)
+            monkeypatch.setattr(hadamard, "FUSE_ON_CUDA", False)
             eager = hadamard_transform(x)
-            monkeypatch.setattr(quantizers, "FUSE_ON_CUDA", True)
+            monkeypatch.setattr(hadamard, "FUSE_ON_CUDA", True)
             assert torch.equal(hadamard_transform(x), eager), (n, shape, dtype)
 
 

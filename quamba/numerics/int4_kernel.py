@@ -2,12 +2,12 @@
 
 Imported only where Triton is installed. The widths (in / 2, a group's bytes) are compile-time
 constants: a model has a handful of them, and the loop and the group index compile to constants.
-Each program owns BLOCK_N output columns and one 16-row
-tile of x; it walks the packed bytes of its rows BLOCK_BYTES at a time (2 * BLOCK_BYTES codes, inside
-one scale group), splits each byte into its low code (even column) and high code (odd column) with
-sign-extending shifts, scales them in float32 and rounds to x's dtype as the reference does, and
-accumulates the even and odd columns' products with x's even and odd columns in float32.
-TRITON_INTERPRET=1 runs it on the CPU (tests/test_int4_matmul.py).
+Each program owns BLOCK_N output columns and one 16-row tile of x. It walks the packed bytes of its
+columns BLOCK_BYTES at a time (2 * BLOCK_BYTES codes, inside one scale group), splits each byte into
+its low code (even input column) and high code (odd input column) with sign-extending shifts, scales
+them in float32 and rounds to x's dtype as the reference does, and accumulates both halves' products
+with x's even and odd columns in float32. TRITON_INTERPRET=1 runs it on the CPU
+(tests/test_int4_matmul.py).
 """
 
 from __future__ import annotations
