@@ -161,8 +161,9 @@ class QuambaLM(TemplateLM):
                 scored = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]  # (targets, vocab)
                 wanted = torch.tensor([t for i in batch for t in targets[i]], device=scored.device)
                 logprobs = scored.float().log_softmax(dim=-1)
-                token_logprobs = logprobs.gather(-1, wanted[:, None])[:, 0].tolist()
-                token_greedy = (logprobs.argmax(dim=-1) == wanted).tolist()
+                picked = torch.stack((logprobs.gather(-1, wanted[:, None])[:, 0],
+                                      (logprobs.argmax(dim=-1) == wanted).float()))  # (2, targets)
+                token_logprobs, token_greedy = picked.tolist()  # one host sync per batch
                 offset = 0
                 for i in batch:
                     end = offset + len(targets[i])
