@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import quamba
+from bench.profiling import profile
 from quamba.formats.quantized_dir import QUANT_CONFIG
 from quamba.models import decode as decoding
 from quamba.models.decode import Decoder
@@ -58,7 +59,7 @@ def best(fn, device: torch.device, repeats: int) -> float:
 
 @torch.inference_mode()
 def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], decode: int, repeats: int,
-            fused: bool = True) -> dict:
+            fused: bool = True, profiled: bool = False) -> dict:
     quantizers.FUSE_ON_CUDA = fused
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -79,6 +80,11 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
         decoding.GRAPHS_ON_CUDA = graphs
         decoder = Decoder(model, batch_size=1)
         decode_s[graphs] = best(lambda: generate(decoder), device, repeats)
+    if profiled:  # where a step's device time goes: ten eager steps (a replayed graph shows as one launch)
+        decoder = Decoder(model, batch_size=1)  # GRAPHS_ON_CUDA is still False here
+        model(ids[:1, :16], cache=decoder.cache)
+        profile(lambda: [decoder.step(ids[:1, :1]) for _ in range(10)], f"{model_dir.name}: 10 eager decode steps")
+        profile(lambda: model(ids), f"{model_dir.name}: prefill {prefill[0]} x {prefill[1]}")
     decoding.GRAPHS_ON_CUDA = True
     held = weight_bytes(model)  # after the runs: includes any float copy a path made
     allocated = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
@@ -98,9 +104,12 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64, help="tokens generated at batch 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--profile", action="store_true",
+                        help="print (stderr) a torch profile of 10 eager decode steps and a prefill per model")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats) for d in [args.fp16, *args.quantized]]
+    rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats, profiled=args.profile)
+            for d in [args.fp16, *args.quantized]]
     if device.type == "cuda":  # the same A8 models with the activation quantizers as eager elementwise chains
         rows += [measure(d, device, tuple(args.prefill), args.decode, args.repeats, fused=False)
                  for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
