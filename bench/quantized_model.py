@@ -89,7 +89,11 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
     held = weight_bytes(model)  # after the runs: includes any float copy a path made
     allocated = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
     quant = json.loads((model_dir / QUANT_CONFIG).read_text()) if (model_dir / QUANT_CONFIG).is_file() else {}
-    scheme = quant.get("scheme", "fp16") + ("" if fused or not quant.get("a_bits") else " (quantizers unfused)")
+    options = quant.get("recipe", {}).get("options", {})
+    extras = [name for key, name in (("quantize_embedding", "quantized embedding"), ("quantize_lm_head", "quantized lm_head"))
+              if options.get(key)]
+    scheme = quant.get("scheme", "fp16") + ("" if not extras else f" + {', '.join(extras)}")
+    scheme += "" if fused or not quant.get("a_bits") else " (quantizers unfused)"
     return {"model": str(model_dir), "scheme": scheme, "weight_bytes": held,
             "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
             "eager_decode_tokens_per_s": decode / decode_s[False]}

@@ -19,9 +19,12 @@ wait
 q quantize "$out/fp16" --gptq "$out/g8" --scheme w8a8 --calib "$out/calib" --scales "$out/scales.json" --out "$out/w8a8" &
 q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a8 --calib "$out/calib" --scales "$out/scales.json" --out "$out/w4a8" &
 q quantize "$out/fp16" --gptq "$out/g4" --scheme w4a16 --out "$out/w4a16" &
+# W8A8 as Quamba's eval.sh runs it: int8 embedding and lm_head as well
+q quantize "$out/fp16" --gptq "$out/g8" --scheme w8a8 --calib "$out/calib" --scales "$out/scales.json" \
+    --quantize-embedding --quantize-lm-head --out "$out/w8a8_evalsh" &
 wait
 echo "built in $((SECONDS - start)) s"
 fi
 if [ "$device" = cpu ]; then shape="--prefill 2 64 --decode 8 --repeats 1"; else shape=${BENCH_ARGS:-}; fi
-python3 -m bench.quantized_model --fp16 "$out/fp16" --quantized "$out/w8a8" "$out/w4a8" "$out/w4a16" \
+python3 -m bench.quantized_model --fp16 "$out/fp16" --quantized "$out/w8a8" "$out/w8a8_evalsh" "$out/w4a8" "$out/w4a16" \
     --device "$device" $shape --out "$out/quantized_model.json"
