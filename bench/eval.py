@@ -101,7 +101,7 @@ def bench(model_dir: Path, name: str, batch_size: int, limit: int | None = None,
     if profiled:
         profile(lambda: lm.loglikelihood(reqs), f"adapter {name}, {len(reqs)} requests")
     return {"model": name, "device": torch.cuda.get_device_name() if lm.device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "dtype": str(lm.model.backbone.embedding.weight.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "dtype": str(lm.model.dtype).removeprefix("torch."),
             "requests": len(reqs), "tokens": tokens, "padding": round(1 - tokens / padded, 4),
             "batch_size": batch_size, "adapter_s": round(adapter_s, 3), "plain_s": round(plain_s, 3),
             "adapter_tok_s": round(tokens / adapter_s), "plain_tok_s": round(tokens / plain_s),

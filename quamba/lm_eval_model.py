@@ -80,7 +80,7 @@ class QuambaLM(TemplateLM):
             raise CheckpointError(f"{model_dir}: the tokenizer has neither an EOS nor a BOS token; "
                                   f"one is needed to score text that starts a document")
         self.model = load(model_dir, device=device, dtype=dtype)
-        self._device = self.model.backbone.embedding.weight.device
+        self._device = self.model.device
         self._decoder: Decoder | None = None  # greedy decoding's, made on its first use
         # Generation never picks a row past the tokenizer's vocabulary (mamba_ssm pads it to a multiple of 8).
         self.vocab_size = len(self.tokenizer)

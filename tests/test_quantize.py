@@ -14,8 +14,9 @@ from quamba.errors import ConfigError
 from quamba.models import MambaConfig
 from quamba.models.apply import apply_quantization
 from quamba.models.checkpoint import model_sha256, save_fp16
-from quamba.models.quantized import QuantLinear
+from quamba.models.quantized import QuantEmbedding, QuantLinear
 from quamba.models.taps import named_taps
+from quamba.numerics.quantizers import unpack_int4
 from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
 from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
@@ -344,3 +345,22 @@ def test_each_assembly_option_flips_exactly_its_part(built, tmp_path):
     assert torch.equal(codes[f"{in_proj}.scales"], gptq[f"{in_proj}.scales"].float())
     changed = [k for k in codes if not torch.equal(codes[k], quamba_w4[k])]
     assert changed and all(k.endswith((".qweight", ".scales")) for k in changed)  # only the W4 layers
+
+
+@pytest.mark.parametrize("scheme, bits", [("w8a8", 8), ("w4a16", 4)])
+def test_a_quantized_embedding_stays_integer_in_memory_and_looks_up_its_dequantized_rows(built, tmp_path,
+                                                                                        scheme, bits):
+    quantize_model_dir(built["fp16"], tmp_path / "q", built[f"w{bits}"], scheme, Recipe(quantize_embedding=True),
+                       built["calib"], built["scales"])
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    q = tensors["backbone.embedding.weight.q"]
+    values = (unpack_int4(q) if bits == 4 else q).float() * tensors["backbone.embedding.weight.scale"]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model = quamba.load(tmp_path / "q", device="cpu", dtype=dtype)
+        embedding = model.backbone.embedding
+        assert isinstance(embedding, QuantEmbedding) and model.dtype == dtype
+        assert embedding.qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)  # int4: two codes a byte
+        assert embedding.scale.dtype == torch.float32  # kept whatever the model's dtype, as QuantLinear's
+        assert not any(t.is_floating_point() and t.numel() >= values.numel() // 2 for t in embedding.buffers())
+        assert torch.equal(embedding(IDS), values.to(dtype)[IDS])  # what the dequantized matrix gave
+        assert model(IDS).logits.isfinite().all()

@@ -6,8 +6,8 @@ model.safetensors holds the FP tensors as they are and the plan's integers under
 
 - `{linear}.qweight` (int8, or two int4 codes per uint8) and `{linear}.scales` (float32) of
   each Linear that becomes a QuantLinear (in_proj, out_proj, lm_head);
-- `{tensor}.q` and `{tensor}.scale` of each tensor kept in a float module (conv, x_proj, dt_proj,
-  A_log, D, dt_bias, the embedding);
+- `{tensor}.q` and `{tensor}.scale` of each other integer tensor: those of float modules (conv,
+  x_proj, dt_proj, A_log, D, dt_bias) and the embedding (a QuantEmbedding once applied);
 - `{mixer}.group_thresholds.{tap key}`: Quamba2's grouped thresholds of one tap.
 
 quant_config.json records the rest (scheme, bits, rounding per tap point, the Hadamard kind,
@@ -41,8 +41,8 @@ class QuantPlan:
     """Everything a quantized model is made of beyond its FP weights.
 
     linears: module path -> integer weight of the Linears that become QuantLinear; tensors:
-    parameter path -> integer values of tensors that stay in float modules, which compute with
-    their dequantized values; thresholds: tap name -> per-tensor threshold; group_thresholds:
+    parameter path -> integer values of the other tensors (float modules compute with their
+    dequantized values; the embedding becomes a QuantEmbedding); thresholds: tap name -> per-tensor threshold; group_thresholds:
     tap name -> thresholds laid over the tap's trailing dims (Quamba2's grouped scales).
     """
 

@@ -17,7 +17,7 @@ from torch import nn
 from quamba.formats.quantized_dir import QuantPlan, read_plan
 from quamba.models.checkpoint import build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
-from quamba.models.quantized import LINEAR_INPUT_TAPS, QuantLinear
+from quamba.models.quantized import INTEGER_MODULES, LINEAR_INPUT_TAPS, QuantEmbedding, QuantLinear
 from quamba.models.taps import LM_HEAD_POINT, named_taps
 from quamba.numerics.quantizers import activation_scale, activation_scales
 from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor
@@ -79,17 +79,24 @@ def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Ten
     return epilogue, torch.cat(scales), points[0]
 
 
+EMBEDDING_WEIGHT = "backbone.embedding.weight"
+
+
 def _set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
     module_path, _, name = path.rpartition(".")
     model.get_submodule(module_path).register_parameter(name, nn.Parameter(value, requires_grad=False))
 
 
 def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadModel:
-    """Swap the plan's Linears for QuantLinear, give the float modules their integer tensors'
-    values, and set every tap's scale from its threshold; in place, returns the model."""
+    """Swap the plan's Linears for QuantLinear and a quantized embedding for QuantEmbedding, give
+    the float modules their integer tensors' values, and set every tap's scale from its
+    threshold; in place, returns the model."""
     small = {path: coded for path, coded in plan.tensors.items() if _small_gemm_points(path, plan)}
     for path, coded in plan.tensors.items():
-        if path not in small:
+        if path == EMBEDDING_WEIGHT:  # held as integers, dequantized per looked-up row
+            dtype = model.backbone.embedding.weight.dtype
+            model.backbone.embedding = QuantEmbedding(coded.q, coded.scale, coded.bits, dtype)
+        elif path not in small:
             _set_parameter(model, path, dequantize_tensor(coded.q, coded.scale))
     for path, coded in small.items():  # after the biases: dt_proj's QuantLinear keeps its integer bias
         _swap_small_gemm(model, path, coded, plan)
@@ -128,8 +135,9 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
     _, tensors, plan = read_plan(model_dir)
     model = build_model(config, tensors, source=str(model_dir), replaced=plan.replaced_weights())
     model = apply_quantization(model, plan)
-    scales = {layer: layer.scales for layer in model.modules() if isinstance(layer, QuantLinear)}
+    scales = {(layer, name): getattr(layer, name) for layer in model.modules()
+              if isinstance(layer, INTEGER_MODULES) for name in layer.float32_buffers}
     model = model.to(device=device, dtype=dtype).eval()
-    for layer, fp32 in scales.items():  # as Quamba keeps them
-        layer.scales = fp32.to(layer.qweight.device)
+    for (layer, name), fp32 in scales.items():  # as Quamba keeps them
+        setattr(layer, name, fp32.to(layer.qweight.device))
     return model

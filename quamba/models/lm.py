@@ -84,6 +84,17 @@ class MambaLMHeadModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in: its embedding's (a quantized one says it too)."""
+        embedding = self.backbone.embedding
+        return embedding.weight.dtype if isinstance(embedding, nn.Embedding) else embedding.dtype
+
+    @property
+    def device(self) -> torch.device:
+        embedding = self.backbone.embedding
+        return embedding.weight.device if isinstance(embedding, nn.Embedding) else embedding.device
+
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
         """mamba_ssm's initialisation for training from scratch, drawn from `seed`."""
@@ -115,12 +126,11 @@ class MambaLMHeadModel(nn.Module):
 
     def allocate_cache(self, batch_size: int) -> InferenceCache:
         """Zeroed decoding states in the model's device and dtype."""
-        weight = self.backbone.embedding.weight  # lm_head may be an integer layer
         cache = InferenceCache()
         for block in self.backbone.layers:
             conv_shape, ssm_shape = block.mixer.state_shapes(batch_size)
-            cache.conv_states.append(torch.zeros(conv_shape, device=weight.device, dtype=weight.dtype))
-            cache.ssm_states.append(torch.zeros(ssm_shape, device=weight.device, dtype=torch.float32))
+            cache.conv_states.append(torch.zeros(conv_shape, device=self.device, dtype=self.dtype))
+            cache.ssm_states.append(torch.zeros(ssm_shape, device=self.device, dtype=torch.float32))
         return cache
 
     def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> CausalLMOutput:
@@ -149,5 +159,5 @@ class MambaLMHeadModel(nn.Module):
         return self._head(residual)
 
     def _head(self, residual: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.norm_f(residual).to(self.backbone.embedding.weight.dtype)
+        hidden = self.backbone.norm_f(residual).to(self.dtype)
         return self.lm_head(self.lm_head_input(hidden))  # (b, l, padded_vocab_size)

@@ -3,7 +3,8 @@
 `QuantLinear` runs an integer weight: int8 weights with int8 activations (w8a8, and w4a8 as QQQ's
 int8 weights) through the exact int8 GEMM and Quamba's epilogue on CPU and CUDA alike, the others
 through a float weight: int4 weights stay packed two per byte and are dequantized inside the GEMM
-(`int4_matmul`; the float weight is never kept), int8 ones are dequantized once; taps
+(`int4_matmul`; the float weight is never kept), int8 ones are dequantized once. `QuantEmbedding`
+keeps a quantized embedding's integer rows and dequantizes only the rows it looks up. Taps
 fake-quantize activations.
 """
 
@@ -26,6 +27,7 @@ from quamba.numerics.quantizers import (
     pack_int4,
     quantize,
     round_to_integer,
+    unpack_int4,
 )
 from quamba.numerics.tensor_codecs import qqq_int8_weight
 
@@ -89,6 +91,9 @@ class QuantLinear(nn.Module):
     `int4_linear` (on CUDA the weight is made inside the GEMM), so a 4-bit model stays 4-bit in
     memory; int8 ones dequantize once per device and dtype.
     """
+
+    plan_buffers = ("qweight", "scales")  # the plan's integers: a dir writes them from the plan
+    float32_buffers = ("scales",)  # float32 whatever the model's dtype, as Quamba keeps them
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
                  act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False,
@@ -173,6 +178,51 @@ class QuantLinear(nn.Module):
         if self._reference is not None:
             held += self._reference.numel() * self._reference.element_size()
         return held
+
+
+class QuantEmbedding(nn.Module):
+    """Quamba's W8O16 / W4O16 embedding (QUAMBA.md section 6): integer rows with a float32 scale
+    per row, dequantized on lookup, so the vocabulary matrix stays integer in memory (int4 codes
+    packed two per byte). A looked-up row is float32(q) * scale cast to the model's dtype, the
+    value the dequantized matrix held before: the scale is an fp16 value, so in fp16 this is
+    Quamba's fp16 multiply exactly.
+
+    The model's dtype and device follow `.to()` through `like`, an empty buffer, since there is
+    no float weight to read them from.
+    """
+
+    plan_buffers = ("qweight", "scale")
+    float32_buffers = ("scale",)
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantEmbedding: bits {bits}; allowed: 4, 8")
+        self.bits = bits
+        self.num_embeddings, self.embedding_dim = q.shape
+        q = q.to(torch.int8)
+        self.register_buffer("qweight", pack_int4(q) if bits == 4 else q)  # (vocab, d | d / 2)
+        self.register_buffer("scale", scale.float().reshape(-1, 1))  # (vocab, 1)
+        self.register_buffer("like", torch.empty(0, dtype=dtype, device=q.device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.like.device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[input_ids]  # (..., d | d / 2)
+        q = unpack_int4(rows) if self.bits == 4 else rows
+        return (q.to(torch.float32) * self.scale[input_ids].float()).to(self.dtype)
+
+    def weight_bytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * 4
+
+
+INTEGER_MODULES = (QuantLinear, QuantEmbedding)
 
 
 def quantized_linears(model: MambaLMHeadModel) -> dict[str, torch.nn.Linear]:

@@ -41,7 +41,7 @@ from quamba.models.checkpoint import (
     model_sha256,
     require_fp16_dir,
 )
-from quamba.models.quantized import QuantLinear
+from quamba.models.quantized import INTEGER_MODULES, QuantLinear
 from quamba.models.taps import LM_HEAD_POINT
 from quamba.numerics.gptq import rtn
 from quamba.numerics.observers import ABSMAX_FLOOR
@@ -137,8 +137,8 @@ def _group_thresholds(plan_record: dict, config) -> dict[str, tuple[torch.Tensor
 
 def _float_state(model) -> dict[str, torch.Tensor]:
     """The applied model's FP tensors as model.safetensors holds them: fp16, a tied lm_head once."""
-    integer_layers = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
-    buffers = {f"{name}.{buffer}" for name in integer_layers for buffer in ("qweight", "scales")}
+    buffers = {f"{name}.{buffer}" for name, module in model.named_modules() if isinstance(module, INTEGER_MODULES)
+               for buffer in module.plan_buffers}
     state = {k: v for k, v in model.state_dict().items() if k not in buffers}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")

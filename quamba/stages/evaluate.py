@@ -158,7 +158,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     lm = QuambaLM(local_dir, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
     doc["settings"] = {"batch_size": batch_size, "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
                        "max_length": lm.max_length, "device": lm.device.type,
-                       "dtype": str(lm.model.backbone.embedding.weight.dtype).removeprefix("torch.")}
+                       "dtype": str(lm.model.dtype).removeprefix("torch.")}
     from lm_eval.evaluator import simple_evaluate
 
     specs = [*names, *(perplexity.task_config(lm, data, perplexity_tokens) for data in perplexity_files)]
