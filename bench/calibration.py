@@ -7,6 +7,9 @@ elsewhere) for comparison.
     python bench/calibration.py --size 130m      # real mamba-130m sizes (use a GPU)
     python -m bench.calibration --arch mamba2-2.7b --layers 8 --samples 64 --seq-len 512 --profile
         # a real architecture (random weights, a few blocks); --profile prints where calibrate's time goes
+
+On CUDA calibrate also runs with the observers' fused statistics (`observers.FUSE_ON_CUDA`) on
+and off, whichever the default is; the statistics are the same (tests/test_cuda_calibration.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bench.profiling import profile, random_model_dir
 from quamba.models import MambaLMHeadModel
 from quamba.models.random_checkpoint import ARCHITECTURES
 from quamba.models.taps import named_taps
+from quamba.numerics import observers
 from quamba.recipe import Recipe
 from quamba.stages.calibrate import CalibrationSettings, calibrate, percentile_points
 
@@ -109,6 +113,19 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
     calibrate_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False))
     forward_b1_s = timed(lambda: plain_forward(model, windows, 1))
     quamba_s = timed(lambda: quamba_style(model, windows, 0.9995))
+    fused = {}
+    if device.type == "cuda":  # the other setting of the fused observer statistics, warmed up first
+        default = observers.FUSE_ON_CUDA
+        observers.FUSE_ON_CUDA = not default
+        try:
+            calibrate(model, batches[:2], settings, packed, progress=False)
+            other_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False))
+        finally:
+            observers.FUSE_ON_CUDA = default
+        on_s, off_s = (other_s, calibrate_s) if not default else (calibrate_s, other_s)
+        fused = {"calibrate_fused_observers_s": round(on_s, 3), "calibrate_eager_observers_s": round(off_s, 3),
+                 "fused_observers_over_forward": round(on_s / forward_s, 2),
+                 "fused_observers_over_forward_batch1": round(on_s / forward_b1_s, 2)}
     print(json.dumps({
         "model": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
@@ -118,6 +135,7 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
         "forward_batch1_s": round(forward_b1_s, 3), "quamba_style_batch1_s": round(quamba_s, 3),
         "quamba_style_over_forward_batch1": round(quamba_s / forward_b1_s, 2),
         "calibrate_over_forward_batch1": round(calibrate_s / forward_b1_s, 2),
+        "fused_observers_default": observers.FUSE_ON_CUDA, **fused,
     }), flush=True)
     if args.profile:
         profile(lambda: calibrate(model, batches[:2], settings, packed, progress=False), f"calibrate {name}, 2 batches")

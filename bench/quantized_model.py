@@ -59,12 +59,12 @@ def best(fn, device: torch.device, repeats: int) -> float:
 
 @torch.inference_mode()
 def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], decode: int, repeats: int,
-            fused: bool = True, profiled: bool = False) -> dict:
+            fused: bool = True, profiled: bool = False, dtype: str | None = None) -> dict:
     quantizers.FUSE_ON_CUDA = fused
     if device.type == "cuda":
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
-    model = quamba.load(model_dir, device=str(device), dtype=torch.float16 if device.type == "cuda" else None)
+    model = quamba.load(model_dir, device=str(device), dtype=dtype)  # None: fp16 on CUDA, float32 on the CPU
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, prefill, generator=torch.Generator().manual_seed(0)).to(device)
     prefill_s = best(lambda: model(ids), device, repeats)
@@ -94,7 +94,8 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
               if options.get(key)]
     scheme = quant.get("scheme", "fp16") + ("" if not extras else f" + {', '.join(extras)}")
     scheme += "" if fused or not quant.get("a_bits") else " (quantizers unfused)"
-    return {"model": str(model_dir), "scheme": scheme, "weight_bytes": held,
+    return {"model": str(model_dir), "scheme": scheme, "dtype": str(model.dtype).removeprefix("torch."),
+            "weight_bytes": held,
             "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
             "eager_decode_tokens_per_s": decode / decode_s[False]}
 
@@ -108,18 +109,21 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64, help="tokens generated at batch 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--dtype", help="float16, float32, bfloat16 (default: float16 on CUDA, float32 on the CPU; "
+                                        "float16 on the CPU gives the GPU's weight memory)")
     parser.add_argument("--profile", action="store_true",
                         help="print (stderr) a torch profile of 10 eager decode steps and a prefill per model")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats, profiled=args.profile)
+    rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats, profiled=args.profile, dtype=args.dtype)
             for d in [args.fp16, *args.quantized]]
     if device.type == "cuda":  # the same A8 models with the activation quantizers as eager elementwise chains
-        rows += [measure(d, device, tuple(args.prefill), args.decode, args.repeats, fused=False)
+        rows += [measure(d, device, tuple(args.prefill), args.decode, args.repeats, fused=False, dtype=args.dtype)
                  for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
     base = rows[0]
     name = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
-    print(f"device {name}; prefill {args.prefill[0]} x {args.prefill[1]}; decode {args.decode} tokens at batch 1")
+    print(f"device {name}, {base['dtype']}; prefill {args.prefill[0]} x {args.prefill[1]}; decode {args.decode} "
+          f"tokens at batch 1")
     print("| scheme | weights (MB) | x FP16 | prefill (ms) | x FP16 time | decode tok/s | x FP16 "
           "| eager decode tok/s | x FP16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -9,6 +9,7 @@ import torch
 from conftest import random_model
 
 from quamba.models import MambaConfig
+from quamba.numerics import observers
 from quamba.numerics.observers import Reservoir, StreamHistogram
 from quamba.recipe import Recipe
 from quamba.stages.calibrate import CalibrationSettings, calibrate
@@ -68,3 +69,28 @@ def test_calibration_on_cuda_keeps_the_reference_statistics(layer, monkeypatch):
         assert (fast[name].tails is None) == (plain[name].tails is None)
         for a, b in zip(fast[name].tails or [], plain[name].tails or []):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_fused_observer_statistics_on_cuda_equal_the_eager_ones(layer, monkeypatch):
+    """observers.FUSE_ON_CUDA: histograms, tails, min and max bit for bit; mean and std to the last
+    bits of their float64 sums. Batch 1, rows of their own lengths: Quamba's setting."""
+    extra = {"d_state": 32, "headdim": 32, "chunk_size": 64} if layer == "Mamba2" else {}
+    model = random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, layer=layer, **extra)).cuda().half()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 4096, (1, int(n)), generator=g).cuda() for n in (256, 131, 256, 77)]
+    settings = CalibrationSettings(num_samples=4, seq_len=256)
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(observers, "FUSE_ON_CUDA", fused)
+        runs[fused] = calibrate(model, rows, settings, Recipe(), progress=False)
+    (taps, records, _), (fused_taps, fused_records, _) = runs[False], runs[True]
+    for name in taps:
+        assert fused_records[name].histogram_offset == records[name].histogram_offset, name
+        assert torch.equal(fused_records[name].histogram, records[name].histogram), name
+        for a, b in zip(fused_records[name].tails or [], records[name].tails or []):
+            assert torch.equal(a, b), name
+        for key in ("numel", "min", "max", "absmax", "samples"):
+            assert fused_taps[name][key] == taps[name][key], (name, key)
+        for key in ("mean", "std"):
+            assert math.isclose(fused_taps[name][key], taps[name][key], rel_tol=1e-9, abs_tol=1e-12), (name, key)

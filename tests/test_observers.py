@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from quamba.numerics import observers
 from quamba.numerics.observers import (
     Moments,
     QuambaMinMax,
@@ -14,6 +15,7 @@ from quamba.numerics.observers import (
     StreamHistogram,
     abs_tail,
     ema,
+    observe_batch,
     replay_percentile,
     tail_length,
     tail_quantiles,
@@ -220,3 +222,27 @@ def test_fp16_histogram_path_counts_exactly_as_bincount(monkeypatch, chunk):
     zeros = sum(int((fp16_extremes(seed) == 0).sum()) for seed in range(3))
     assert compact.fp16_fast and not StreamHistogram(7).fp16_fast  # finer bins: histc's binning would round
     assert compact.counts[0] == zeros >= 6 and compact.counts[compact.fp16_high] >= 6  # 0 and 65504 counted
+
+
+def test_fused_batch_statistics_equal_the_eager_observers(monkeypatch):
+    """What CUDA runs compiled with observers.FUSE_ON_CUDA, compiled here on the CPU (the fp16 path
+    forced on): min, max, counts and the finite flags exactly the eager ones; the float64 sums
+    to their last bits (another summation order)."""
+    monkeypatch.setattr(observers, "FUSE_ON_CUDA", True)
+    monkeypatch.setattr(StreamHistogram, "takes_fp16_path", lambda self, x: x.dtype == torch.float16)
+    xs = [fp16_extremes(seed) for seed in range(3)]
+    xs.append(xs[0].reshape(-1)[:-7])  # another length: the compiled function runs dynamic
+    eager_moments, eager_histogram, fused_moments, fused_histogram = Moments(), StreamHistogram(), Moments(), \
+        StreamHistogram()
+    for x in xs:
+        eager_moments.update(x)
+        eager_histogram.update(x)  # bincount over all bins
+        assert bool(observe_batch(x, fused_moments, fused_histogram))
+    assert fused_histogram._fp16_counts is not None and fused_histogram._counts is None  # the fused path ran
+    assert torch.equal(fused_histogram.counts, eager_histogram.counts)
+    assert fused_moments.numel == eager_moments.numel == fused_histogram.numel == eager_histogram.numel
+    assert (fused_moments.min, fused_moments.max) == (eager_moments.min, eager_moments.max) == (-65504.0, 65504.0)
+    assert math.isclose(fused_moments.mean, eager_moments.mean, rel_tol=1e-12)
+    assert math.isclose(fused_moments.std, eager_moments.std, rel_tol=1e-12)
+    for bad in (float("nan"), float("inf")):
+        assert not bool(observe_batch(torch.tensor([1.0, bad, -3.0]).half(), Moments(), StreamHistogram()))

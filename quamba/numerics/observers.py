@@ -14,15 +14,25 @@
   threshold is known to within the mass of one bin, which it reports. One bincount per batch.
 - `Reservoir`: a uniform sample of n values from the whole stream (bottom-k of seeded random
   keys), deterministic for a seed and the order of the stream.
+- `observe_batch`: one batch into a tap's moments and histogram; on CUDA (`FUSE_ON_CUDA`) as one
+  compiled kernel and a histc instead of about fifteen kernels, for calibration's launch-bound
+  batch-1 loop.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
+from quamba.numerics.quantizers import compiled
+
+# On CUDA, fp16 batches: moments, finiteness and histogram keys as one compiled kernel
+# (`observe_batch`). Off until tests/test_cuda_calibration.py's equality test has run on a GPU
+# (on the CPU the compiled function equals the eager one: tests/test_observers.py).
+FUSE_ON_CUDA = False
 EMA_SIGMA = 0.01  # Quamba's percentile observer moves 1% toward each sample's quantile
 ABSMAX_FLOOR = 1e-5  # Quamba's min/max observer clamps each sample's absmax here (the percentile has no floor)
 
@@ -38,6 +48,7 @@ def quantile_positions(numel: int, alphas: list[float]) -> tuple[torch.Tensor, t
     return below.clamp(max=numel - 1).long(), above.clamp(max=numel - 1).long(), ranks - below
 
 
+@functools.lru_cache(maxsize=4096)  # one value per window length: no small CPU tensors per batch
 def tail_length(numel: int, min_alpha: float) -> int:
     """How many of the largest values answer every alpha >= min_alpha: numel - floor(rank)."""
     below, _, _ = quantile_positions(numel, [min_alpha])
@@ -118,17 +129,27 @@ class Moments:
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """Add a batch; returns its (sum, sum of squares), finite exactly when every value is."""
-        flat = x.detach().reshape(-1)
-        sums = torch.stack([torch.sum(flat, dtype=torch.float64),
-                            torch.linalg.vector_norm(flat, dtype=torch.float64).square()])
-        low, high = torch.aminmax(flat)
-        self.numel += flat.numel()
+        sums, low, high = batch_moments(x.detach().reshape(-1))
+        self.numel += x.numel()
         if self._sums is None:
             self._sums, self._low, self._high = sums, low, high
         else:
             self._sums = self._sums + sums
             self._low, self._high = torch.minimum(self._low, low), torch.maximum(self._high, high)
         return sums
+
+    def running(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sums, min, max) so far; before any batch their identities 0, +inf, -inf on like's device."""
+        if self._sums is None:
+            return (torch.zeros(2, dtype=torch.float64, device=like.device),
+                    torch.full((), float("inf"), dtype=like.dtype, device=like.device),
+                    torch.full((), float("-inf"), dtype=like.dtype, device=like.device))
+        return self._sums, self._low, self._high
+
+    def set_running(self, sums: torch.Tensor, low: torch.Tensor, high: torch.Tensor, added: int) -> None:
+        """The running values after `added` more values were folded in elsewhere."""
+        self._sums, self._low, self._high = sums, low, high
+        self.numel += added
 
     @property
     def min(self) -> float:
@@ -150,6 +171,14 @@ class Moments:
     def std(self) -> float:
         """Population standard deviation."""
         return math.sqrt(max(float(self._sums[1]) / self.numel - self.mean ** 2, 0.0))
+
+
+def batch_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, sum of squares) in float64, min and max of one flat batch."""
+    sums = torch.stack([torch.sum(flat, dtype=torch.float64),
+                        torch.linalg.vector_norm(flat, dtype=torch.float64).square()])
+    low, high = torch.aminmax(flat)
+    return sums, low, high
 
 
 class StreamHistogram:
@@ -182,11 +211,15 @@ class StreamHistogram:
     def bins_per_octave(self) -> int:
         return 1 << self.mantissa_bits
 
+    def takes_fp16_path(self, x: torch.Tensor) -> bool:
+        """Whether a batch is counted by the fp16 fast path (histc on CUDA)."""
+        return (x.is_cuda and x.dtype == torch.float16 and self.fp16_fast
+                and not torch.are_deterministic_algorithms_enabled())
+
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1)
-        keys = flat.float().abs().view(torch.int32) >> self.shift
-        if (flat.is_cuda and flat.dtype == torch.float16 and self.fp16_fast
-                and not torch.are_deterministic_algorithms_enabled()):
+        keys = float32_keys(flat, self.shift)
+        if self.takes_fp16_path(flat):
             self._update_fp16(keys)
         else:
             counts = torch.bincount(keys, minlength=self.nbins)
@@ -194,10 +227,11 @@ class StreamHistogram:
         self.numel += flat.numel()
 
     def _update_fp16(self, keys: torch.Tensor) -> None:
-        """Bin 0 -> compact 0, bins fp16_low..fp16_high -> 1..; counted by histc, no host sync.
-        Non-finite values (their key is past fp16_high) are left out: calibration refuses them."""
+        self.add_compact(compact_fp16_keys(keys, self.fp16_low))
+
+    def add_compact(self, compact: torch.Tensor) -> None:
+        """Count compact fp16 keys (`compact_fp16_keys`) by histc, no host sync; the caller adds numel."""
         n = self.fp16_high - self.fp16_low + 2
-        compact = torch.where(keys == 0, 0, keys - (self.fp16_low - 1)).float()
         counts = sum(torch.histc(chunk, bins=n, min=-0.5, max=n - 0.5).long()
                      for chunk in compact.split(self.HISTC_CHUNK))
         self._fp16_counts = counts if self._fp16_counts is None else self._fp16_counts + counts
@@ -259,6 +293,44 @@ class StreamHistogram:
         low, high = self.edge(i), self.edge(i + 1)
         share_of_bin_above = (high - threshold) / (high - low) if high > low else 0.0
         return (above + in_bin * share_of_bin_above) / self.numel, in_bin / self.numel
+
+
+def float32_keys(flat: torch.Tensor, shift: int) -> torch.Tensor:
+    """The bin of each |x|: its float32 bit pattern shifted right by `shift` (int32)."""
+    return flat.float().abs().view(torch.int32) >> shift
+
+
+def compact_fp16_keys(keys: torch.Tensor, fp16_low: int) -> torch.Tensor:
+    """Bin 0 -> compact 0, bins fp16_low.. -> 1.., as float32 for histc. Non-finite values (their
+    key is past the last fp16 bin) fall outside histc's range: calibration refuses them anyway."""
+    return torch.where(keys == 0, 0, keys - (fp16_low - 1)).float()
+
+
+def _fp16_batch_statistics(flat: torch.Tensor, sums: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                           shift: int, fp16_low: int):
+    """One fp16 batch of a tap, as `observe_batch` compiles it: the running sums, min and max with
+    the batch added, whether the batch's sums are finite, and its compact histogram keys."""
+    batch, b_low, b_high = batch_moments(flat)
+    compact = compact_fp16_keys(float32_keys(flat, shift), fp16_low)
+    return sums + batch, torch.minimum(low, b_low), torch.maximum(high, b_high), torch.isfinite(batch).all(), compact
+
+
+def observe_batch(x: torch.Tensor, moments: Moments, histogram: StreamHistogram) -> torch.Tensor:
+    """Add one batch to a tap's moments and histogram; returns a device bool: the batch's sums are
+    finite (NaN or inf anywhere make them so). With FUSE_ON_CUDA an fp16 CUDA batch runs as one
+    compiled kernel plus histc; min, max and the counts are exactly the eager ones, the float64
+    sums may differ in the last bits (another summation order, as CUDA's eager one is too)."""
+    flat = x.detach().reshape(-1)
+    if not (FUSE_ON_CUDA and histogram.takes_fp16_path(flat)):
+        finite = torch.isfinite(moments.update(flat)).all()
+        histogram.update(flat)
+        return finite
+    fused = compiled(_fp16_batch_statistics, shift=histogram.shift, fp16_low=histogram.fp16_low)
+    sums, low, high, finite, compact = fused(flat, *moments.running(flat))
+    moments.set_running(sums, low, high, flat.numel())
+    histogram.add_compact(compact)
+    histogram.numel += flat.numel()
+    return finite
 
 
 def _float32_key(value: float, shift: int) -> int:

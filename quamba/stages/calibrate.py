@@ -35,6 +35,7 @@ from quamba.numerics.observers import (
     Reservoir,
     StreamHistogram,
     abs_tail,
+    observe_batch,
     tail_length,
 )
 from quamba.recipe import Recipe
@@ -131,8 +132,7 @@ class TapObserver:
         if self.tap.rotated:  # the quantizer sits after the Hadamard rotation Quamba inserts
             x = hadamard_transform(x, self.hadamard)
         self.shape = list(x.shape)
-        self.finite.append(torch.isfinite(self.moments.update(x)).all())  # NaN/inf in x make its sums so
-        self.histogram.update(x)
+        self.finite.append(observe_batch(x, self.moments, self.histogram))  # NaN/inf in x make its sums so
         if self.percentile:
             self.tails.append(abs_tail(x, tail_length(x.numel(), self.min_alpha)))
             self.numels.append(x.numel())
