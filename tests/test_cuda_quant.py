@@ -63,10 +63,10 @@ def test_int8_gemm_and_its_epilogue_are_bit_equal_on_cpu_and_cuda(epilogue, rows
         assert torch.equal(cpu, gpu), (epilogue, rows, dtype)
 
 
-# Residual rotation, Mamba2 reordering (per-cell x scales) and an int8 lm_head
+# Residual rotation, Mamba2 reordering (per-cell x scales), an int8 lm_head and embedding (QuantEmbedding)
 EVERY_OPTION_CONFIG = MambaConfig(d_model=256, n_layer=2, vocab_size=4096, layer="Mamba2", headdim=32, ngroups=2,
                                   chunk_size=64)
-EVERY_OPTION_RECIPE = Recipe(reorder=True, quantize_lm_head=True)
+EVERY_OPTION_RECIPE = Recipe(reorder=True, quantize_lm_head=True, quantize_embedding=True)
 
 
 def quantized_dir(tmp_path, scheme, config=None, recipe=None, alpha=0.9995):
@@ -142,7 +142,7 @@ def test_gptq_column_loop_as_cuda_graphs_equals_the_eager_loop(case, monkeypatch
 
 
 def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
-    """Residual rotation, Mamba2 reordering (per-cell x scales) and an int8 lm_head on the fast path."""
+    """Residual rotation, Mamba2 reordering (per-cell x scales), an int8 lm_head and embedding on the fast path."""
     diff = cuda_vs_cpu(quantized_dir(tmp_path, "w8a8", EVERY_OPTION_CONFIG, EVERY_OPTION_RECIPE, alpha=0.99999))
     print(f"\nw8a8, rotated + reordered + int8 lm_head: CUDA vs CPU reference logits, relative diff {diff:.2e}")
     # 1.95e-2 on an H100: besides the block taps, lm_head's int8 input sits right before the logits,
