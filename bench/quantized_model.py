@@ -5,6 +5,11 @@ eager. Ratios are against the FP16 run of the same process.
 
     python -m bench.quantized_model --fp16 DIR --quantized W8A8_DIR W4A16_DIR --device cuda
     python -m bench.quantized_model ... --device cpu --prefill 2 64 --decode 8   # a smoke run
+    python -m bench.quantized_model ... --compile    # also every model with compiled blocks
+
+With --compile each model also runs with `MambaLMHeadModel.compile_blocks()` (torch.compile per
+block: taps, norms, Hadamard stages and glue fused); those rows' ratios are against the compiled
+FP16 row, the others' against the eager FP16 row.
 
 Build the dirs with bench/realsize_quantized.sh (random weights of the real architectures).
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -59,12 +65,15 @@ def best(fn, device: torch.device, repeats: int) -> float:
 
 @torch.inference_mode()
 def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], decode: int, repeats: int,
-            fused: bool = True, profiled: bool = False, dtype: str | None = None) -> dict:
+            fused: bool = True, profiled: bool = False, dtype: str | None = None,
+            compile_blocks: bool = False) -> dict:
     quantizers.FUSE_ON_CUDA = fused
     if device.type == "cuda":
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
     model = quamba.load(model_dir, device=str(device), dtype=dtype)  # None: fp16 on CUDA, float32 on the CPU
+    if compile_blocks:
+        model.compile_blocks()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, prefill, generator=torch.Generator().manual_seed(0)).to(device)
     prefill_s = best(lambda: model(ids), device, repeats)
@@ -94,7 +103,8 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
               if options.get(key)]
     scheme = quant.get("scheme", "fp16") + ("" if not extras else f" + {', '.join(extras)}")
     scheme += "" if fused or not quant.get("a_bits") else " (quantizers unfused)"
-    return {"model": str(model_dir), "scheme": scheme, "dtype": str(model.dtype).removeprefix("torch."),
+    scheme += " (compiled blocks)" if compile_blocks else ""
+    return {"model": str(model_dir), "scheme": scheme, "compiled_blocks": compile_blocks, "dtype": str(model.dtype).removeprefix("torch."),
             "weight_bytes": held,
             "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
             "eager_decode_tokens_per_s": decode / decode_s[False]}
@@ -111,6 +121,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--dtype", help="float16, float32, bfloat16 (default: float16 on CUDA, float32 on the CPU; "
                                         "float16 on the CPU gives the GPU's weight memory)")
+    parser.add_argument("--compile", action="store_true", help="also each model with compiled blocks")
     parser.add_argument("--profile", action="store_true",
                         help="print (stderr) a torch profile of 10 eager decode steps and a prefill per model")
     args = parser.parse_args()
@@ -120,6 +131,14 @@ def main() -> None:
     if device.type == "cuda":  # the same A8 models with the activation quantizers as eager elementwise chains
         rows += [measure(d, device, tuple(args.prefill), args.decode, args.repeats, fused=False, dtype=args.dtype)
                  for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
+    if args.compile:
+        for d in [args.fp16, *args.quantized]:
+            try:
+                rows.append(measure(d, device, tuple(args.prefill), args.decode, args.repeats, dtype=args.dtype,
+                                    compile_blocks=True))
+            except Exception as err:  # a model torch.compile cannot take: say so, keep the other rows
+                print(f"{d}: compiled blocks failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+    bases = {row["compiled_blocks"]: row for row in reversed(rows) if row["scheme"].startswith("fp16")}
     base = rows[0]
     name = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
     print(f"device {name}, {base['dtype']}; prefill {args.prefill[0]} x {args.prefill[1]}; decode {args.decode} "
@@ -128,6 +147,7 @@ def main() -> None:
           "| eager decode tok/s | x FP16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
+        base = bases.get(row["compiled_blocks"], rows[0])  # compiled rows against compiled FP16
         print(f"| {row['scheme']} | {row['weight_bytes'] / 1e6:.0f} | {row['weight_bytes'] / base['weight_bytes']:.2f} "
               f"| {row['prefill_s'] * 1e3:.1f} | {row['prefill_s'] / base['prefill_s']:.2f} "
               f"| {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} "

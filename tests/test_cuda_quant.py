@@ -226,3 +226,42 @@ def test_fused_activation_quantizers_equal_the_eager_ones_bit_for_bit(dtype):
             fused = [f(x.cuda(), scale.cuda() if torch.is_tensor(scale) else scale, 8, rounding).cpu()
                      for f in (quantizers.quantize, quantizers.fake_quantize)]
             assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (scale, rounding)
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "w8a8", "w4a16", "every option"])
+def test_compiled_blocks_on_cuda_stay_close_to_eager_and_replay_as_a_graph(scheme, tmp_path):
+    """MambaLMHeadModel.compile_blocks on the fast path (kernels, fused quantizers, int8 GEMMs, the
+    int4 kernel inside compiled blocks): prefill and graphed decode steps within the CUDA-vs-CPU
+    bound of the eager fp16 model, one prefill and one step graph for all blocks."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import quamba
+    from quamba.models import decode
+
+    if scheme == "fp16":
+        from quamba.models.checkpoint import save_fp16
+
+        model_dir = save_fp16(random_model(MambaConfig(d_model=256, n_layer=2, vocab_size=4096)), tmp_path / "fp16",
+                              REPO / "resources" / "tokenizer")
+    elif scheme == "every option":
+        model_dir = quantized_dir(tmp_path, "w8a8", EVERY_OPTION_CONFIG, EVERY_OPTION_RECIPE, alpha=0.99999)
+    else:
+        model_dir = quantized_dir(tmp_path, scheme)
+    ids = torch.randint(0, 4096, (1, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compile_blocks in (False, True):
+        model = quamba.load(model_dir, device="cuda", dtype=torch.float16)
+        if compile_blocks:
+            model.compile_blocks()
+        decoder = decode.Decoder(model, batch_size=1)  # captured after the warm-up steps compiled
+        with torch.inference_mode():
+            prefill = model(ids[:, :8], cache=decoder.cache).logits
+            steps = [decoder.step(ids[:, t:t + 1]).clone() for t in range(8, 24)]
+        runs.append(torch.cat([prefill, *steps], dim=1))
+    graphs = counters["stats"]["unique_graphs"]
+    diff = relative_diff(runs[1], runs[0])
+    print(f"\n{scheme}: compiled blocks vs eager on CUDA, relative diff {diff:.2e}; {graphs} graphs")
+    assert diff <= (2e-3 if scheme in ("fp16", "w4a16") else 5e-2)

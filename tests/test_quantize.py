@@ -364,3 +364,35 @@ def test_a_quantized_embedding_stays_integer_in_memory_and_looks_up_its_dequanti
         assert not any(t.is_floating_point() and t.numel() >= values.numel() // 2 for t in embedding.buffers())
         assert torch.equal(embedding(IDS), values.to(dtype)[IDS])  # what the dequantized matrix gave
         assert model(IDS).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("scheme, bits", [("fp16", None), ("w8a8", 8), ("w4a16", 4)])
+def test_compiled_blocks_share_one_graph_per_call_kind_and_stay_close_to_the_eager_ones(built, tmp_path,
+                                                                                       scheme, bits):
+    """compile_blocks: a prefill graph and a step graph for all blocks (their scales are inputs, not
+    constants), logits within the CUDA-vs-CPU bound of tests/test_cuda_quant.py (a fused float op
+    can flip a tap's rounding), FP ones to float32 noise."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model_dir = built["fp16"]
+    if bits is not None:
+        model_dir = tmp_path / "q"
+        quantize_model_dir(built["fp16"], model_dir, built[f"w{bits}"], scheme, Recipe(), built["calib"],
+                           built["scales"])
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compile_blocks in (False, True):
+        model = quamba.load(model_dir, device="cpu")
+        if compile_blocks:
+            model.compile_blocks()
+        with torch.inference_mode():
+            cache = model.allocate_cache(IDS.shape[0])
+            logits = [model(IDS, cache=cache).logits] + [model(IDS[:, t:t + 1], cache=cache).logits for t in range(2)]
+        runs.append(torch.cat(logits, dim=1))
+    assert counters["stats"]["unique_graphs"] == 2  # prefill, step: one each for both blocks
+    eager, compiled = runs
+    relative = ((compiled - eager).norm() / eager.norm()).item()
+    print(f"\n{scheme}: compiled vs eager blocks, relative logit difference {relative:.2e}")
+    assert relative <= (1e-5 if bits is None or scheme == "w4a16" else 2e-2), relative

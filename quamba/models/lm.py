@@ -118,6 +118,23 @@ class MambaLMHeadModel(nn.Module):
         finally:
             torch.random.set_rng_state(generator_state)
 
+    def compile_blocks(self) -> MambaLMHeadModel:
+        """torch.compile each block in place (regional compilation): inductor fuses the norms, the
+        taps' quantize-dequantize chains, the Hadamard stages and the glue between the GEMMs and
+        the scan into few kernels. Every value that differs between blocks is a tensor input, so
+        the blocks share one compiled graph per call kind (prefill, step) and shape. Not bit-equal
+        to the eager blocks (fusion reorders float operations, and a rounded tap can flip one
+        step): within the CUDA-vs-CPU bounds (tests/test_quantize.py). Call it after moving the
+        model: the tensors the layers would make on their first call are made here, on the model's
+        device (made inside the first compiled call, a block's scales would be constants of it)."""
+        for module in self.modules():
+            materialize = getattr(module, "materialize", None)  # Tap, QuantLinear
+            if materialize is not None:
+                materialize(self.device, self.dtype)
+        for block in self.backbone.layers:
+            block.compile()
+        return self
+
     def use_kernels(self, enabled: bool) -> MambaLMHeadModel:
         """Switch the CUDA kernels on or off (off: the pure-PyTorch reference runs on any device)."""
         for block in self.backbone.layers:

@@ -103,6 +103,7 @@ class QuantLinear(nn.Module):
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue: {epilogue!r}; allowed: {list(EPILOGUES)}")
         self.bits, self.act_scale, self.rotate_input = bits, act_scale, rotate_input
+        self.quantizes_input = act_scale is not None  # forward tests this, never the float itself
         self.rounding = rounding  # of the int8 input: the norm's (ties to even) or the Hadamard's (away)
         self.epilogue, self.out_rounding, self.qqq = epilogue, out_rounding, qqq
         self.out_features, self.in_features = qweight.shape
@@ -119,6 +120,7 @@ class QuantLinear(nn.Module):
         self.add_bias = add_bias  # False: the bias belongs to a later op (Mamba1's dt_proj: the scan's delta bias)
         self._reference: torch.Tensor | None = None  # the float weight, made when a path needs it
         self._factors: tuple[torch.Tensor, ...] | None = None  # the epilogue's, on the layer's device
+        self._act_scale_tensor: torch.Tensor | None = None  # act_scale in float32 on the layer's device
 
     def reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight on the layer's device in `dtype`: made for this call from packed
@@ -146,24 +148,43 @@ class QuantLinear(nn.Module):
             self._factors = factors
         return self._factors
 
+    def act_scale_on(self, device: torch.device) -> torch.Tensor:
+        """act_scale as a float32 tensor on `device`, made once (as Tap.scale_on: the same values,
+        and an input, not a constant, of a compiled block)."""
+        cached = self._act_scale_tensor
+        if cached is None or cached.device != device:
+            self._act_scale_tensor = cached = torch.tensor(self.act_scale, dtype=torch.float32, device=device)
+        return cached
+
+    def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Make now, on `device`, the tensors this layer's forward would make on its first call
+        (MambaLMHeadModel.compile_blocks): the input scale, the epilogue's factors, an int8 float copy."""
+        if self.quantizes_input:
+            self.act_scale_on(device)
+        if self.integer_path():
+            self.epilogue_factors()
+        elif not self.packed:
+            self.reference_weight(dtype)
+
     def integer_path(self) -> bool:
         """Whether forward runs the int8 GEMM (int8 weights, int8 input, one scale per row)."""
-        return self.int8_weight and self.act_scale is not None and self.scales.shape[-1] == 1
+        return self.int8_weight and self.quantizes_input and self.scales.shape[-1] == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation
             x = hadamard_transform(x, self.rotate_input)
         bias = None if self.bias is None or not self.add_bias else self.bias.to(x.dtype)
-        if self.act_scale is None:
+        if not self.quantizes_input:
             return self._float_linear(x, bias)
-        x_q = quantize(x, self.act_scale, 8, self.rounding)  # (..., in) int8
+        act_scale = self.act_scale_on(x.device)
+        x_q = quantize(x, act_scale, 8, self.rounding)  # (..., in) int8
         if self.integer_path():
             acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
             first, second, out_scale = self.epilogue_factors()
             y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.out_rounding)
             y = y.view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
-        return self._float_linear(dequantize(x_q, self.act_scale).to(x.dtype), bias)
+        return self._float_linear(dequantize(x_q, act_scale).to(x.dtype), bias)
 
     def _float_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x times the float weight: packed int4 codes through `int4_linear` (on CUDA the weight is

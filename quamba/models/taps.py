@@ -53,18 +53,39 @@ class Tap(nn.Module):
         super().__init__()
         self.point = point
         self.rotated = point in ROTATED_POINTS
-        self.scale: float | torch.Tensor | None = None
+        self._scale: float | torch.Tensor | None = None
+        self._scale_tensor: torch.Tensor | None = None  # float32, on the device of the last input
+        self.quantizes = False  # a scale is set (forward tests this, never the float itself)
         self.rounding = "half_away"  # set with the scale from the quantized dir's record
 
+    @property
+    def scale(self) -> float | torch.Tensor | None:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float | torch.Tensor | None) -> None:
+        self._scale, self._scale_tensor, self.quantizes = value, None, value is not None
+
+    def scale_on(self, device: torch.device) -> torch.Tensor:
+        """The scale as a float32 tensor on `device`, made once per device. A tensor, not the
+        Python float: the same values (a float32 scale either way), and a compiled block reads it
+        as an input, so one graph serves every block (a float would be a constant of the graph)."""
+        cached = self._scale_tensor
+        if cached is None or cached.device != device:
+            self._scale_tensor = cached = torch.as_tensor(self._scale, dtype=torch.float32).to(device)
+        return cached
+
+    def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Make the scale's tensor on `device` now (MambaLMHeadModel.compile_blocks)."""
+        if self.quantizes:
+            self.scale_on(device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:
+        if not self.quantizes:
             return x
         from quamba.numerics.quantizers import fake_quantize  # the FP path never needs it
 
-        scale = self.scale
-        if isinstance(scale, torch.Tensor) and scale.device != x.device:  # copied once per device
-            self.scale = scale = scale.to(x.device)
-        return fake_quantize(x, scale, 8, self.rounding)
+        return fake_quantize(x, self.scale_on(x.device), 8, self.rounding)
 
     def extra_repr(self) -> str:
         if self.scale is None:

@@ -121,11 +121,17 @@ def base_matrix(m: int) -> torch.Tensor:
     return _BASE_BUILDERS[m]()
 
 
-@functools.cache
+_BASES_ON: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+@torch.compiler.assume_constant_result  # compiled code takes it as a constant, not rebuilt per call
 def _base_on(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """base_matrix(m) in `dtype` on `device`, copied there once (no host copy per transform, which a
     CUDA graph could not record)."""
-    return base_matrix(m).to(dtype=dtype, device=device)
+    key = (m, dtype, torch.device(device))
+    if key not in _BASES_ON:
+        _BASES_ON[key] = base_matrix(m).to(dtype=dtype, device=device)
+    return _BASES_ON[key]
 
 
 def _sylvester(p: int) -> torch.Tensor:
