@@ -42,8 +42,9 @@ class QuantPlan:
 
     linears: module path -> integer weight of the Linears that become QuantLinear; tensors:
     parameter path -> integer values of the other tensors (float modules compute with their
-    dequantized values; the embedding becomes a QuantEmbedding); thresholds: tap name -> per-tensor threshold; group_thresholds:
-    tap name -> thresholds laid over the tap's trailing dims (Quamba2's grouped scales).
+    dequantized values; the embedding becomes a QuantEmbedding); thresholds: tap name ->
+    per-tensor threshold; group_thresholds: tap name -> thresholds laid over the tap's trailing
+    dims (Quamba2's grouped scales).
     """
 
     w_bits: int

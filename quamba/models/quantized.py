@@ -239,9 +239,6 @@ class QuantEmbedding(nn.Module):
         q = unpack_int4(rows) if self.bits == 4 else rows
         return (q.to(torch.float32) * self.scale[input_ids].float()).to(self.dtype)
 
-    def weight_bytes(self) -> int:
-        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * 4
-
 
 INTEGER_MODULES = (QuantLinear, QuantEmbedding)
 
