@@ -124,7 +124,6 @@ def base_matrix(m: int) -> torch.Tensor:
 _BASES_ON: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-@torch.compiler.assume_constant_result  # compiled code takes it as a constant, not rebuilt per call
 def _base_on(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """base_matrix(m) in `dtype` on `device`, copied there once (no host copy per transform, which a
     CUDA graph could not record)."""
@@ -132,6 +131,14 @@ def _base_on(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if key not in _BASES_ON:
         _BASES_ON[key] = base_matrix(m).to(dtype=dtype, device=device)
     return _BASES_ON[key]
+
+
+def prepare_for_compile() -> None:
+    """Mark `_base_on` a constant for torch.compile: compiled blocks take the base matrix as a
+    constant instead of tracing its construction into every call. Done when compiling, not at
+    import: torch.compiler imports dynamo, about a second of every job's start-up."""
+    global _base_on
+    _base_on = torch.compiler.assume_constant_result(_base_on)
 
 
 def _sylvester(p: int) -> torch.Tensor:
