@@ -12,7 +12,6 @@ The packages are imported on the first CUDA call, not with this module: importin
 
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType, SimpleNamespace
 
@@ -20,10 +19,19 @@ import torch
 
 from quamba.models import ops
 
+_AVAILABLE: bool | None = None  # tried once per process (a plain flag: torch.compile reads it as a constant)
+_OPAQUE = False  # the kernels wrapped for torch.compile (prepare_for_compile)
 
-@functools.cache
+
 def available() -> bool:
     """Whether mamba_ssm and causal_conv1d import here (tried once per process)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _import_kernels()
+    return _AVAILABLE
+
+
+def _import_kernels() -> bool:
     global _conv_fn, _conv_update, _selective_scan, _state_update, _chunk_scan
     try:  # pragma: no cover - exercised only where the CUDA extras are installed
         from causal_conv1d import causal_conv1d_fn as _conv_fn
@@ -34,6 +42,19 @@ def available() -> bool:
     except ImportError:  # no CUDA build here: the reference path runs
         return False
     return True
+
+
+def prepare_for_compile() -> None:
+    """Make the kernels opaque to torch.compile: a compiled block calls each as it is, between
+    two compiled graphs, instead of tracing into mamba_ssm's Python and its Triton launches.
+    Done when compiling, not at import (torch.compiler imports dynamo)."""
+    global _conv_fn, _conv_update, _selective_scan, _state_update, _chunk_scan, _OPAQUE
+    if _OPAQUE or not available():
+        return
+    disable = torch.compiler.disable
+    _conv_fn, _conv_update = disable(_conv_fn), disable(_conv_update)
+    _selective_scan, _state_update, _chunk_scan = disable(_selective_scan), disable(_state_update), disable(_chunk_scan)
+    _OPAQUE = True
 
 
 def causal_conv1d(x, weight, bias, activation="silu"):

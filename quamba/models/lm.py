@@ -127,9 +127,12 @@ class MambaLMHeadModel(nn.Module):
         step): within the CUDA-vs-CPU bounds (tests/test_quantize.py). Call it after moving the
         model: the tensors the layers would make on their first call are made here, on the model's
         device (made inside the first compiled call, a block's scales would be constants of it)."""
-        from quamba.numerics.hadamard import prepare_for_compile
+        from quamba.models import kernels
+        from quamba.numerics import hadamard
 
-        prepare_for_compile()
+        hadamard.prepare_for_compile()
+        if self.device.type == "cuda":
+            kernels.prepare_for_compile()
         for module in self.modules():
             materialize = getattr(module, "materialize", None)  # Tap, QuantLinear
             if materialize is not None:
