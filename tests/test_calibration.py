@@ -17,8 +17,9 @@ from quamba.errors import CheckpointError, ConfigError
 from quamba.models import MambaConfig
 from quamba.models.checkpoint import save_fp16
 from quamba.models.taps import named_taps
+from quamba.numerics import observers
 from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.observers import QuambaMinMax, QuambaPercentile
+from quamba.numerics.observers import QuambaMinMax, QuambaPercentile, StreamHistogram
 from quamba.recipe import Recipe
 from quamba.stages.calibrate import CalibrationSettings, calibrate, calibrate_model_dir
 from quamba.stages.scales import derive_scales, tap_scales
@@ -259,3 +260,27 @@ def test_cli_calibrate_then_scales_and_view(model_dir, corpus, tmp_path):
                           str(tmp_path / "d")], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'chunks'" in bad.stderr and "'rows', 'packed'" in bad.stderr
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_fused_observer_statistics_in_a_whole_calibration_equal_the_eager_ones(layer, monkeypatch):
+    """observers.FUSE_ON_CUDA's path through calibrate, compiled on the CPU with the fp16 path forced
+    on (as CUDA runs it): rows of their own lengths, every tap's shape through one dynamic kernel;
+    histograms, tails, min and max bit for bit, std to its float64 sums' last bits."""
+    monkeypatch.setattr(StreamHistogram, "takes_fp16_path", lambda self, x: x.dtype == torch.float16)
+    extra = {"d_state": 32, "headdim": 32, "chunk_size": 64} if layer == "Mamba2" else {}
+    model = random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, layer=layer, **extra)).half()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 4096, (1, n), generator=g) for n in (256, 131, 256, 77)]
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(observers, "FUSE_ON_CUDA", fused)
+        runs[fused] = calibrate(model, rows, CalibrationSettings(num_samples=4, seq_len=256), Recipe(), progress=False)
+    (taps, records, _), (fused_taps, fused_records, _) = runs[False], runs[True]
+    for name in taps:
+        assert torch.equal(fused_records[name].histogram, records[name].histogram), name
+        assert fused_records[name].histogram_offset == records[name].histogram_offset, name
+        for a, b in zip(fused_records[name].tails or [], records[name].tails or [], strict=True):
+            assert torch.equal(a, b), name
+        assert (fused_taps[name]["min"], fused_taps[name]["max"]) == (taps[name]["min"], taps[name]["max"]), name
+        assert math.isclose(fused_taps[name]["std"], taps[name]["std"], rel_tol=1e-9), name
