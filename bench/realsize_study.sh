@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The four-run study of configs/realsize.yaml on one GPU, timed (issue 16's end-to-end figures):
+# the cold run's wall time, the GPU's busy share (nvidia-smi once a second), the per-rule breakdown
+# from the jobs' benchmarks/ files, and a no-op rerun. ../shared/gpu/README.md stages the kernels.
+#   bash bench/realsize_study.sh OUT_DIR [CONFIG] [TIME_LIMIT_S] [SNAKEMAKE_ARGS...]
+#   (defaults: configs/realsize.yaml, 540 s, --cores 16 --resources gpu=1)
+# Past the time limit the run is stopped; the breakdown then shows the jobs that finished.
+set -uo pipefail
+out=${1:?usage: bench/realsize_study.sh OUT_DIR [CONFIG] [TIME_LIMIT_S] [SNAKEMAKE_ARGS...]}
+config=${2:-configs/realsize.yaml}; limit=${3:-540}
+shift $(( $# < 3 ? $# : 3 ))
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--cores 16 --resources gpu=1)
+repo=$(pwd); work=$(mktemp -d)
+mkdir -p "$out"
+ln -s "$repo/resources" "$work/resources"
+cp "$config" "$work/study.yaml"
+now() { python3 -c "import time; print(time.time())"; }
+since() { python3 -c "import time; print(round(time.time() - $1, 1))"; }
+study() { (cd "$work" && timeout "$limit" python3 -m snakemake --snakefile "$repo/Snakefile" "${args[@]}" \
+    --configfile study.yaml --quiet rules); }
+
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$out/gpu.csv" &
+  sampler=$!
+fi
+start=$(now)
+study > "$out/study.log" 2>&1
+rc=$?
+echo "cold run: rc=$rc (124: stopped at the $limit s limit) in $(since "$start") s"
+[ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
+python3 - "$work/benchmarks" "$out/gpu.csv" <<'EOF' | tee "$out/breakdown.txt"
+import collections, csv, pathlib, sys
+
+seconds = collections.defaultdict(list)
+for tsv in pathlib.Path(sys.argv[1]).rglob("*.tsv"):
+    with tsv.open() as f:
+        row = next(csv.DictReader(f, delimiter="\t"), None)
+    if row:
+        seconds[tsv.stem].append(float(row["s"]))
+print("| job (benchmark file) | jobs | total s | longest s |")
+print("| --- | --- | --- | --- |")
+for name, values in sorted(seconds.items(), key=lambda kv: -sum(kv[1])):
+    print(f"| {name} | {len(values)} | {sum(values):.1f} | {max(values):.1f} |")
+gpu = pathlib.Path(sys.argv[2])
+busy = [float(r[1]) for r in csv.reader(gpu.open()) if len(r) > 2] if gpu.is_file() else []
+if busy:
+    print(f"GPU busy: mean {sum(busy) / len(busy):.0f}% over {len(busy)} one-second samples, "
+          f"0% in {sum(b == 0 for b in busy)} of them")
+EOF
+if [ "$rc" = 0 ]; then
+  start=$(now)
+  study > "$out/noop.log" 2>&1
+  echo "no-op rerun: rc=$? in $(since "$start") s"
+fi
+cp -r "$work/logs" "$out/" 2>/dev/null
+cp "$work/results/summary/aggregate.csv" "$out/" 2>/dev/null
+true
