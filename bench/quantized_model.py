@@ -104,9 +104,8 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
     scheme = quant.get("scheme", "fp16") + ("" if not extras else f" + {', '.join(extras)}")
     scheme += "" if fused or not quant.get("a_bits") else " (quantizers unfused)"
     scheme += " (compiled blocks)" if compile_blocks else ""
-    return {"model": str(model_dir), "scheme": scheme, "compiled_blocks": compile_blocks, "dtype": str(model.dtype).removeprefix("torch."),
-            "weight_bytes": held,
-            "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
+    return {"model": str(model_dir), "scheme": scheme, "compiled_blocks": compile_blocks,
+            "dtype": str(model.dtype).removeprefix("torch."), "weight_bytes": held, "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
             "eager_decode_tokens_per_s": decode / decode_s[False]}
 
 

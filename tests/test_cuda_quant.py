@@ -232,7 +232,8 @@ def test_fused_activation_quantizers_equal_the_eager_ones_bit_for_bit(dtype):
 def test_compiled_blocks_on_cuda_stay_close_to_eager_and_replay_as_a_graph(scheme, tmp_path):
     """MambaLMHeadModel.compile_blocks on the fast path (kernels, fused quantizers, int8 GEMMs, the
     int4 kernel inside compiled blocks): prefill and graphed decode steps within the CUDA-vs-CPU
-    bound of the eager fp16 model, one prefill and one step graph for all blocks."""
+    bound of the eager fp16 model. The graph count is printed, not asserted: the opaque kernel
+    calls split each block's graph (the CPU test asserts one per call kind)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 

@@ -137,7 +137,7 @@ class QuantLinear(nn.Module):
         device = self.qweight.device
         if self._factors is None or self._factors[0].device != device:
             s_w = self.scales.to(device=device, dtype=torch.float32).reshape(-1)  # (1,) or (out,)
-            s_in = torch.tensor(self.act_scale, dtype=torch.float32, device=device)
+            s_in = self.act_scale_on(device)
             out = None if self.out_scale is None else self.out_scale.to(device)
             if self.qqq or self.epilogue == "parallel":
                 factors = (s_w if out is None else s_w / out, s_in, out)
