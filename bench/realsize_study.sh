@@ -5,30 +5,41 @@
 #   bash bench/realsize_study.sh OUT_DIR [CONFIG] [TIME_LIMIT_S] [SNAKEMAKE_ARGS...]
 #   (defaults: configs/realsize.yaml, 540 s, --cores 16 --resources gpu=1)
 # Past the time limit the run is stopped; the breakdown then shows the jobs that finished.
+# STUDY_WORK=DIR keeps the study in DIR; a second call with the same DIR (a device call is at most
+# 600 s) resumes a stopped run (--rerun-incomplete) and reports the wall time of both parts.
 set -uo pipefail
 out=${1:?usage: bench/realsize_study.sh OUT_DIR [CONFIG] [TIME_LIMIT_S] [SNAKEMAKE_ARGS...]}
 config=${2:-configs/realsize.yaml}; limit=${3:-540}
 shift $(( $# < 3 ? $# : 3 ))
 args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--cores 16 --resources gpu=1)
-repo=$(pwd); work=$(mktemp -d)
-mkdir -p "$out"
-ln -s "$repo/resources" "$work/resources"
-cp "$config" "$work/study.yaml"
+repo=$(pwd); work=${STUDY_WORK:-$(mktemp -d)}
+mkdir -p "$out" "$work"
+earlier=0
+if [ -f "$work/study.yaml" ]; then  # resuming: the wall time of the parts before this one
+  earlier=$(cat "$work/wall_s" 2>/dev/null || echo 0)
+  (cd "$work" && python3 -m snakemake --snakefile "$repo/Snakefile" --configfile study.yaml --unlock -q) > /dev/null 2>&1
+else
+  ln -s "$repo/resources" "$work/resources"
+  cp "$config" "$work/study.yaml"
+fi
 now() { python3 -c "import time; print(time.time())"; }
 since() { python3 -c "import time; print(round(time.time() - $1, 1))"; }
-study() { (cd "$work" && timeout "$limit" python3 -m snakemake --snakefile "$repo/Snakefile" "${args[@]}" \
-    --configfile study.yaml --quiet rules); }
+study() { (cd "$work" && timeout -s INT -k 30 "$limit" python3 -m snakemake --snakefile "$repo/Snakefile" "${args[@]}" \
+    --configfile study.yaml --rerun-incomplete --quiet rules); }
 
 if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$out/gpu.csv" &
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 >> "$work/gpu.csv" &
   sampler=$!
 fi
 start=$(now)
 study > "$out/study.log" 2>&1
 rc=$?
-echo "cold run: rc=$rc (124: stopped at the $limit s limit) in $(since "$start") s"
+part=$(since "$start")
+total=$(python3 -c "print(round($earlier + $part, 1))"); echo "$total" > "$work/wall_s"
+echo "cold run: rc=$rc (124: stopped at the $limit s limit) in $part s; with the earlier parts $total s"
 [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
-python3 - "$work/benchmarks" "$out/gpu.csv" <<'EOF' | tee "$out/breakdown.txt"
+cp "$work/gpu.csv" "$out/" 2>/dev/null
+python3 - "$work/benchmarks" "$work/gpu.csv" <<'EOF' | tee "$out/breakdown.txt"
 import collections, csv, pathlib, sys
 
 seconds = collections.defaultdict(list)
@@ -52,6 +63,6 @@ if [ "$rc" = 0 ]; then
   study > "$out/noop.log" 2>&1
   echo "no-op rerun: rc=$? in $(since "$start") s"
 fi
-cp -r "$work/logs" "$out/" 2>/dev/null
+cp "$work/study.yaml" "$out/"; cp -r "$work/logs" "$out/" 2>/dev/null
 cp "$work/results/summary/aggregate.csv" "$out/" 2>/dev/null
 true
