@@ -2,7 +2,8 @@
 # Real-size quantized models from random weights of a real architecture, then bench.quantized_model
 # (weight memory, prefill, batch-1 decode against FP16). Round-to-nearest weights (--no-gptq: the
 # speed and memory of a layer do not depend on how its integers were found) and a small calibration.
-#   bash bench/realsize_quantized.sh ARCH OUT_DIR DEVICE [N_LAYER]   (SKIP_BUILD=1: only the bench)
+#   bash bench/realsize_quantized.sh ARCH OUT_DIR DEVICE [N_LAYER]   (SKIP_BUILD=1: only the bench;
+#   SKIP_BENCH=1: only the dirs)
 # e.g. on the H200: bash bench/realsize_quantized.sh mamba2-2.7b /tmp/rs cuda
 #      on a CPU, a smoke run: bash bench/realsize_quantized.sh mamba2-130m /tmp/rs cpu 2
 set -euo pipefail  # the independent steps run side by side (wait fails on none: check the dirs)
@@ -25,6 +26,7 @@ q quantize "$out/fp16" --gptq "$out/g8" --scheme w8a8 --calib "$out/calib" --sca
 wait
 echo "built in $((SECONDS - start)) s"
 fi
+[ -z "${SKIP_BENCH:-}" ] || exit 0
 if [ "$device" = cpu ]; then shape="--prefill 2 64 --decode 8 --repeats 1"; else shape=${BENCH_ARGS:-}; fi
 python3 -m bench.quantized_model --fp16 "$out/fp16" --quantized "$out/w8a8" "$out/w8a8_evalsh" "$out/w4a8" "$out/w4a16" \
     --device "$device" $shape --out "$out/quantized_model.json"

@@ -1,6 +1,8 @@
 """Hadamard rotations: Quamba's base matrices exactly, its width dispatch, the extended kind,
 orthonormal rotations, fast transform = dense."""
 
+import math
+
 import pytest
 import torch
 
@@ -193,3 +195,26 @@ def test_compiled_butterflies_and_scale_equal_the_eager_ones_bit_for_bit():
     eager = _butterflies(x, m=40, p=128, compute=torch.float32)
     assert torch.equal(compiled(_butterflies, m=40, p=128, compute=torch.float32)(x), eager)
     assert torch.equal(compiled(_scaled, n=5120, dtype=torch.float16)(eager), _scaled(eager, n=5120, dtype=torch.float16))
+
+
+def test_the_scale_is_a_multiply_by_one_over_sqrt_n_in_float32():
+    """The FHT kernel multiplies by its float `scale` (1 / sqrt(n)); a division by sqrt(n) would
+    differ by an ulp on some values, and so would a compiled kernel on CUDA, where inductor turns
+    a division by a constant into that multiply."""
+    from quamba.numerics.hadamard import _scaled
+
+    y = torch.randn(7, 40, 128, generator=torch.Generator().manual_seed(3)) * 5
+    scale = torch.tensor(1 / math.sqrt(5120), dtype=torch.float32)
+    assert torch.equal(_scaled(y, n=5120, dtype=torch.float32), y.reshape(7, 5120) * scale)
+    assert not torch.equal(y.reshape(7, 5120) * scale, y.reshape(7, 5120) / math.sqrt(5120))  # the choice shows
+
+
+def test_eager_numerics_names_options_this_torch_has():
+    from torch._inductor import config
+
+    from quamba.numerics.quantizers import eager_numerics
+
+    options = eager_numerics()
+    assert len(options) == 2 and all(options.values())  # precision casts and IEEE division
+    flat = config.get_config_copy()
+    assert all(key in flat for key in options), options

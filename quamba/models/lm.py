@@ -122,13 +122,15 @@ class MambaLMHeadModel(nn.Module):
         """torch.compile each block in place (regional compilation): inductor fuses the norms, the
         taps' quantize-dequantize chains, the Hadamard stages and the glue between the GEMMs and
         the scan into few kernels. Every value that differs between blocks is a tensor input, so
-        the blocks share one compiled graph per call kind (prefill, step) and shape. Not bit-equal
-        to the eager blocks (fusion reorders float operations, and a rounded tap can flip one
-        step): within the CUDA-vs-CPU bounds (tests/test_quantize.py). Call it after moving the
+        the blocks share one compiled graph per call kind (prefill, step) and shape. Compiled under
+        `eager_numerics()` (each float operation rounded as eager rounds it), yet not bit-equal to
+        the eager blocks where inductor reorders a reduction (a norm's sum) and a rounded tap then
+        flips one step: within the CUDA-vs-CPU bounds (tests/test_quantize.py). Call it after moving the
         model: the tensors the layers would make on their first call are made here, on the model's
         device (made inside the first compiled call, a block's scales would be constants of it)."""
         from quamba.models import kernels
         from quamba.numerics import hadamard
+        from quamba.numerics.quantizers import eager_numerics
 
         hadamard.prepare_for_compile()
         if self.device.type == "cuda":
@@ -138,7 +140,7 @@ class MambaLMHeadModel(nn.Module):
             if materialize is not None:
                 materialize(self.device, self.dtype)
         for block in self.backbone.layers:
-            block.compile()
+            block.compile(options=eager_numerics())
         return self
 
     def use_kernels(self, enabled: bool) -> MambaLMHeadModel:

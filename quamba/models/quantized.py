@@ -66,15 +66,36 @@ def _fused_epilogue(acc, first, second, dtype, out_scale, rounding) -> torch.Ten
 def int8_matmul(x2d: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """The exact int32 product x2d (m, in) @ qweight (out, in).T of int8 values, as the GEMM
     accumulates it: torch._int_mm on CPU (any shape) and CUDA (m > 16, padded with zero rows;
-    dims multiples of 8), float64 elsewhere (exact: |acc| < 2^53)."""
+    dims multiples of 8), float64 elsewhere (exact: |acc| < 2^53).
+
+    Inside torch.compile it is one opaque operator (`quamba::int8_matmul`): inductor would
+    otherwise lower the padding and `_int_mm` itself and may hand cuBLAS a column-major int8
+    operand, a layout its int8 GEMM refuses (CUBLAS_STATUS_NOT_SUPPORTED on an H200)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.quamba.int8_matmul(x2d, qweight)
+    return _int8_matmul(x2d, qweight)
+
+
+def _int8_matmul(x2d: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     rows = x2d.shape[0]
     if not x2d.is_cuda:
         return torch._int_mm(x2d, qweight.t())
     if x2d.shape[1] % 8 or qweight.shape[0] % 8:
         return (x2d.double() @ qweight.double().t()).to(torch.int32)
+    x2d = x2d.contiguous()  # row-major: cuBLAS's int8 GEMM takes no other layout of this operand
     if rows <= MIN_INT_MM_ROWS:
         x2d = F.pad(x2d, (0, 0, 0, MIN_INT_MM_ROWS + 1 - rows))
     return torch._int_mm(x2d, qweight.t())[:rows]
+
+
+@torch.library.custom_op("quamba::int8_matmul", mutates_args=())
+def _int8_matmul_op(x2d: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    return _int8_matmul(x2d, qweight)
+
+
+@_int8_matmul_op.register_fake
+def _(x2d: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    return x2d.new_empty((x2d.shape[0], qweight.shape[0]), dtype=torch.int32)
 
 
 class QuantLinear(nn.Module):

@@ -187,15 +187,16 @@ def _butterflies(x: torch.Tensor, m: int, p: int, compute: torch.dtype) -> torch
 
 
 def _scaled(y: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """y (..., m, p) -> y / sqrt(n) as (..., n) in `dtype`."""
-    return (y.reshape(*y.shape[:-2], n) / math.sqrt(n)).to(dtype)
+    """y (..., m, p) -> y * (1 / sqrt(n)) as (..., n) in `dtype`: a multiply by the scale rounded
+    to y's dtype, as the FHT kernel applies its `scale` argument (QUAMBA.md section 2)."""
+    return (y.reshape(*y.shape[:-2], n) * (1 / math.sqrt(n))).to(dtype)
 
 
 def hadamard_transform(x: torch.Tensor, kind: str = "quamba") -> torch.Tensor:
     """x @ rotation(n, kind).T along the last dim, returned in x's dtype.
 
-    Computed in float32 (float64 if x is float64), the scale 1 / sqrt(n) applied last, as the
-    kernel does. With x's last dim viewed as (m, p): (M kron H_p) x = M X H_p^T.
+    Computed in float32 (float64 if x is float64), the scale 1 / sqrt(n) multiplied in last, as
+    the kernel does. With x's last dim viewed as (m, p): (M kron H_p) x = M X H_p^T.
 
     With FUSE_ON_CUDA, on CUDA the cast and the log2(p) butterfly stages run as one compiled
     kernel and the scale and cast as another, around the base matmul: the same float operations on

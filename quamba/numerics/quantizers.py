@@ -126,7 +126,23 @@ def compiled(fn, **constants):
     # (the same bits, more kernels) where fullgraph=True would raise: a process that meets many
     # variants (the CUDA tests) must not fail for it.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(functools.partial(fn, **constants) if constants else fn)
+    return torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
+
+
+def eager_numerics() -> dict[str, bool]:
+    """Inductor options under which a compiled kernel does each float operation as eager does:
+    without them Triton divides approximately (div.full.f32), contracts a * b + c into one fma,
+    keeps fused fp16 intermediates in float32, and inductor turns a division by a constant into a
+    multiplication by its reciprocal; each can move a value by an ulp and so flip a rounding to
+    integers. The division option's name differs between torch releases."""
+    from torch._inductor import config
+
+    options = {"emulate_precision_casts": True}  # also turns off fp fusion (fma) in Triton kernels
+    if hasattr(config, "emulate_divison_rounding"):  # torch <= 2.10 spells it so
+        options["emulate_divison_rounding"] = True
+    elif hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
+        options["eager_numerics.division_rounding"] = True
+    return options
 
 
 def _fused(fn, x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:
