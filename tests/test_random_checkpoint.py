@@ -82,6 +82,14 @@ def test_same_seed_same_bytes_other_seed_other_bytes_and_layers_independent_of_d
         assert torch.equal(one[key], two[key]), key
 
 
+def test_the_weights_do_not_depend_on_how_many_threads_draw_them():
+    _, serial = random_checkpoint.random_state_dict("mamba2-130m", n_layer=2, workers=1)
+    _, threaded = random_checkpoint.random_state_dict("mamba2-130m", n_layer=2, workers=3)
+    assert list(threaded) == list(serial)  # the state dict's order, not the drawing order
+    for key in serial:
+        assert torch.equal(threaded[key], serial[key]), key
+
+
 @pytest.mark.parametrize("arch", ["mamba-130m", "mamba2-130m"])
 def test_ssm_input_has_outliers_far_above_its_99_95th_percentile(written, arch):
     model = quamba.load(written[arch], device="cpu")

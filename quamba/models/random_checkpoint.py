@@ -64,7 +64,9 @@ ever built, and peak memory is about the fp16 file size (5.4 GB for mamba2-2.7b)
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -96,6 +98,7 @@ ARCHITECTURES: dict[str, MambaConfig] = {
 OUTLIER_FRACTION = 0.01  # of the residual channels and, per layer, of the x channels
 OUTLIER_FACTORS = (30.0, 10.0)  # k-th outlier channel: max(10, 30 / k)
 HEAVY_TAIL = 0.25  # weight gain 1 + HEAVY_TAIL * |t|, t Student-t with 4 degrees of freedom
+MAX_WORKERS = 16  # threads drawing tensors at once
 CHUNK = 1 << 22  # elements drawn at a time for the heavy tail (16 MB of fp32 per temporary)
 DT_RANGE = (1e-3, 1e-1)
 DT_FLOOR = 1e-4
@@ -210,19 +213,32 @@ def _checked(arch: str, seed: int, n_layer: int | None) -> MambaConfig:
     return config.replace(n_layer=n_layer)
 
 
-def random_state_dict(arch: str, seed: int = 0,
-                      n_layer: int | None = None) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
+def default_workers() -> int:
+    """Threads that draw tensors at once: the cores, at most MAX_WORKERS (torch's elementwise ops
+    inside each draw are parallel already; its seeded random draws are not)."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def random_state_dict(arch: str, seed: int = 0, n_layer: int | None = None,
+                      workers: int | None = None) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
     """The config written (its depth n_layer when given) and the fp16 weights, by state-spaces
-    key, the tied lm_head left out as in our checkpoints. Memory: the fp16 tensors plus the
-    largest one in fp32 while it is made."""
+    key, the tied lm_head left out as in our checkpoints. The tensors are drawn `workers` at a
+    time (default: `default_workers()`), the largest first: each has its own generator, so the
+    values do not depend on the number of workers. Memory: the fp16 tensors plus, per worker,
+    one tensor in fp32 while it is made."""
     config = _checked(arch, seed, n_layer)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in MambaLMHeadModel(config).state_dict().items()}
     del shapes["lm_head.weight"]  # tied to the embedding in every published architecture
     published_depth = ARCHITECTURES[arch].n_layer
-    state = {name: _tensor(name, shape, config, published_depth, seed).to(torch.float16)
-             for name, shape in shapes.items()}
-    return config, state
+
+    def draw(name: str) -> torch.Tensor:
+        return _tensor(name, shapes[name], config, published_depth, seed).to(torch.float16)
+
+    largest_first = sorted(shapes, key=lambda name: -math.prod(shapes[name]))
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        drawn = dict(zip(largest_first, pool.map(draw, largest_first)))
+    return config, {name: drawn[name] for name in shapes}  # in the state dict's order
 
 
 def write_random_checkpoint(arch: str, out_dir: Path, seed: int = 0, n_layer: int | None = None,
