@@ -126,3 +126,18 @@ def test_cpu_forward_is_bit_identical_across_runs():
     ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_importing_the_kernels_keeps_triton_autotuning_on_disk_unless_the_user_says(monkeypatch):
+    """Every job process would otherwise re-autotune mamba_ssm's kernels and might pick another
+    config (other low bits) than the job before it."""
+    import os
+
+    from quamba.models import kernels
+
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    kernels._import_kernels()  # False here (no CUDA build); the variable is set before the import is tried
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1"
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    kernels._import_kernels()
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "0"

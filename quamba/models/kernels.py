@@ -8,11 +8,18 @@ RMSNorms always use the reference: mamba_ssm's Triton RMSNorm is not determinist
 The packages are imported on the first CUDA call, not with this module: importing mamba_ssm
 (Triton and its kernels' definitions) costs seconds that a job which never runs a CUDA model
 (normalize, scales, a CPU study) should not pay.
+
+Before they import, TRITON_CACHE_AUTOTUNING is set to 1 unless the environment says otherwise:
+mamba_ssm's Mamba2 kernels are autotuned, and without it every job process benchmarks every
+candidate config again (seconds per job) and may pick another one than the previous job did
+(another accumulation order: different low bits between the jobs of one study). With it the
+first process's pick is kept in Triton's cache dir and every later process on the machine reads it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from types import ModuleType, SimpleNamespace
 
 import torch
@@ -33,6 +40,7 @@ def available() -> bool:
 
 def _import_kernels() -> bool:
     global _conv_fn, _conv_update, _selective_scan, _state_update, _chunk_scan
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # read when the autotuned kernels are defined
     try:  # pragma: no cover - exercised only where the CUDA extras are installed
         from causal_conv1d import causal_conv1d_fn as _conv_fn
         from causal_conv1d import causal_conv1d_update as _conv_update
