@@ -123,20 +123,31 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also each model with compiled blocks")
     parser.add_argument("--profile", action="store_true",
                         help="print (stderr) a torch profile of 10 eager decode steps and a prefill per model")
+    parser.add_argument("--no-unfused", action="store_true",
+                        help="skip the A8 models with eager activation quantizers (on CUDA they run by default)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [measure(d, device, tuple(args.prefill), args.decode, args.repeats, profiled=args.profile, dtype=args.dtype)
-            for d in [args.fp16, *args.quantized]]
-    if device.type == "cuda":  # the same A8 models with the activation quantizers as eager elementwise chains
-        rows += [measure(d, device, tuple(args.prefill), args.decode, args.repeats, fused=False, dtype=args.dtype)
-                 for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
+    runs = [(d, {}) for d in [args.fp16, *args.quantized]]
+    if device.type == "cuda" and not args.no_unfused:  # the A8 models with the quantizers as eager chains
+        runs += [(d, {"fused": False}) for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
     if args.compile:
-        for d in [args.fp16, *args.quantized]:
-            try:
-                rows.append(measure(d, device, tuple(args.prefill), args.decode, args.repeats, dtype=args.dtype,
-                                    compile_blocks=True))
-            except Exception as err:  # a model torch.compile cannot take: say so, keep the other rows
-                print(f"{d}: compiled blocks failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        runs += [(d, {"compile_blocks": True}) for d in [args.fp16, *args.quantized]]
+    rows = []
+    for model_dir, options in runs:
+        try:
+            row = measure(model_dir, device, tuple(args.prefill), args.decode, args.repeats, dtype=args.dtype,
+                          profiled=args.profile and not options, **options)
+        except Exception as err:  # e.g. a model torch.compile cannot take: say so, keep the other rows
+            if not options.get("compile_blocks"):
+                raise
+            print(f"{model_dir}: compiled blocks failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+            continue
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # each row as soon as it is measured: a time limit keeps it
+        if args.out:
+            partial = args.out.with_name(args.out.name + ".tmp")
+            partial.write_text(json.dumps(rows, indent=2))
+            partial.replace(args.out)
     bases = {row["compiled_blocks"]: row for row in reversed(rows) if row["scheme"].startswith("fp16")}
     base = rows[0]
     name = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"
@@ -152,8 +163,6 @@ def main() -> None:
               f"| {row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} "
               f"| {row['eager_decode_tokens_per_s']:.1f} "
               f"| {row['eager_decode_tokens_per_s'] / base['eager_decode_tokens_per_s']:.2f} |")
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
