@@ -212,6 +212,21 @@ def test_fused_hadamard_transform_equals_the_eager_one_bit_for_bit(n, monkeypatc
             assert torch.equal(hadamard_transform(x), eager), (n, shape, dtype)
 
 
+@pytest.mark.parametrize("n", [5120, 768])
+def test_fused_quantized_hadamard_equals_the_eager_one_bit_for_bit(n, monkeypatch):
+    """out_proj's QHadamard: its scale, rounding and saturation as one compiled kernel on CUDA."""
+    from quamba.numerics import quantizers
+    from quamba.numerics.hadamard import quantized_hadamard_factor, quantized_hadamard_transform
+
+    x = (torch.randn(4, 33, n, generator=torch.Generator().manual_seed(n)) * 3).half().cuda()
+    factor = torch.tensor(quantized_hadamard_factor(n, 0.0213), dtype=torch.float32, device="cuda")
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(quantizers, "FUSE_ON_CUDA", fused)
+        runs.append(quantized_hadamard_transform(x, factor))
+    assert runs[0].dtype == torch.int8 and torch.equal(runs[0], runs[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fused_activation_quantizers_equal_the_eager_ones_bit_for_bit(dtype):
     from quamba.numerics import quantizers

@@ -91,3 +91,42 @@ def test_qqq_divides_its_row_scale_by_the_output_scale_first():
     s_c = lin.scales.reshape(-1)
     v = (integer_input(lin, x) * (s_c / s_out)) * f32(0.02)
     assert torch.equal(lin(x), torch.round(v).clamp(-128, 127) * s_out)
+
+
+@pytest.mark.parametrize("n, s_in", [(1024, 1 / 16), (5120, 0.0213)])
+def test_out_proj_takes_its_int8_input_from_quambas_quantized_hadamard(n, s_in):
+    """QHadamard (QUAMBA.md section 8): int8 = roundf(H x in float32 * float32((1 / sqrt n) / s_in)),
+    saturated. Integer inputs keep every float32 sum of H x exact. n = 1024, s_in = 1/16: the factor
+    is exactly 0.5, so odd sums are ties (half away from zero); an all-4 row saturates."""
+    from quamba.numerics.hadamard import hadamard_matrix
+
+    x = torch.randint(-1, 2, (6, n), generator=GEN).to(torch.float16)
+    x[0] = 4.0  # H's first row is all ones
+    lin = QuantLinear(torch.eye(n, dtype=torch.int8), torch.ones(1, 1), 8, None, s_in, "quamba",
+                      rounding=HALF_AWAY)
+    exact = (x.double() @ hadamard_matrix(n).T).float()  # integers, exact in float32
+    v = exact * f32((1 / n ** 0.5) / s_in)
+    codes = (v.sign() * (v.abs() + 0.5).floor()).clamp(-128, 127)  # roundf, saturated
+    assert (codes.abs() == 127).any()
+    if n == 1024:
+        assert (v.frac().abs() == 0.5).any()  # ties occur
+    # the identity weight, s_w = 1: out_proj's fp16 output is (codes * s_w) * s_in, cast
+    assert torch.equal(lin(x), (codes * f32(1.0) * f32(s_in)).half())
+
+
+def test_the_quantized_hadamard_never_rounds_the_rotated_value_to_fp16():
+    """out_proj's codes are quantized_hadamard_transform's; hadamard_transform (fp16 out) then
+    quantize would give other codes on some values, each one step away."""
+    from quamba.numerics.hadamard import hadamard_transform, quantized_hadamard_factor, quantized_hadamard_transform
+    from quamba.numerics.quantizers import quantize
+
+    n, s_in = 5120, 0.0213
+    x = (torch.randn(64, n, generator=GEN) * 2).to(torch.float16)
+    factor = torch.tensor(quantized_hadamard_factor(n, s_in), dtype=torch.float32)
+    codes = quantized_hadamard_transform(x, factor, "quamba", HALF_AWAY)
+    lin = QuantLinear(torch.eye(n, dtype=torch.int8), torch.ones(1, 1), 8, None, s_in, "quamba", rounding=HALF_AWAY)
+    assert torch.equal(lin(x), (codes.float() * f32(1.0) * f32(s_in)).half())
+    two_steps = quantize(hadamard_transform(x, "quamba"), s_in, 8, HALF_AWAY)
+    differ = (codes != two_steps).float().mean().item()
+    assert 0 < differ < 0.05, differ
+    assert (codes.int() - two_steps.int()).abs().max() == 1

@@ -16,7 +16,7 @@ from torch import nn
 
 from quamba.models.lm import MambaLMHeadModel
 from quamba.numerics import quantizers
-from quamba.numerics.hadamard import hadamard_transform
+from quamba.numerics.hadamard import hadamard_transform, quantized_hadamard_factor, quantized_hadamard_transform
 from quamba.numerics.int4_matmul import int4_linear
 from quamba.numerics.quantizers import (
     HALF_EVEN,
@@ -99,8 +99,9 @@ def _(x2d: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = dequant(q) applied to x, with x Hadamard-rotated first (out_proj) and quantized to
-    int8 with a static scale (schemes with 8-bit activations).
+    """y = dequant(q) applied to x, with x quantized to int8 with a static scale (schemes with
+    8-bit activations); out_proj's input is Hadamard-rotated first, and with 8-bit activations
+    rotated and quantized in one step as Quamba's QHadamard (`quantized_hadamard_transform`).
 
     Int8 weights with int8 activations (W8A8, and W4A8 once QQQ has turned its int4 codes into
     int8 with a scale per row) compute as Quamba's kernels do, on CPU and CUDA alike: the exact
@@ -142,6 +143,7 @@ class QuantLinear(nn.Module):
         self._reference: torch.Tensor | None = None  # the float weight, made when a path needs it
         self._factors: tuple[torch.Tensor, ...] | None = None  # the epilogue's, on the layer's device
         self._act_scale_tensor: torch.Tensor | None = None  # act_scale in float32 on the layer's device
+        self._rotation_factor: torch.Tensor | None = None  # the quantized Hadamard's, on the layer's device
 
     def reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight on the layer's device in `dtype`: made for this call from packed
@@ -177,11 +179,21 @@ class QuantLinear(nn.Module):
             self._act_scale_tensor = cached = torch.tensor(self.act_scale, dtype=torch.float32, device=device)
         return cached
 
+    def rotation_factor_on(self, device: torch.device) -> torch.Tensor:
+        """The quantized Hadamard's factor (1 / sqrt(in)) / act_scale, float32 on `device`, made once."""
+        cached = self._rotation_factor
+        if cached is None or cached.device != device:
+            factor = quantized_hadamard_factor(self.in_features, self.act_scale)
+            self._rotation_factor = cached = torch.tensor(factor, dtype=torch.float32, device=device)
+        return cached
+
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Make now, on `device`, the tensors this layer's forward would make on its first call
         (MambaLMHeadModel.compile_blocks): the input scale, the epilogue's factors, an int8 float copy."""
         if self.quantizes_input:
             self.act_scale_on(device)
+            if self.rotate_input is not None:
+                self.rotation_factor_on(device)
         if self.integer_path():
             self.epilogue_factors()
         elif not self.packed:
@@ -192,13 +204,16 @@ class QuantLinear(nn.Module):
         return self.int8_weight and self.quantizes_input and self.scales.shape[-1] == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation
-            x = hadamard_transform(x, self.rotate_input)
         bias = None if self.bias is None or not self.add_bias else self.bias.to(x.dtype)
         if not self.quantizes_input:
+            if self.rotate_input is not None:  # the Hadamard kind of out_proj's input rotation (W4A16)
+                x = hadamard_transform(x, self.rotate_input)
             return self._float_linear(x, bias)
         act_scale = self.act_scale_on(x.device)
-        x_q = quantize(x, act_scale, 8, self.rounding)  # (..., in) int8
+        if self.rotate_input is not None:  # Quamba's QHadamard: rotated and quantized in one step
+            x_q = quantized_hadamard_transform(x, self.rotation_factor_on(x.device), self.rotate_input, self.rounding)
+        else:
+            x_q = quantize(x, act_scale, 8, self.rounding)  # (..., in) int8
         if self.integer_path():
             acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
             first, second, out_scale = self.epilogue_factors()

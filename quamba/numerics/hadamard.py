@@ -27,11 +27,14 @@ import math
 
 import torch
 
-from quamba.numerics.quantizers import compiled
+from quamba.numerics import quantizers
+from quamba.numerics.quantizers import HALF_AWAY, compiled, round_to_integer
 
 # On CUDA, the cast and butterfly stages, and the scale and cast, as compiled kernels (see
-# hadamard_transform). Off until its CUDA bit-equality test (tests/test_cuda_quant.py) has run on a
-# GPU: the compiled twins are checked bit-equal on the CPU only so far.
+# hadamard_transform). Bit-equal to the eager stages on an H200 at widths 5120 and 2560
+# (tests/test_cuda_quant.py) and 1.2x (one row) to 2.5x (8192 rows) faster there (bench/README.md),
+# but off: the eager path serves pipeline jobs, where compiling costs seconds per process, and
+# compiled blocks (MambaLMHeadModel.compile_blocks) fuse the rotation with the rest anyway.
 FUSE_ON_CUDA = False
 
 KINDS = ("quamba", "extended")
@@ -192,6 +195,18 @@ def _scaled(y: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (y.reshape(*y.shape[:-2], n) * (1 / math.sqrt(n))).to(dtype)
 
 
+def _unscaled(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    """(M X H_p^T (..., m, p) in the compute dtype, n): the transform before its scale."""
+    n = x.shape[-1]
+    m, p = _checked_split(n, kind)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fuse = compiled if FUSE_ON_CUDA and x.is_cuda else functools.partial
+    y = fuse(_butterflies, m=m, p=p, compute=compute)(x)  # (..., m, p) = X H_p^T
+    if m > 1:
+        y = torch.matmul(_base_on(m, compute, x.device), y)  # (..., m, p) = M X H_p^T
+    return y, n
+
+
 def hadamard_transform(x: torch.Tensor, kind: str = "quamba") -> torch.Tensor:
     """x @ rotation(n, kind).T along the last dim, returned in x's dtype.
 
@@ -203,11 +218,31 @@ def hadamard_transform(x: torch.Tensor, kind: str = "quamba") -> torch.Tensor:
     every element as the eager stages, about 3 kernels instead of 12 for the 5120-wide rotation of
     mamba2-2.7b's out_proj input.
     """
-    n = x.shape[-1]
-    m, p = _checked_split(n, kind)
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y, n = _unscaled(x, kind)
     fuse = compiled if FUSE_ON_CUDA and x.is_cuda else functools.partial
-    y = fuse(_butterflies, m=m, p=p, compute=compute)(x)  # (..., m, p) = X H_p^T
-    if m > 1:
-        y = torch.matmul(_base_on(m, compute, x.device), y)  # (..., m, p) = M X H_p^T
     return fuse(_scaled, n=n, dtype=x.dtype)(y)  # (..., n)
+
+
+def quantized_hadamard_factor(n: int, out_scale: float) -> float:
+    """The one factor of Quamba's quantized Hadamard, (1 / sqrt(n)) / s_out, as a double (rounded
+    to float32 where it multiplies, as the kernel's float argument is)."""
+    return (1 / math.sqrt(n)) / out_scale
+
+
+def _quantized_tail(y: torch.Tensor, factor: torch.Tensor, n: int, rounding: str) -> torch.Tensor:
+    """y (..., m, p) times the factor, rounded, saturated to int8, as (..., n)."""
+    return round_to_integer(y.reshape(*y.shape[:-2], n) * factor, rounding).clamp_(-128, 127).to(torch.int8)
+
+
+def quantized_hadamard_transform(x: torch.Tensor, factor: torch.Tensor, kind: str = "quamba",
+                                 rounding: str = HALF_AWAY) -> torch.Tensor:
+    """Quamba's QHadamard (QUAMBA.md sections 6 and 8): the int8 codes of x @ T.T at the scale s_out,
+    as its kernel makes them. The float32 transform is multiplied by one float32 factor,
+    `quantized_hadamard_factor(n, s_out)`, rounded (roundf: half away from zero) and saturated to
+    int8; the rotated value is never rounded to x's dtype on the way, nor divided by s_out (which
+    is what hadamard_transform, then quantize, would do: another int8 code on some values).
+    On CUDA the tail is one compiled kernel where the activation quantizers are fused."""
+    y, n = _unscaled(x, kind)
+    if quantizers.FUSE_ON_CUDA and x.is_cuda:
+        return compiled(_quantized_tail, n=n, rounding=rounding)(y, factor)
+    return _quantized_tail(y, factor, n, rounding)
