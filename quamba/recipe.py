@@ -110,8 +110,9 @@ OPTIONS: dict[str, Option] = {
         "true: the embedding at the scheme's weight bits, per row by its signed maximum"),
     "rounding": Option(
         "quamba", ("quamba", "half_away"), frozenset({"gptq", "assemble"}),
-        "ties to even for weights, norm and GEMM int8 outputs; away from zero for the conv, the quantized "
-        "Hadamard and the state",
+        "ties to even for weights, norm and GEMM int8 outputs, Mamba2's prefill state and every decoding "
+        "step's state; away from zero for the conv, the quantized Hadamard, Mamba1's prefill state and "
+        "Mamba2's in_proj at one row (its GEMV)",
         "half_away: ties away from zero everywhere"),
 }
 REORDER_ONLY = ("reorder_method", "head_clusters", "channel_clusters")  # act only with reorder on

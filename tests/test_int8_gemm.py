@@ -130,3 +130,17 @@ def test_the_quantized_hadamard_never_rounds_the_rotated_value_to_fp16():
     differ = (codes != two_steps).float().mean().item()
     assert 0 < differ < 0.05, differ
     assert (codes.int() - two_steps.int()).abs().max() == 1
+
+
+def test_the_parallel_epilogue_at_one_row_rounds_as_quambas_gemv():
+    """Mamba2's in_proj at one row is Quamba's Parallel GEMV (roundf); at more rows the GEMM (rint).
+    s_w / s_out = 0.5 and s_in = 1 put odd accumulators on ties."""
+    qweight = torch.eye(8, dtype=torch.int8)
+    out_scale = torch.full((8,), 2.0)
+    lin = QuantLinear(qweight, torch.ones(8, 1), 8, None, 1.0, None, epilogue="parallel", out_scale=out_scale,
+                      gemv_rounding=HALF_AWAY)
+    x = torch.tensor([[1.0, 3.0, 5.0, -1.0, -3.0, 7.0, 0.0, 2.0]])  # int8 as they are (s_in = 1)
+    away = torch.tensor([1.0, 2.0, 3.0, -1.0, -2.0, 4.0, 0.0, 1.0]) * 2  # v = acc / 2, ties away, times s_out
+    even = torch.tensor([0.0, 2.0, 2.0, -0.0, -2.0, 4.0, 0.0, 1.0]) * 2  # ties to even
+    assert torch.equal(lin(x), away[None])
+    assert torch.equal(lin(x.repeat(2, 1)), even.repeat(2, 1))

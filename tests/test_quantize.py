@@ -396,3 +396,44 @@ def test_compiled_blocks_share_one_graph_per_call_kind_and_stay_close_to_the_eag
     relative = ((compiled - eager).norm() / eager.norm()).item()
     print(f"\n{scheme}: compiled vs eager blocks, relative logit difference {relative:.2e}")
     assert relative <= (1e-5 if bits is None or scheme == "w4a16" else 2e-2), relative
+
+
+def test_decoding_steps_round_the_state_and_mamba2s_one_row_in_proj_as_quamba(built, tmp_path):
+    """QUAMBA.md section 8: the state is requantized with rint after every step (both families) and
+    in Mamba2's prefill, with roundf in Mamba1's; Mamba2's in_proj at one row (the Parallel GEMV)
+    rounds its int8 outputs with roundf. Recorded in quant_config.json and set on the modules; the
+    half_away option rounds everything away from zero."""
+    from quamba.models.checkpoint import read_config
+    from quamba.numerics.quantizers import gemv_rounding, point_rounding, step_rounding
+
+    mamba2 = read_config(built["fp16"])[0].layer == "Mamba2"
+    record = quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"],
+                                built["scales"])
+    prefill_state = "half_even" if mamba2 else "half_away"
+    assert record["rounding"]["ssm_state_act:input"] == prefill_state
+    assert record["step_rounding"] == {"ssm_state_act:input": "half_even"}
+    assert record["gemv_rounding"] == "half_away"
+    model = quamba.load(tmp_path / "q", device="cpu")
+    states = [t for name, t in named_taps(model).items() if name.endswith("ssm_state_act:input")]
+    assert states and all(t.step_rounding == "half_even" and t.rounding == prefill_state for t in states)
+    assert model.backbone.layers[0].mixer.in_proj.gemv_rounding == ("half_away" if mamba2 else None)
+    config_path = tmp_path / "q" / "quant_config.json"  # a dir written before these were recorded
+    older = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in ("step_rounding", "gemv_rounding")}
+    config_path.write_text(json.dumps(older))
+    reloaded = quamba.load(tmp_path / "q", device="cpu")
+    assert [t.step_rounding for t in named_taps(reloaded).values()] == [t.step_rounding for t in named_taps(model).values()]
+    assert reloaded.backbone.layers[0].mixer.in_proj.gemv_rounding == model.backbone.layers[0].mixer.in_proj.gemv_rounding
+    layer = "Mamba2" if mamba2 else "Mamba1"
+    assert point_rounding("ssm_state_act:input", "half_away", layer) == "half_away"
+    assert step_rounding("half_away") == {"ssm_state_act:input": "half_away"} and gemv_rounding("half_away") == "half_away"
+
+
+def test_a_tap_rounds_with_its_step_rounding_only_in_a_step():
+    from quamba.models.taps import Taps
+
+    taps = Taps({"ssm_state_act:input": ""})
+    tap = next(iter(taps))
+    tap.scale, tap.rounding, tap.step_rounding = 1.0, "half_away", "half_even"
+    x = torch.tensor([0.5, 1.5, 2.5, -2.5])
+    assert torch.equal(taps("ssm_state_act:input", x), torch.tensor([1.0, 2.0, 3.0, -3.0]))
+    assert torch.equal(taps.step("ssm_state_act:input", x), torch.tensor([0.0, 2.0, 2.0, -2.0]))

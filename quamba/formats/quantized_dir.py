@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quamba.errors import CheckpointError
-from quamba.numerics.quantizers import pack_int4, unpack_int4
+from quamba.numerics.quantizers import gemv_rounding, pack_int4, step_rounding, unpack_int4
 from quamba.numerics.tensor_codecs import IntegerTensor
 
 QUANT_CONFIG = "quant_config.json"
@@ -48,9 +48,11 @@ class QuantPlan:
     """
 
     w_bits: int
-    rounding: dict[str, str]  # tap point -> rounding of its int8 values
+    rounding: dict[str, str]  # tap point -> rounding of its int8 values (the prefill's)
     hadamard: str  # the Hadamard kind of out_proj's input rotation
     qqq: bool = False  # W4A8 as QQQ: int4 codes turned into int8 weights with a scale per row
+    step_rounding: dict[str, str] = field(default_factory=dict)  # tap point -> in a decoding step, where it differs
+    gemv_rounding: str | None = None  # Mamba2 in_proj's int8 outputs at one row (None: as at many rows)
     linears: dict[str, IntegerTensor] = field(default_factory=dict)
     tensors: dict[str, IntegerTensor] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -127,8 +129,11 @@ def read_plan(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor], QuantPlan
         coded[path] = _integer(tensors.pop(f"{path}.q"), tensors.pop(f"{path}.scale"), integer[path])
     grouped = {_tap_name(k): tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_THRESHOLDS}." in k]}
     options = quant_config["recipe"]["options"]
+    option = options.get("rounding", "quamba")  # dirs written before the step roundings were recorded: derived
     plan = QuantPlan(
         w_bits=quant_config["w_bits"], rounding=quant_config["rounding"], hadamard=quant_config["hadamard"]["kind"],
+        step_rounding=quant_config.get("step_rounding", step_rounding(option)),
+        gemv_rounding=quant_config.get("gemv_rounding", gemv_rounding(option)),
         qqq=quant_config["w_bits"] == 4 and quant_config["a_bits"] == 8 and options.get("w4_layout") == "quamba",
         linears=linears, tensors=coded, thresholds=quant_config["activation_thresholds"], group_thresholds=grouped)
     return quant_config, tensors, plan

@@ -117,10 +117,12 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
             None if threshold is None else activation_scale(threshold),
             rotate_input=plan.hadamard if kind == "out_proj" else None,
             rounding=plan.rounding[point], qqq=plan.qqq and (name != "lm_head" or threshold is not None),
-            epilogue=epilogue, out_scale=out_scale, out_rounding=plan.rounding[out_point or point]))
+            epilogue=epilogue, out_scale=out_scale, out_rounding=plan.rounding[out_point or point],
+            gemv_rounding=plan.gemv_rounding if epilogue == "parallel" else None))
     for tap_name, tap in named_taps(model).items():
         if tap.point in LINEAR_INPUT_TAPS.values() or tap.point == LM_HEAD_POINT:
             continue  # quantized inside QuantLinear, so the tap stays identity
+        tap.step_rounding = plan.step_rounding.get(tap.point)
         if tap_name in plan.group_thresholds:
             tap.scale, tap.rounding = activation_scales(plan.group_thresholds[tap_name]), plan.rounding[tap.point]
         elif tap_name in plan.thresholds:

@@ -89,7 +89,7 @@ class Mamba1Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = k.selective_state_update(ssm_state, x, delta, A, B, C, self.D.float(), z=z,
                                      dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
-        ssm_state.copy_(tap("ssm_state_act:input", ssm_state))
+        ssm_state.copy_(tap.step("ssm_state_act:input", ssm_state))  # requantized as the step does
         return self.out_proj(tap("out_proj:input", y)).unsqueeze(1)
 
     def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -110,7 +110,7 @@ class Mamba2Mixer(nn.Module):
             B.reshape(batch, self.ngroups, self.d_state), C.reshape(batch, self.ngroups, self.d_state),
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
         )  # (b, h, p)
-        ssm_state.copy_(tap("ssm_state_act:input", ssm_state))
+        ssm_state.copy_(tap.step("ssm_state_act:input", ssm_state))  # requantized as the step does
         y = self.norm(y.reshape(batch, self.d_inner), z)
         return self.out_proj(tap("out_proj:input", y)).unsqueeze(1)
 

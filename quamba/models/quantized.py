@@ -120,7 +120,7 @@ class QuantLinear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, bias: torch.Tensor | None,
                  act_scale: float | None, rotate_input: str | None, rounding: str = HALF_EVEN, qqq: bool = False,
                  epilogue: str = "forward", out_scale: torch.Tensor | None = None, out_rounding: str = HALF_EVEN,
-                 add_bias: bool = True):
+                 add_bias: bool = True, gemv_rounding: str | None = None):
         super().__init__()
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue: {epilogue!r}; allowed: {list(EPILOGUES)}")
@@ -128,6 +128,7 @@ class QuantLinear(nn.Module):
         self.quantizes_input = act_scale is not None  # forward tests this, never the float itself
         self.rounding = rounding  # of the int8 input: the norm's (ties to even) or the Hadamard's (away)
         self.epilogue, self.out_rounding, self.qqq = epilogue, out_rounding, qqq
+        self.gemv_rounding = gemv_rounding  # of the int8 output at one row (Mamba2 in_proj's GEMV), None: the same
         self.out_features, self.in_features = qweight.shape
         if qqq:  # W4A8 as QQQ's kernel: the int4 codes turned into int8 with one scale per row
             qweight, scales = qqq_int8_weight(qweight.to(torch.int8), scales)
@@ -217,7 +218,8 @@ class QuantLinear(nn.Module):
         if self.integer_path():
             acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
             first, second, out_scale = self.epilogue_factors()
-            y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.out_rounding)
+            one_row = acc.shape[0] == 1 and self.gemv_rounding is not None
+            y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.gemv_rounding if one_row else self.out_rounding)
             y = y.view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return self._float_linear(dequantize(x_q, act_scale).to(x.dtype), bias)

@@ -57,6 +57,7 @@ class Tap(nn.Module):
         self._scale_tensor: torch.Tensor | None = None  # float32, on the device of the last input
         self.quantizes = False  # a scale is set (forward tests this, never the float itself)
         self.rounding = "half_away"  # set with the scale from the quantized dir's record
+        self.step_rounding: str | None = None  # a decoding step's, where it is not the prefill's
 
     @property
     def scale(self) -> float | torch.Tensor | None:
@@ -80,12 +81,14 @@ class Tap(nn.Module):
         if self.quantizes:
             self.scale_on(device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """x, fake-quantized where a scale is set; `step`: in a decoding step (its own rounding)."""
         if not self.quantizes:
             return x
         from quamba.numerics.quantizers import fake_quantize  # the FP path never needs it
 
-        return fake_quantize(x, self.scale_on(x.device), 8, self.rounding)
+        rounding = self.step_rounding if step and self.step_rounding is not None else self.rounding
+        return fake_quantize(x, self.scale_on(x.device), 8, rounding)
 
     def extra_repr(self) -> str:
         if self.scale is None:
@@ -104,6 +107,10 @@ class Taps(nn.Module):
 
     def forward(self, point: str, x: torch.Tensor) -> torch.Tensor:
         return self.by_key[_key(point)](x)
+
+    def step(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """The tap at `point` in a decoding step, where Quamba may round otherwise (the state)."""
+        return self.by_key[_key(point)](x, step=True)
 
     def __iter__(self) -> Iterator[Tap]:
         return iter(self.by_key.values())

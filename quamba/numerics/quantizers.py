@@ -53,9 +53,34 @@ ROUNDING_BY_POINT = {
 }
 
 
-def point_rounding(point: str, rounding_option: str) -> str:
-    """The rounding of a tap's quantizer under the recipe's `rounding` option."""
-    return HALF_AWAY if rounding_option == HALF_AWAY else ROUNDING_BY_POINT[point]
+# Where Quamba's rounding depends on more than the point (QUAMBA.md section 8). The state's int8
+# values: Mamba1's prefill scan writes them with roundf (above), Mamba2's prefill final state
+# (quant_ssm_states) with rint, and every decoding step requantizes the state with rint in both
+# families (selective_state_update). Mamba2's in_proj at one row is the Parallel GEMV, which rounds
+# its int8 outputs with roundf where the GEMM uses rint. (The requantizations compute (v k) / (s k)
+# with k = 1e2 or 1e6; QUAMBA.md does not say which k where, so we divide v / s.)
+MAMBA2_ROUNDING_BY_POINT = {"ssm_state_act:input": HALF_EVEN}
+STEP_ROUNDING_BY_POINT = {"ssm_state_act:input": HALF_EVEN}
+GEMV_ROUNDING = HALF_AWAY
+
+
+def point_rounding(point: str, rounding_option: str, layer: str = "Mamba1") -> str:
+    """The rounding of a tap's quantizer in the prefill, under the recipe's `rounding` option."""
+    if rounding_option == HALF_AWAY:
+        return HALF_AWAY
+    if layer == "Mamba2" and point in MAMBA2_ROUNDING_BY_POINT:
+        return MAMBA2_ROUNDING_BY_POINT[point]
+    return ROUNDING_BY_POINT[point]
+
+
+def step_rounding(rounding_option: str) -> dict[str, str]:
+    """tap point -> the rounding of its quantizer in a decoding step, where it is not the prefill's."""
+    return {point: HALF_AWAY if rounding_option == HALF_AWAY else mode for point, mode in STEP_ROUNDING_BY_POINT.items()}
+
+
+def gemv_rounding(rounding_option: str) -> str:
+    """The rounding of Mamba2 in_proj's int8 outputs at one row (the Parallel GEMV)."""
+    return HALF_AWAY if rounding_option == HALF_AWAY else GEMV_ROUNDING
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,10 @@ from quamba.numerics.quantizers import (
     ROUNDING_BY_POINT,
     dequantize,
     expand_scales,
+    gemv_rounding,
     per_tensor_w8,
     point_rounding,
+    step_rounding,
 )
 from quamba.numerics.tensor_codecs import (
     IntegerTensor,
@@ -290,8 +292,10 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
                     grouped[f"{layer}.{point}"] = {"granularity": granularity, "groups": groups,
                                                    "shape": list(values.shape)}
                     thresholds.pop(f"{layer}.{point}", None)  # grouped, not per tensor
-    rounding = {point: point_rounding(point, recipe.rounding) for point in sorted(ROUNDING_BY_POINT)}
+    rounding = {point: point_rounding(point, recipe.rounding, config.layer) for point in sorted(ROUNDING_BY_POINT)}
+    steps, gemv = step_rounding(recipe.rounding), gemv_rounding(recipe.rounding)
     plan = QuantPlan(w_bits=scheme.w_bits, rounding=rounding, hadamard=recipe.hadamard,
+                     step_rounding=steps, gemv_rounding=gemv,
                      qqq=scheme.w_bits == 4 and scheme.a_bits == 8 and recipe.w4_layout == "quamba",
                      linears=linears, tensors=coded_tensors, thresholds=thresholds, group_thresholds=group_thresholds)
     # the quantized model, made by the step loading uses too: the dir holds this model's tensors
@@ -311,6 +315,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "seed": gptq_info["settings"]["seed"],
         "gptq": {"settings": gptq_info["settings"], "data": gptq_info["data"]},
         "rounding": rounding,
+        "step_rounding": steps,  # where a decoding step rounds otherwise (the requantized state)
+        "gemv_rounding": gemv,  # Mamba2 in_proj's int8 outputs at one row (Quamba's Parallel GEMV)
         "weights": {"grids": gptq_info["grids"], "method": gptq_info["method"],
                     "w8": "re-rounded to one per-tensor scale from GPTQ's fp16 values" if scheme.w_bits == 8 else None,
                     "lm_head": None if head is None else ("integer" if recipe.quantize_lm_head else
