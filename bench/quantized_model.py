@@ -129,7 +129,8 @@ def main() -> None:
     device = torch.device(args.device)
     runs = [(d, {}) for d in [args.fp16, *args.quantized]]
     if device.type == "cuda" and not args.no_unfused:  # the A8 models with the quantizers as eager chains
-        runs += [(d, {"fused": False}) for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
+        a8 = [d for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
+        runs += [(d, {"fused": False}) for d in a8]
     if args.compile:
         runs += [(d, {"compile_blocks": True}) for d in [args.fp16, *args.quantized]]
     rows = []

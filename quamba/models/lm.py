@@ -125,9 +125,10 @@ class MambaLMHeadModel(nn.Module):
         the blocks share one compiled graph per call kind (prefill, step) and shape. Compiled under
         `eager_numerics()` (each float operation rounded as eager rounds it), yet not bit-equal to
         the eager blocks where inductor reorders a reduction (a norm's sum) and a rounded tap then
-        flips one step: within the CUDA-vs-CPU bounds (tests/test_quantize.py). Call it after moving the
-        model: the tensors the layers would make on their first call are made here, on the model's
-        device (made inside the first compiled call, a block's scales would be constants of it)."""
+        flips one step: within the CUDA-vs-CPU bounds (tests/test_quantize.py). Call it after
+        moving the model: the tensors the layers would make on their first call are made here, on
+        the model's device (made inside the first compiled call, a block's scales would be
+        constants of it)."""
         from quamba.models import kernels
         from quamba.numerics import hadamard
         from quamba.numerics.quantizers import eager_numerics

@@ -218,8 +218,8 @@ class QuantLinear(nn.Module):
         if self.integer_path():
             acc = int8_matmul(x_q.reshape(-1, self.in_features), self.qweight)  # (m, out) int32, exact
             first, second, out_scale = self.epilogue_factors()
-            one_row = acc.shape[0] == 1 and self.gemv_rounding is not None
-            y = _fused_epilogue(acc, first, second, x.dtype, out_scale, self.gemv_rounding if one_row else self.out_rounding)
+            rounding = self.gemv_rounding if acc.shape[0] == 1 and self.gemv_rounding else self.out_rounding
+            y = _fused_epilogue(acc, first, second, x.dtype, out_scale, rounding)
             y = y.view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return self._float_linear(dequantize(x_q, act_scale).to(x.dtype), bias)

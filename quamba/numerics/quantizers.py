@@ -75,7 +75,8 @@ def point_rounding(point: str, rounding_option: str, layer: str = "Mamba1") -> s
 
 def step_rounding(rounding_option: str) -> dict[str, str]:
     """tap point -> the rounding of its quantizer in a decoding step, where it is not the prefill's."""
-    return {point: HALF_AWAY if rounding_option == HALF_AWAY else mode for point, mode in STEP_ROUNDING_BY_POINT.items()}
+    return {point: HALF_AWAY if rounding_option == HALF_AWAY else mode
+            for point, mode in STEP_ROUNDING_BY_POINT.items()}
 
 
 def gemv_rounding(rounding_option: str) -> str:
