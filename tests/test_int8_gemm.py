@@ -144,3 +144,22 @@ def test_the_parallel_epilogue_at_one_row_rounds_as_quambas_gemv():
     even = torch.tensor([0.0, 2.0, 2.0, -0.0, -2.0, 4.0, 0.0, 1.0]) * 2  # ties to even
     assert torch.equal(lin(x), away[None])
     assert torch.equal(lin(x.repeat(2, 1)), even.repeat(2, 1))
+
+
+def test_in_proj_takes_the_int8_codes_of_the_float32_norm_as_quambas_qrmsnorm():
+    """QRMSNorm writes int8 from the float32 norm (QUAMBA.md section 8: rint). RMSNorm.int8_output
+    snaps the float32 output to that grid before the fp16 cast, and in_proj's quantizer takes
+    exactly those codes back; quantizing the fp16-rounded norm would move some of them."""
+    from quamba.models.lm import RMSNorm
+    from quamba.models.taps import Tap
+    from quamba.numerics.quantizers import quantize
+
+    residual = torch.randn(64, 2560, generator=GEN) * 3  # float32, as the residual stream
+    norm, s_in = RMSNorm(2560, 1e-5), 0.0371
+    float32_norm = norm(residual)
+    codes = quantize(float32_norm, s_in, 8, HALF_EVEN)
+    norm.int8_output = Tap("in_proj:input")
+    norm.int8_output.scale, norm.int8_output.rounding = s_in, HALF_EVEN
+    hidden = norm(residual).to(torch.float16)  # what the block hands in_proj
+    assert torch.equal(quantize(hidden, s_in, 8, HALF_EVEN), codes)
+    assert not torch.equal(quantize(float32_norm.half(), s_in, 8, HALF_EVEN), codes)

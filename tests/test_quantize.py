@@ -441,3 +441,18 @@ def test_a_tap_rounds_with_its_step_rounding_only_in_a_step():
     x = torch.tensor([0.5, 1.5, 2.5, -2.5])
     assert torch.equal(taps("ssm_state_act:input", x), torch.tensor([1.0, 2.0, 3.0, -3.0]))
     assert torch.equal(taps.step("ssm_state_act:input", x), torch.tensor([0.0, 2.0, 2.0, -2.0]))
+
+
+def test_a8_models_quantize_the_norms_before_int8_linears_from_float32(built, tmp_path):
+    """Every block norm of a W8A8 model, and norm_f with quantize_lm_head, writes the int8 grid of the
+    in_proj / lm_head after it (QRMSNorm); W4A16 keeps plain fp16 norms."""
+    quantize_model_dir(built["fp16"], tmp_path / "w8a8", built["w8"], "w8a8", Recipe(quantize_lm_head=True),
+                       built["calib"], built["scales"])
+    model = quamba.load(tmp_path / "w8a8", device="cpu")
+    for block in model.backbone.layers:
+        grid, in_proj = block.norm.int8_output, block.mixer.in_proj
+        assert grid is not None and grid.scale == in_proj.act_scale and grid.rounding == in_proj.rounding == "half_even"
+    assert model.backbone.norm_f.int8_output.scale == model.lm_head.act_scale
+    quantize_model_dir(built["fp16"], tmp_path / "w4a16", built["w4"], "w4a16")
+    plain = quamba.load(tmp_path / "w4a16", device="cpu")
+    assert all(block.norm.int8_output is None for block in plain.backbone.layers)

@@ -18,7 +18,7 @@ from quamba.formats.quantized_dir import QuantPlan, read_plan
 from quamba.models.checkpoint import build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.quantized import INTEGER_MODULES, LINEAR_INPUT_TAPS, QuantEmbedding, QuantLinear
-from quamba.models.taps import LM_HEAD_POINT, named_taps
+from quamba.models.taps import LM_HEAD_POINT, Tap, named_taps
 from quamba.numerics.quantizers import activation_scale, activation_scales
 from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor
 
@@ -82,6 +82,19 @@ def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Ten
 EMBEDDING_WEIGHT = "backbone.embedding.weight"
 
 
+def _quantize_norm_outputs(model: MambaLMHeadModel, plan: QuantPlan) -> None:
+    """Quamba's QRMSNorm: where the linear after a norm takes int8 (in_proj, and lm_head with
+    quantize_lm_head), the norm writes that int8 grid from its float32 output (RMSNorm.int8_output,
+    the linear's own scale and rounding)."""
+    pairs = [(block.norm, block.mixer.in_proj, "in_proj:input") for block in model.backbone.layers]
+    pairs.append((model.backbone.norm_f, model.lm_head, LM_HEAD_POINT))
+    for norm, linear, point in pairs:
+        if isinstance(linear, QuantLinear) and linear.quantizes_input and linear.rotate_input is None:
+            grid = Tap(point)
+            grid.scale, grid.rounding = linear.act_scale, linear.rounding
+            norm.int8_output = grid
+
+
 def _set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
     module_path, _, name = path.rpartition(".")
     model.get_submodule(module_path).register_parameter(name, nn.Parameter(value, requires_grad=False))
@@ -119,6 +132,7 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
             rounding=plan.rounding[point], qqq=plan.qqq and (name != "lm_head" or threshold is not None),
             epilogue=epilogue, out_scale=out_scale, out_rounding=plan.rounding[out_point or point],
             gemv_rounding=plan.gemv_rounding if epilogue == "parallel" else None))
+    _quantize_norm_outputs(model, plan)
     for tap_name, tap in named_taps(model).items():
         if tap.point in LINEAR_INPUT_TAPS.values() or tap.point == LM_HEAD_POINT:
             continue  # quantized inside QuantLinear, so the tap stays identity

@@ -20,13 +20,21 @@ from quamba.models.taps import LM_HEAD_POINT, Tap
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm in float32. With `int8_output` (a Tap with a scale: Quamba's QRMSNorm, whose kernel
+    writes int8 from the float32 norm) the float32 output is snapped to that int8 grid before the
+    cast to x's dtype, so the layer after it quantizes exactly these integers back (|q| <= 127:
+    fp16's rounding of q * s stays far from half a step) instead of the fp16-rounded norm's."""
+
     def __init__(self, width: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))
         self.eps = eps
+        self.int8_output: Tap | None = None  # set by quamba.models.apply for A8 schemes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        if self.int8_output is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return self.int8_output(ops.rms_norm(x.float(), self.weight, self.eps)).to(x.dtype)
 
 
 class Block(nn.Module):
