@@ -157,10 +157,12 @@ def compiled(fn, **constants):
 
 def eager_numerics() -> dict[str, bool]:
     """Inductor options under which a compiled kernel does each float operation as eager does:
-    without them Triton divides approximately (div.full.f32), contracts a * b + c into one fma,
-    keeps fused fp16 intermediates in float32, and inductor turns a division by a constant into a
-    multiplication by its reciprocal; each can move a value by an ulp and so flip a rounding to
-    integers. The division option's name differs between torch releases."""
+    without them Triton divides approximately (div.full.f32), contracts a * b + c into one fma and
+    keeps fused fp16 intermediates in float32; each can move a value by an ulp and so flip a
+    rounding to integers. Not covered: off the CPU, inductor turns a division by a constant into a
+    multiplication by its reciprocal whatever the options, so code meant to compile bit-equal
+    divides by tensors or multiplies by constants. The division option's name differs between
+    torch releases."""
     from torch._inductor import config
 
     options = {"emulate_precision_casts": True}  # also turns off fp fusion (fma) in Triton kernels
