@@ -134,7 +134,9 @@ class QuambaLM(TemplateLM):
         leaves no context tokens after that move; lm-eval's own empty-context rule applies to it
         (conditioned on the prefix token), where HFLM 0.4.13 stops on an assertion.
         Batches run longest first (the first batch shows the memory peak; rows of a batch have
-        similar lengths, so little is padded); results come back in the requests' order.
+        similar lengths, so little is padded); results come back in the requests' order. A
+        batch's scores are read back once the next batch is launched, so on a GPU its one host
+        sync overlaps the next forward instead of leaving the GPU idle while the host works.
         """
         inputs, targets = [], []
         for _, context, continuation in requests:
@@ -149,30 +151,47 @@ class QuambaLM(TemplateLM):
             targets.append(continuation)
         order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.progress) as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                logits = self.logits([inputs[i] for i in batch])  # (b, l, padded_vocab)
-                # The logits that predict each continuation token: the last len(target) real positions,
-                # gathered in one indexing op (a slice per row costs a kernel launch per request).
-                width = logits.shape[1]
-                positions = torch.tensor([row * width + p for row, i in enumerate(batch)
-                                          for p in range(len(inputs[i]) - len(targets[i]), len(inputs[i]))])
-                scored = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]  # (targets, vocab)
-                wanted = torch.tensor([t for i in batch for t in targets[i]], device=scored.device)
-                logprobs = scored.float().log_softmax(dim=-1)
-                picked = torch.stack((logprobs.gather(-1, wanted[:, None])[:, 0],
-                                      (logprobs.argmax(dim=-1) == wanted).float()))  # (2, targets)
-                token_logprobs, token_greedy = picked.tolist()  # one host sync per batch
-                offset = 0
-                for i in batch:
-                    end = offset + len(targets[i])
-                    results[i] = (math.fsum(token_logprobs[offset:end]), all(token_greedy[offset:end]))
-                    offset = end
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-                bar.update(len(batch))
+            pending = None  # the batch before, its scores not read back yet
+            for batch in [*batches, None]:
+                # Launch this batch, then read the one before: its host sync then waits for that
+                # batch only, while this one's kernels keep the GPU busy (the same scores either way).
+                scored = None if batch is None else (batch, self._score([inputs[i] for i in batch],
+                                                                        [targets[i] for i in batch]))
+                if pending is not None:
+                    self._collect(requests, targets, *pending, results)
+                    bar.update(len(pending[0]))
+                pending = scored
         return results
+
+    @torch.inference_mode()
+    def _score(self, rows: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """(2, targets) on the model's device, not read back: each continuation token's
+        log-probability and whether it is the greedy choice, the rows' targets in order."""
+        logits = self.logits(rows)  # (b, l, padded_vocab)
+        # The logits that predict each continuation token: the last len(target) real positions,
+        # gathered in one indexing op (a slice per row costs a kernel launch per request).
+        width = logits.shape[1]
+        positions = torch.tensor([row * width + p for row, (inp, target) in enumerate(zip(rows, targets))
+                                  for p in range(len(inp) - len(target), len(inp))])
+        scored = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]  # (targets, vocab)
+        wanted = torch.tensor([t for target in targets for t in target], device=scored.device)
+        logprobs = scored.float().log_softmax(dim=-1)
+        return torch.stack((logprobs.gather(-1, wanted[:, None])[:, 0],
+                            (logprobs.argmax(dim=-1) == wanted).float()))  # (2, targets)
+
+    def _collect(self, requests, targets, batch: list[int], picked: torch.Tensor,
+                 results: list[tuple[float, bool]]) -> None:
+        """Read one batch's scores back (one host sync) into `results` and lm-eval's cache."""
+        token_logprobs, token_greedy = picked.tolist()
+        offset = 0
+        for i in batch:
+            end = offset + len(targets[i])
+            results[i] = (math.fsum(token_logprobs[offset:end]), all(token_greedy[offset:end]))
+            offset = end
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(document), each token predicted once, with up to max_length tokens of context."""
