@@ -153,16 +153,18 @@ class QuambaLM(TemplateLM):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.progress) as bar:
-            pending = None  # the batch before, its scores not read back yet
-            for batch in [*batches, None]:
+            pending = None  # (batch, its scores on the device), not read back yet
+            for batch in batches:
                 # Launch this batch, then read the one before: its host sync then waits for that
                 # batch only, while this one's kernels keep the GPU busy (the same scores either way).
-                scored = None if batch is None else (batch, self._score([inputs[i] for i in batch],
-                                                                        [targets[i] for i in batch]))
+                launched = (batch, self._score([inputs[i] for i in batch], [targets[i] for i in batch]))
                 if pending is not None:
                     self._collect(requests, targets, *pending, results)
                     bar.update(len(pending[0]))
-                pending = scored
+                pending = launched
+            if pending is not None:
+                self._collect(requests, targets, *pending, results)
+                bar.update(len(pending[0]))
         return results
 
     @torch.inference_mode()
@@ -181,8 +183,8 @@ class QuambaLM(TemplateLM):
         return torch.stack((logprobs.gather(-1, wanted[:, None])[:, 0],
                             (logprobs.argmax(dim=-1) == wanted).float()))  # (2, targets)
 
-    def _collect(self, requests, targets, batch: list[int], picked: torch.Tensor,
-                 results: list[tuple[float, bool]]) -> None:
+    def _collect(self, requests: list[tuple[Any, list[int], list[int]]], targets: list[list[int]],
+                 batch: list[int], picked: torch.Tensor, results: list[tuple[float, bool]]) -> None:
         """Read one batch's scores back (one host sync) into `results` and lm-eval's cache."""
         token_logprobs, token_greedy = picked.tolist()
         offset = 0

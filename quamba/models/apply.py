@@ -82,7 +82,7 @@ def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Ten
 EMBEDDING_WEIGHT = "backbone.embedding.weight"
 
 
-def _quantize_norm_outputs(model: MambaLMHeadModel, plan: QuantPlan) -> None:
+def _quantize_norm_outputs(model: MambaLMHeadModel) -> None:
     """Quamba's QRMSNorm: where the linear after a norm takes int8 (in_proj, and lm_head with
     quantize_lm_head), the norm writes that int8 grid from its float32 output (RMSNorm.int8_output,
     the linear's own scale and rounding)."""
@@ -132,7 +132,7 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
             rounding=plan.rounding[point], qqq=plan.qqq and (name != "lm_head" or threshold is not None),
             epilogue=epilogue, out_scale=out_scale, out_rounding=plan.rounding[out_point or point],
             gemv_rounding=plan.gemv_rounding if epilogue == "parallel" else None))
-    _quantize_norm_outputs(model, plan)
+    _quantize_norm_outputs(model)
     for tap_name, tap in named_taps(model).items():
         if tap.point in LINEAR_INPUT_TAPS.values() or tap.point == LM_HEAD_POINT:
             continue  # quantized inside QuantLinear, so the tap stays identity
