@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class QuambaLM(TemplateLM):
         self.model = load(model_dir, device=device, dtype=dtype)
         self._device = self.model.device
         self._decoder: Decoder | None = None  # greedy decoding's, made on its first use
+        self.scoring_seconds = 0.0  # wall time in loglikelihood scoring and generation, for job logs
         # Generation never picks a row past the tokenizer's vocabulary (mamba_ssm pads it to a multiple of 8).
         self.vocab_size = len(self.tokenizer)
         if self.vocab_size > self.model.config.padded_vocab_size:
@@ -149,6 +151,7 @@ class QuambaLM(TemplateLM):
             # The last token is only a target. Too long: drop tokens on the left, as HFLM does.
             inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
             targets.append(continuation)
+        begun = time.perf_counter()
         order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
@@ -165,6 +168,7 @@ class QuambaLM(TemplateLM):
             if pending is not None:
                 self._collect(requests, targets, *pending, results)
                 bar.update(len(pending[0]))
+        self.scoring_seconds += time.perf_counter() - begun
         return results
 
     @torch.inference_mode()
@@ -235,6 +239,7 @@ class QuambaLM(TemplateLM):
         return tokens
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        begun = time.perf_counter()
         eos = self.tokenizer.decode([self.eot_token_id])
         out = []
         for request in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
@@ -250,4 +255,5 @@ class QuambaLM(TemplateLM):
             text = postprocess_generated_text(self.tok_decode(self.greedy(prompt, max_new, until)), until, None)
             self.cache_hook.add_partial("generate_until", request.args, text)
             out.append(text)
+        self.scoring_seconds += time.perf_counter() - begun
         return out

@@ -318,6 +318,16 @@ def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_p
     assert not {"date", "git_hash", "config", "samples", "total_evaluation_time_seconds"} & set(doc)
 
 
+def test_provenance_takes_the_weights_hash_from_the_dirs_record(tmp_path, model_dir, monkeypatch):
+    import quamba.models.checkpoint as checkpoint
+
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    hashed = sha256_files([copy / "config.json", copy / "model.safetensors"])
+    checkpoint.record_model_sha256(copy)
+    monkeypatch.setattr(checkpoint, "sha256_files", lambda files: pytest.fail(f"hashed {files} again"))
+    assert qeval.model_provenance(copy, "m")["sha256"] == hashed
+
+
 def test_provenance_carries_the_quant_config(tmp_path, model_dir):
     copy = shutil.copytree(model_dir, tmp_path / "model")
     (copy / "quant_config.json").write_text(json.dumps({"scheme": "w8a8", "alpha": 0.9995}))

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import quamba
 from quamba.errors import ConfigError
+from quamba.io import sha256_files
 from quamba.models import MambaConfig
 from quamba.models.apply import apply_quantization
 from quamba.models.checkpoint import model_sha256, save_fp16
@@ -100,6 +101,8 @@ def test_quantized_dir_is_self_describing_and_runs(built, tmp_path, scheme, bits
     qweight = tensors["backbone.layers.0.mixer.in_proj.qweight"]
     assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert "backbone.layers.0.mixer.in_proj.weight" not in tensors
+    assert model_sha256(out) == json.loads((out / "hash.json").read_text())["sha256"] == \
+        sha256_files([out / "config.json", out / "model.safetensors"])  # recorded: evaluations read it, not the weights
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["recipe"] == qc["recipe"] and provenance["size_bytes"]["model"] == (out / "model.safetensors").stat().st_size
     assert "lm_head.weight" in tensors  # Quamba's residual rotation unties lm_head (norm_f folded in)

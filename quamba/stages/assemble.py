@@ -39,6 +39,7 @@ from quamba.models.checkpoint import (
     build_model,
     load_fp_model,
     model_sha256,
+    record_model_sha256,
     require_fp16_dir,
 )
 from quamba.models.quantized import INTEGER_MODULES, QuantLinear
@@ -358,6 +359,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
             "command": made_by or {"command": "quamba " + " ".join(sys.argv[1:]) if "quamba" in sys.argv[0]
                                    else f"python: {__name__}.quantize_model_dir"},
         })
+        record_model_sha256(tmp)  # last: evaluation jobs read the dir's hash from it instead of rehashing
     return quant_config
 
 

@@ -11,6 +11,8 @@ final SSM state and min/max elsewhere; Quamba2's (Mamba2 with reorder) uses min/
 
 from __future__ import annotations
 
+import logging
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,8 @@ from quamba.transforms.rotation import check_widths
 QUAMBA_DEFAULT_ALPHA = 0.9995  # Quamba's hard-coded alpha, both families (its 0.99999 is never used)
 SSM_INPUT = {"Mamba1": "x_proj:input", "Mamba2": "x_conv_out:input"}
 SSM_STATE = "ssm_state_act:input"
+
+log = logging.getLogger(__name__)  # phase timings, into a job's log (quamba.logs.job_log)
 
 
 @dataclass(frozen=True)
@@ -228,13 +232,17 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
                                                settings.seq_len, settings.seed, recipe.calibration_data,
                                                recipe.calibration_order)
     batches = tokens.batches(settings.batch_size)
+    begun = time.perf_counter()
     model = prepare_model(load(model_dir, device=device), recipe)
+    log.info("model loaded and prepared in %.2f s", time.perf_counter() - begun)
+    begun = time.perf_counter()
     reorder = None
     if recipe.reorder:  # Quamba2: a first pass for the order and the grouped ranges, then observers on the reordered model
         reorder = reorder_record(model, reorder_statistics(model, batches), recipe.head_clusters,
                                  recipe.channel_clusters, recipe.reorder_method)
         reorder_model(model, reorder)
     taps, records, samples = calibrate(model, batches, settings, recipe, progress=progress)
+    log.info("calibration pass over %d batches in %.2f s", len(batches), time.perf_counter() - begun)
     doc = {
         "schema_version": SCHEMA_VERSION,
         "kind": "quamba-calibration-stats",

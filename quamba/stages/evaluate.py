@@ -11,7 +11,9 @@ import contextlib
 import difflib
 import functools
 import json
+import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from quamba.errors import ConfigError, ResultError
 from quamba.formats.samples import reduce_samples, samples_path, write_samples
 from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
-from quamba.models.checkpoint import CONFIG_FILE, weight_files
+from quamba.models.checkpoint import CONFIG_FILE, model_sha256, weight_files
 from quamba.models.load import resolve_device
 from quamba.shipped import ROOT, TASKS_DIR
 
@@ -32,6 +34,7 @@ PERPLEXITY_TASK = perplexity.TASK
 LM_EVAL_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                     "higher_is_better", "n-samples")
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)  # a job's log file (quamba.logs.job_log) gets its phase timings
 
 
 # -- tasks ---------------------------------------------------------------------------------------
@@ -83,11 +86,13 @@ def task_manager(names: Sequence[str]):
 
 # -- results -------------------------------------------------------------------------------------
 def model_provenance(model_dir: Path, shown_as: str) -> dict[str, Any]:
-    """What was evaluated: the dir as named, hashes of its weights and tokenizer, its quantization."""
+    """What was evaluated: the dir as named, hashes of its weights and tokenizer, its quantization.
+    The weights' hash comes from the dir's hash record where it is current (model_sha256): the
+    same value, without reading gigabytes in every evaluation job."""
     files = [model_dir / CONFIG_FILE, *weight_files(model_dir)]
     tokenizer = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     quant_config = model_dir / "quant_config.json"
-    return {"path": shown_as, "files": sorted(p.name for p in files), "sha256": sha256_files(files),
+    return {"path": shown_as, "files": sorted(p.name for p in files), "sha256": model_sha256(model_dir),
             "tokenizer_sha256": sha256_files(tokenizer),
             "quant_config": json.loads(quant_config.read_text()) if quant_config.is_file() else None}
 
@@ -155,13 +160,16 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "quamba-eval", "tasks": list(tasks),
                            "model": model_provenance(local_dir, str(model_dir))}
 
+    begun = time.perf_counter()
     lm = QuambaLM(local_dir, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    log.info("model loaded in %.2f s (%s, %s)", time.perf_counter() - begun, lm.device, lm.model.dtype)
     doc["settings"] = {"batch_size": batch_size, "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
                        "max_length": lm.max_length, "device": lm.device.type,
                        "dtype": str(lm.model.dtype).removeprefix("torch.")}
     from lm_eval.evaluator import simple_evaluate
 
     specs = [*names, *(perplexity.task_config(lm, data, perplexity_tokens) for data in perplexity_files)]
+    begun = time.perf_counter()
     try:
         with _without_environment_report():
             output = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
@@ -170,6 +178,8 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     except OverflowError as err:  # lm-eval's exp() of a loglikelihood beyond float range
         raise ResultError(f"{local_dir}: a metric overflowed ({err}): the model's loglikelihoods are far out of "
                           f"range; nothing was written (check the model's weights and quantization scales)") from None
+    log.info("lm-eval done in %.2f s, of which the model scored requests %.2f s (the rest: building the "
+             "requests, metrics and their standard errors)", time.perf_counter() - begun, lm.scoring_seconds)
     sections = {key: output.get(key) or {} for key in LM_EVAL_SECTIONS}
     check_finite_metrics(sections["results"], local_dir)
     doc.update({key: value for key, value in sections.items() if value})

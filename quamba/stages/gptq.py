@@ -15,6 +15,7 @@ the channel order); gptq.json records them and assembly refuses a GPTQ dir built
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from quamba.shipped import DEFAULT_CORPUS
 from quamba.transforms.reorder import check_reorderable, plan_sha256, prepare_model
 from quamba.transforms.rotation import check_widths, rotate_out_projs
 
+log = logging.getLogger(__name__)  # phase timings, into a job's log (quamba.logs.job_log)
 
 @dataclass(frozen=True)
 class GPTQSettings:
@@ -232,13 +234,17 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     if resolve_device(device).type == "cuda":
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
+    begun = time.perf_counter()
     model = prepare_model(load(model_dir, device=device, dtype=torch.float32), recipe, reorder)
+    log.info("model loaded and prepared in %.2f s", time.perf_counter() - begun)
+    begun = time.perf_counter()
     if not recipe.gptq:  # round-to-nearest: no data, every seed the same weights
         windows, results = None, rtn_model(model, settings, recipe)
         logs = {name: {"seconds": 0.0, "error": 0.0} for name in results}
     else:
         windows = random_windows(data or DEFAULT_CORPUS, tokenizer, settings.nsamples, settings.seqlen, settings.seed)
         results, logs = gptq_quantize_model(model, windows.stacked(), settings, recipe, progress=progress)
+    log.info("%s of every layer in %.2f s", "GPTQ" if recipe.gptq else "round-to-nearest", time.perf_counter() - begun)
     info = {
         "schema_version": 2, "kind": "quamba-gptq",
         "recipe": recipe.record("gptq"),
