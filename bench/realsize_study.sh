@@ -3,7 +3,9 @@
 # the cold run's wall time, the GPU's busy share (nvidia-smi once a second), the per-rule breakdown
 # from the jobs' benchmarks/ files, and a no-op rerun. ../shared/gpu/README.md stages the kernels.
 #   bash bench/realsize_study.sh OUT_DIR [CONFIG] [TIME_LIMIT_S] [SNAKEMAKE_ARGS...]
-#   (defaults: configs/realsize.yaml, 540 s, --cores 16 --resources gpu=1)
+#   (defaults: configs/realsize.yaml, 540 s, --cores 16 --resources gpu=JOBS_PER_GPU)
+# The study is the seed note's four runs: the config's seeds become STUDY_SEEDS (default [0]; "keep"
+# leaves them), and JOBS_PER_GPU (default 1) GPU jobs share the one GPU (the config's jobs_per_gpu).
 # Past the time limit the run is stopped; the breakdown then shows the jobs that finished.
 # STUDY_WORK=DIR keeps the study in DIR; a second call with the same DIR (a device call is at most
 # 600 s) resumes a stopped run (--rerun-incomplete) and reports the wall time of both parts.
@@ -11,7 +13,8 @@ set -uo pipefail
 out=${1:?usage: bench/realsize_study.sh OUT_DIR [CONFIG] [TIME_LIMIT_S] [SNAKEMAKE_ARGS...]}
 config=${2:-configs/realsize.yaml}; limit=${3:-540}
 shift $(( $# < 3 ? $# : 3 ))
-args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--cores 16 --resources gpu=1)
+jobs=${JOBS_PER_GPU:-1}; seeds=${STUDY_SEEDS:-[0]}
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(--cores 16 --resources gpu="$jobs")
 repo=$(pwd); work=${STUDY_WORK:-$(mktemp -d)}
 mkdir -p "$out" "$work"
 earlier=0
@@ -20,7 +23,15 @@ if [ -f "$work/study.yaml" ]; then  # resuming: the wall time of the parts befor
   (cd "$work" && python3 -m snakemake --snakefile "$repo/Snakefile" --configfile study.yaml --unlock -q) > /dev/null 2>&1
 else
   ln -s "$repo/resources" "$work/resources"
-  cp "$config" "$work/study.yaml"
+  python3 - "$config" "$work/study.yaml" "$seeds" "$jobs" <<'EOF'
+import sys, yaml
+source, target, seeds, jobs = sys.argv[1:]
+study = yaml.safe_load(open(source))
+if seeds != "keep":
+    study["quantization"]["seeds"] = yaml.safe_load(seeds)
+study["jobs_per_gpu"] = int(jobs)
+yaml.safe_dump(study, open(target, "w"), sort_keys=False)
+EOF
 fi
 now() { python3 -c "import time; print(time.time())"; }
 since() { python3 -c "import time; print(round(time.time() - $1, 1))"; }

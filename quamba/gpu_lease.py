@@ -5,7 +5,9 @@ puts eight jobs on cuda:0. A job that runs `with gpu_lease(label=...)` first cla
 by an exclusive `flock` on `<lock_dir>/gpu-<id>.lock` and sees only that device (as cuda:0) until
 the lease ends. The kernel drops a flock when its process dies, even by SIGKILL, so there are no
 stale locks to clean up. Under SLURM the scheduler already assigned the device and the lease does
-nothing. This module never imports torch: CUDA must not be initialised before CUDA_VISIBLE_DEVICES
+nothing. `jobs_per_device` > 1 lets that many jobs share one device (a lock per slot,
+`gpu-<id>.slot<k>.lock` for slots after the first): for jobs that leave a big GPU mostly idle
+(batch-1 calibration, model loading, lm-eval's host work), run beside each other. This module never imports torch: CUDA must not be initialised before CUDA_VISIBLE_DEVICES
 is set, or the setting has no effect.
 """
 
@@ -66,8 +68,8 @@ def visible_devices() -> list[str]:
 
 @contextlib.contextmanager
 def gpu_lease(label: str = "", devices: Sequence[str | int] | None = None, lock_dir: str | os.PathLike | None = None,
-              timeout: float = 3600.0, poll: float = 1.0,
-              logger: logging.Logger | None = None) -> Iterator[str | None]:
+              timeout: float = 3600.0, poll: float = 1.0, logger: logging.Logger | None = None,
+              jobs_per_device: int = 1) -> Iterator[str | None]:
     """Hold one free device of `devices` (default: the visible ones) for the block; yield its id.
 
     Inside the block CUDA_VISIBLE_DEVICES is that id, so later CUDA work (and child processes)
@@ -76,6 +78,8 @@ def gpu_lease(label: str = "", devices: Sequence[str | int] | None = None, lock_
     `lock_dir`, else $QUAMBA_GPU_LOCK_DIR, else .snakemake/gpu-locks under the current dir.
     Under SLURM (SLURM_JOB_ID set) it yields None and changes nothing: the scheduler assigned
     the device. A lease nested in one this process or its parent holds yields that device.
+    jobs_per_device: how many leases one device grants at once (each a slot with its own lock);
+    free slots are taken spreading over the devices first (slot 1 of every device, then slot 2).
     """
     logger = logger or log
     if "SLURM_JOB_ID" in os.environ:
@@ -95,13 +99,17 @@ def gpu_lease(label: str = "", devices: Sequence[str | int] | None = None, lock_
     candidates = _candidates(devices)
     if timeout < 0 or poll <= 0:
         raise ValueError(f"gpu_lease: timeout must be >= 0 and poll > 0, got timeout={timeout}, poll={poll}")
+    if isinstance(jobs_per_device, bool) or not isinstance(jobs_per_device, int) or jobs_per_device < 1:
+        raise ValueError(f"gpu_lease: jobs_per_device must be an integer >= 1, got {jobs_per_device!r}")
     directory = Path(lock_dir if lock_dir is not None else os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR)
     directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    device, fd, path = _acquire(candidates, directory, label, timeout, poll, logger)
+    slots = [(device, slot) for slot in range(jobs_per_device) for device in candidates]
+    (device, slot), fd, path = _acquire(slots, directory, label, timeout, poll, logger)
     previous = {name: os.environ.get(name) for name in ("CUDA_VISIBLE_DEVICES", _HELD_ENV)}
     os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[_HELD_ENV] = device
-    logger.info("GPU lease: device %s of [%s] (lock %s)", device, ", ".join(candidates), path)
+    shared = f", job slot {slot + 1} of {jobs_per_device}" if jobs_per_device > 1 else ""
+    logger.info("GPU lease: device %s of [%s]%s (lock %s)", device, ", ".join(candidates), shared, path)
     try:
         yield device
     finally:
@@ -129,9 +137,10 @@ def _candidates(devices: Sequence[str | int] | None) -> list[str]:
     return found
 
 
-def _lock_path(directory: Path, device: str) -> Path:
-    """gpu-<id>.lock; characters a file name should not hold (a MIG id's '/') become '_'."""
-    return directory / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', device)}.lock"
+def _lock_path(directory: Path, device: str, slot: int = 0) -> Path:
+    """gpu-<id>.lock (gpu-<id>.slot<k>.lock for a shared device's later slots); characters a file
+    name should not hold (a MIG id's '/') become '_'."""
+    return directory / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', device)}{f'.slot{slot + 1}' if slot else ''}.lock"
 
 
 def _try_lock(path: Path, label: str) -> int | None:
@@ -161,21 +170,23 @@ def _holder(path: Path) -> str:
         return "an unknown holder"  # just locked, its holder not yet written
 
 
-def _acquire(candidates: list[str], directory: Path, label: str, timeout: float, poll: float,
-             logger: logging.Logger) -> tuple[str, int, Path]:
-    """The first free candidate, its locked descriptor and lock path; waits up to `timeout` s."""
+def _acquire(slots: list[tuple[str, int]], directory: Path, label: str, timeout: float, poll: float,
+             logger: logging.Logger) -> tuple[tuple[str, int], int, Path]:
+    """The first free (device, slot), its locked descriptor and lock path; waits up to `timeout` s."""
     deadline = time.monotonic() + timeout
     waiting = False
+    devices = list(dict.fromkeys(device for device, _ in slots))
     while True:
-        for device in candidates:
-            fd = _try_lock(_lock_path(directory, device), label)
+        for device, slot in slots:
+            fd = _try_lock(_lock_path(directory, device, slot), label)
             if fd is not None:
-                return device, fd, _lock_path(directory, device)
-        holders = "; ".join(f"device {device}: {_holder(_lock_path(directory, device))}" for device in candidates)
+                return (device, slot), fd, _lock_path(directory, device, slot)
+        holders = "; ".join(f"device {device}" + (f" slot {slot + 1}" if len(slots) > len(devices) else "")
+                            + f": {_holder(_lock_path(directory, device, slot))}" for device, slot in slots)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise GPULeaseTimeout(
-                f"GPU lease for {label!r}: no device of [{', '.join(candidates)}] came free within {timeout:g} s "
+                f"GPU lease for {label!r}: no device of [{', '.join(devices)}] came free within {timeout:g} s "
                 f"(locks in {directory}). Holders: {holders}. Wait longer with gpu_lease(timeout=...), "
                 "or run fewer GPU jobs at once (--resources gpu=N)")
         if not waiting:
@@ -186,8 +197,8 @@ def _acquire(candidates: list[str], directory: Path, label: str, timeout: float,
 
 
 def lease_for(device: str | None, label: str, devices: Sequence[str | int] | None = None,
-              logger: logging.Logger | None = None) -> contextlib.AbstractContextManager:
+              logger: logging.Logger | None = None, jobs_per_device: int = 1) -> contextlib.AbstractContextManager:
     """What a job on `device` holds while it works: a GPU lease for cuda, nothing otherwise."""
     if device is None or not str(device).startswith("cuda"):
         return contextlib.nullcontext(None)
-    return gpu_lease(label=label, devices=devices, logger=logger)
+    return gpu_lease(label=label, devices=devices, logger=logger, jobs_per_device=jobs_per_device)

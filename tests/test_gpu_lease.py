@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = textwrap.dedent("""
     import json, os, sys, time
     from quamba.gpu_lease import gpu_lease
-    lock_dir, devices, out, hold = sys.argv[1], sys.argv[2].split(","), sys.argv[3], float(sys.argv[4])
-    with gpu_lease(label=os.path.basename(out), devices=devices, lock_dir=lock_dir, timeout=30, poll=0.02) as dev:
+    lock_dir, devices, out, hold, slots = sys.argv[1], sys.argv[2].split(","), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+    with gpu_lease(label=os.path.basename(out), devices=devices, lock_dir=lock_dir, timeout=30, poll=0.02,
+                   jobs_per_device=slots) as dev:
         start = time.monotonic()
         seen = os.environ["CUDA_VISIBLE_DEVICES"]
         print("held", dev, flush=True)
@@ -42,12 +43,12 @@ def clean_env(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
-def start_job(tmp_path, lock_dir, devices, name, hold):
+def start_job(tmp_path, lock_dir, devices, name, hold, jobs_per_device=1):
     script = tmp_path / "job.py"
     if not script.exists():
         script.write_text(JOB)
     out = tmp_path / f"{name}.json"
-    proc = subprocess.Popen([sys.executable, str(script), str(lock_dir), ",".join(devices), str(out), str(hold)],
+    proc = subprocess.Popen([sys.executable, str(script), str(lock_dir), ",".join(devices), str(out), str(hold), str(jobs_per_device)],
                             stdout=subprocess.PIPE, text=True)
     return proc, out
 
@@ -64,6 +65,30 @@ def test_concurrent_jobs_never_share_a_device_and_all_finish(tmp_path):
         for b in runs[i + 1:]:
             if a["device"] == b["device"]:
                 assert a["end"] <= b["start"] or b["end"] <= a["start"], (a, b)
+
+
+def test_a_shared_device_grants_as_many_leases_as_its_slots_spreading_over_devices_first(tmp_path, caplog):
+    locks = tmp_path / "locks"
+    started = []
+    for i in range(4):  # four jobs on two devices of two slots each: all hold at once
+        started.append(start_job(tmp_path, locks, ["0", "1"], f"job{i}", hold=30, jobs_per_device=2))
+        assert started[-1][0].stdout.readline().split() == ["held", ["0", "1"][i % 2]]  # slot 1 of each, then 2
+    try:
+        assert {p.name for p in locks.iterdir()} == {"gpu-0.lock", "gpu-1.lock", "gpu-0.slot2.lock", "gpu-1.slot2.lock"}
+        with pytest.raises(GPULeaseTimeout, match=r"device 1 slot 2: pid \d+ .*'job3.json'"):  # every slot held
+            with gpu_lease(label="job4", devices=["0", "1"], lock_dir=locks, timeout=0, jobs_per_device=2):
+                pass
+    finally:
+        for proc, _ in started:
+            proc.kill()
+            proc.wait(timeout=10)
+    caplog.set_level(logging.INFO, logger="quamba.gpu_lease")
+    with gpu_lease(devices=["0"], lock_dir=locks, timeout=0, jobs_per_device=3) as device:
+        assert device == "0"
+    assert f"GPU lease: device 0 of [0], job slot 1 of 3 (lock {locks / 'gpu-0.lock'})" in caplog.messages
+    with pytest.raises(ValueError, match="jobs_per_device must be an integer >= 1, got 0"):
+        with gpu_lease(devices=["0"], lock_dir=locks, jobs_per_device=0):
+            pass
 
 
 def test_sigkilled_holder_frees_its_device(tmp_path):
