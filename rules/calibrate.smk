@@ -18,6 +18,7 @@ rule calibrate:
         layout.log(layout.STATS, "calibrate"),
     benchmark:
         layout.benchmark(layout.STATS, "calibrate")
+    priority: 3  # among ready jobs the longest chain first (calibrate, scales > gptq > assemble > evaluate)
     threads: 2
     resources:
         mem_mb=8000,
@@ -41,6 +42,7 @@ rule scales:
         layout.log(layout.SCALES, "scales"),
     benchmark:
         layout.benchmark(layout.SCALES, "scales")
+    priority: 3  # what assemble waits for
     threads: 1
     resources:
         mem_mb=4000,

@@ -2,11 +2,14 @@
 
 from pathlib import Path
 
+import torch
+
 from quamba.logs import job_log
 from quamba.recipe import Recipe
 from quamba.stages.assemble import quantize_model_dir
 
 with job_log(snakemake.log[0]) as log:  # noqa: F821
+    torch.set_num_threads(snakemake.threads)  # noqa: F821  (the same bytes at any thread count: tests/test_quantize.py)
     wc, inputs = snakemake.wildcards, snakemake.input  # noqa: F821
     stats, scales = getattr(inputs, "stats", None), getattr(inputs, "scales", None)
     log.info("assembling %s, seed %s%s", wc.scheme, wc.seed, f", alpha {wc.alpha}" if scales else "")

@@ -8,7 +8,15 @@ import torch
 
 from quamba.errors import ConfigError
 from quamba.models import MambaConfig
-from quamba.numerics.hadamard import KINDS, base_matrix, hadamard_matrix, hadamard_transform, rotation, supported
+from quamba.numerics.hadamard import (
+    KINDS,
+    base_matrix,
+    hadamard_matrix,
+    hadamard_transform,
+    rotate_weight_rows,
+    rotation,
+    supported,
+)
 from quamba.transforms.rotation import check_widths
 
 # The base matrices of Quamba's Hadamard kernels (public mathematical data: Paley construction II
@@ -183,6 +191,22 @@ def test_half_precision_input_comes_back_half_precision():
 def test_transform_accepts_a_single_vector():
     x = random_input(40, shape=())  # (40,)
     assert (hadamard_transform(x) - rotation(40) @ x).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rows, n, dtype", [(1000, 2560, torch.float64), (600, 768, torch.float32),
+                                            (300, 1024, torch.float16), (257, 5120, torch.float32), (40, 2560, torch.float32)])
+def test_weight_rotation_in_row_blocks_equals_the_whole_transform_bit_for_bit(rows, n, dtype):
+    """The assembly's fast path (blocks of rows that stay in the cache) changes no bit: widths with
+    a base matrix (2560 = 40 x 64, 768 = 12 x 64, 5120) and without (1024), a last partial block,
+    fewer rows than a block, and a transposed (strided) weight as out_proj's rotation passes it."""
+    weight = (torch.randn(rows, n, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
+    whole = hadamard_transform(weight)
+    assert torch.equal(rotate_weight_rows(weight), whole)
+    strided = weight.T.contiguous().T  # the same (rows, n) values, column-major
+    assert torch.equal(rotate_weight_rows(strided), whole)
+    assert torch.equal(rotate_weight_rows(strided, out=strided), whole)  # in place, as the rotation writes weights
+    half = torch.empty(rows, n, dtype=torch.float16)
+    assert torch.equal(rotate_weight_rows(weight, out=half), whole.to(torch.float16))  # cast once, as copy_ casts
 
 
 def test_compiled_butterflies_and_scale_equal_the_eager_ones_bit_for_bit():

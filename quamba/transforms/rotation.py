@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quamba.errors import ConfigError
-from quamba.numerics.hadamard import ALLOWED, hadamard_transform, supported
+from quamba.numerics.hadamard import ALLOWED, hadamard_transform, rotate_weight_rows, supported
 
 
 def check_widths(config, rotate_residual: bool, kind: str) -> None:
@@ -40,7 +40,7 @@ class RotatedLinear(nn.Module):
     @torch.no_grad()
     def fuse(cls, linear: nn.Linear, kind: str) -> RotatedLinear:
         """W -> W T^T: row i of the new weight is T applied to row i of W."""
-        linear.weight.copy_(hadamard_transform(linear.weight, kind))  # (out, in): rows rotated
+        rotate_weight_rows(linear.weight, kind, out=linear.weight)  # (out, in): rows rotated
         return cls(linear, kind)
 
     @property
@@ -59,9 +59,10 @@ def rotate_out_projs(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def _rotate_columns(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """T W for W (out, in): each column rotated, i.e. the layer's output moved into the rotated basis."""
-    return hadamard_transform(weight.T, kind).T  # (out, in)
+def _rotate_columns(weight: torch.Tensor, kind: str) -> None:
+    """W -> T W for W (out, in), in place: each column rotated, i.e. the layer's output moved into
+    the rotated basis."""
+    rotate_weight_rows(weight.T, kind, out=weight.T)  # (in, out) views: the columns as rows
 
 
 @torch.no_grad()
@@ -81,12 +82,12 @@ def rotate_residual(model: nn.Module, kind: str) -> nn.Module:
         model.lm_head.weight = nn.Parameter(model.backbone.embedding.weight.detach().clone())
         model.config = model.config.replace(tie_embeddings=False)
     embedding = model.backbone.embedding.weight
-    embedding.copy_(hadamard_transform(embedding, kind))  # (vocab, d_model): rows h -> T h
+    rotate_weight_rows(embedding, kind, out=embedding)  # (vocab, d_model): rows h -> T h
     _fold_norm_then_rotate(model.backbone.norm_f, model.lm_head, torch.float16, kind)
     for block in model.backbone.layers:
         _fold_norm_then_rotate(block.norm, block.mixer.in_proj, torch.float64, kind)
         out_proj = getattr(block.mixer.out_proj, "linear", block.mixer.out_proj)  # RotatedLinear or Linear
-        out_proj.weight.copy_(_rotate_columns(out_proj.weight, kind))  # (d_model, d_inner): T W
+        _rotate_columns(out_proj.weight, kind)  # (d_model, d_inner): T W
         if out_proj.bias is not None:
             out_proj.bias.copy_(hadamard_transform(out_proj.bias, kind))
     return model
@@ -95,5 +96,5 @@ def rotate_residual(model: nn.Module, kind: str) -> nn.Module:
 def _fold_norm_then_rotate(norm: nn.Module, linear: nn.Linear, fold_dtype: torch.dtype, kind: str) -> None:
     """W -> W diag(g) T^T and g -> 1: the norm's scale moves into the Linear that reads it."""
     folded = linear.weight.to(fold_dtype) * norm.weight.to(fold_dtype)  # (out, d_model)
-    linear.weight.copy_(hadamard_transform(folded.to(torch.promote_types(fold_dtype, torch.float32)), kind))
+    rotate_weight_rows(folded.to(torch.promote_types(fold_dtype, torch.float32)), kind, out=linear.weight)
     norm.weight.fill_(1.0)
