@@ -190,6 +190,24 @@ def test_non_finite_weights_fail_at_load_and_normalize_naming_the_tensor(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_finiteness_check_finds_any_nan_or_inf_wherever_it_is(dtype):
+    """check_finite reads min and max (one fast pass): every NaN, +inf and -inf at the first, a
+    middle and the last element of vector-unrolled lengths is found, and finite extremes pass."""
+    import quamba.models.checkpoint as checkpoint
+
+    for n in (1, 7, 64, 1000, 100_003):
+        for position in {0, n // 2, n - 1}:
+            for value in (float("nan"), float("inf"), -float("inf")):
+                tensor = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+                tensor[position] = value
+                assert not checkpoint._all_finite(tensor), (n, position, value)
+    extremes = torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min, 0.0], dtype=dtype)
+    assert checkpoint._all_finite(extremes) and checkpoint._all_finite(torch.empty(0, dtype=dtype))
+    with pytest.raises(CheckpointError, match=r"'w' holds 2 non-finite values"):
+        checkpoint.check_finite({"w": torch.tensor([1.0, -float("inf"), float("nan")], dtype=dtype)}, "src")
+
+
 def test_a_weight_that_overflows_float16_fails_normalize(tmp_path, tokenizer_dir):
     model = random_model(CONFIGS["mamba1"])
     with torch.no_grad():
