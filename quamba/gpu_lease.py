@@ -6,9 +6,10 @@ by an exclusive `flock` on `<lock_dir>/gpu-<id>.lock` and sees only that device 
 the lease ends. The kernel drops a flock when its process dies, even by SIGKILL, so there are no
 stale locks to clean up. Under SLURM the scheduler already assigned the device and the lease does
 nothing. `jobs_per_device` > 1 lets that many jobs share one device (a lock per slot,
-`gpu-<id>.slot<k>.lock` for slots after the first): for jobs that leave a big GPU mostly idle
-(batch-1 calibration, model loading, lm-eval's host work), run beside each other. This module never imports torch: CUDA must not be initialised before CUDA_VISIBLE_DEVICES
-is set, or the setting has no effect.
+`gpu-<id>.slot<k>.lock` for slots after the first), so jobs that leave a big GPU mostly idle
+(batch-1 calibration, model loading, lm-eval's host work) run beside each other. This module
+never imports torch: CUDA must not be initialised before CUDA_VISIBLE_DEVICES is set, or the
+setting has no effect.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from quamba.transforms.rotation import check_widths, rotate_out_projs
 
 log = logging.getLogger(__name__)  # phase timings, into a job's log (quamba.logs.job_log)
 
+
 @dataclass(frozen=True)
 class GPTQSettings:
     """Quamba's defaults: 128 windows of 1024 tokens, percdamp 0.01, group size 128, no act-order.
