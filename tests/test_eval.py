@@ -156,6 +156,8 @@ def test_batched_and_unbatched_scores_agree(dirs, ours):
     # Right padding never changes a causal model's earlier positions; only the matmul's batch
     # shape differs, which on CPU moves a float32 result by at most a few ulps.
     assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) <= 1e-5
+    again = single.loglikelihood(requests)  # past its first batch (read back at once, timed) nothing changes
+    assert again == want and 0 < single.first_batch_seconds <= single.scoring_seconds
 
 
 @torch.no_grad()
