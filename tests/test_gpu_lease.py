@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = textwrap.dedent("""
     import json, os, sys, time
     from quamba.gpu_lease import gpu_lease
-    lock_dir, devices, out, hold, slots = sys.argv[1], sys.argv[2].split(","), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+    lock_dir, devices, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    hold, slots = float(sys.argv[4]), int(sys.argv[5])
     with gpu_lease(label=os.path.basename(out), devices=devices, lock_dir=lock_dir, timeout=30, poll=0.02,
                    jobs_per_device=slots) as dev:
         start = time.monotonic()
@@ -48,7 +49,8 @@ def start_job(tmp_path, lock_dir, devices, name, hold, jobs_per_device=1):
     if not script.exists():
         script.write_text(JOB)
     out = tmp_path / f"{name}.json"
-    proc = subprocess.Popen([sys.executable, str(script), str(lock_dir), ",".join(devices), str(out), str(hold), str(jobs_per_device)],
+    proc = subprocess.Popen([sys.executable, str(script), str(lock_dir), ",".join(devices), str(out), str(hold),
+                             str(jobs_per_device)],
                             stdout=subprocess.PIPE, text=True)
     return proc, out
 
