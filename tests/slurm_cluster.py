@@ -39,6 +39,7 @@ ACCOUNT = "quamba"
 # Every rule's mem_mb must fit the node or sbatch refuses the job outright. Memory is bookkeeping
 # here (task/none enforces no limit), so the node advertises at least this much.
 NODE_MEMORY_MB = 32768
+NODE_CPUS = 4
 
 
 class ClusterUnavailable(RuntimeError):
@@ -193,7 +194,9 @@ class SlurmCluster:
             f"StorageHost=127.0.0.1\nStoragePort={self.ports['mysql']}\n"
             f"StorageUser=slurm\nStoragePass={self.db_password}\nStorageLoc=slurm_acct_db\n")
         os.chmod(dbd_conf, 0o600)  # slurmdbd refuses a readable config: it holds the DB password
-        cpus = max(2, os.cpu_count() or 1)
+        # Declared, not real (config_overrides below): the node must fit the workflow's largest
+        # request, assemble's 4 threads, or that job waits for a node that never comes.
+        cpus = max(NODE_CPUS, os.cpu_count() or 1)
         self.conf.write_text(
             f"ClusterName={self.cluster}\n"
             f"SlurmctldHost={self.node}(127.0.0.1)\n"

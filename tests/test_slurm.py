@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from conftest import REPO, random_model
-from slurm_cluster import ClusterUnavailable, SlurmCluster
+from slurm_cluster import NODE_CPUS, NODE_MEMORY_MB, ClusterUnavailable, SlurmCluster
 from test_checkpoint import write_state_spaces
 
 from quamba.models import MambaConfig
@@ -185,6 +185,11 @@ def test_sbatch_flags_carry_each_rules_resources(study, tmp_path):
     assert {job.rule for job in jobs} >= {"normalize_fp16", "calibrate", "gptq", "assemble", "evaluate"}
     params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "c", "account": "-A quamba",
               "partition": "-p quamba", "workdir": str(tmp_path)}
+    # The test cluster's one node must fit every request, or that job waits in the queue until the
+    # whole run times out (stop 26's CI: assemble asked for 4 CPUs of a 2-CPU node).
+    too_big = [(job.rule, job.threads, job.resources["mem_mb"]) for job in jobs
+               if job.threads > NODE_CPUS or int(job.resources["mem_mb"]) > NODE_MEMORY_MB]
+    assert not too_big, f"raise NODE_CPUS / NODE_MEMORY_MB in tests/slurm_cluster.py for {too_big}"
     for job in jobs:
         for gpu in ("0", "1"):
             resources = {key: int(value) if value.isdigit() else value
