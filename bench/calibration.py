@@ -8,8 +8,10 @@ elsewhere) for comparison.
     python -m bench.calibration --arch mamba2-2.7b --layers 8 --samples 64 --seq-len 512 --profile
         # a real architecture (random weights, a few blocks); --profile prints where calibrate's time goes
 
-On CUDA calibrate also runs with the observers' fused statistics (`observers.FUSE_ON_CUDA`) on
-and off, whichever the default is; the statistics are the same (tests/test_cuda_calibration.py).
+calibrate runs twice: stacked (each tap point of every block observed at once after a forward, the
+default) and tap by tap in the hooks (`stacked=False`, the reference); the statistics are the same
+(tests/test_calibration.py). On CUDA the tap-by-tap path also runs with its fused statistics
+(`observers.FUSE_ON_CUDA`) on and off, whichever the default is.
 """
 
 from __future__ import annotations
@@ -21,16 +23,45 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import quamba
 from bench.forward import SIZES
 from bench.profiling import profile, random_model_dir
-from quamba.models import MambaLMHeadModel
+from quamba.models import MambaConfig, MambaLMHeadModel
 from quamba.models.random_checkpoint import ARCHITECTURES
 from quamba.models.taps import named_taps
 from quamba.numerics import observers
 from quamba.recipe import Recipe
 from quamba.stages.calibrate import CalibrationSettings, calibrate, percentile_points
+
+DEEP = MambaConfig(d_model=64, n_layer=64, vocab_size=4096, layer="Mamba2", d_state=16, headdim=16, chunk_size=16)
+VIEW_OPS = frozenset({"aten::view", "aten::_unsafe_view", "aten::detach", "aten::alias", "aten::select",
+                      "aten::slice", "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::expand",
+                      "aten::t", "aten::transpose", "aten::split", "aten::split_with_sizes", "aten::unbind",
+                      "aten::lift_fresh", "aten::as_strided", "aten::reshape"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators that run (views left out): on a GPU each is about one launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name not in VIEW_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_window(fn_of_batches, batches) -> float:
+    """The operators one more window adds: fn over 3 batches against fn over 1, halved."""
+    counts = []
+    for n in (1, 3):
+        with OpCounter() as counter:
+            fn_of_batches(batches[:n])
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / 2
 
 
 def timed(fn) -> float:
@@ -73,7 +104,11 @@ def quamba_style(model: MambaLMHeadModel, windows: torch.Tensor, alpha: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["demo", "130m"], default="demo")
+    parser.add_argument("--size", choices=["demo", "130m", "deep"], default="demo",
+                        help="deep: mamba2-2.7b's 64 blocks at width 64, where dispatch, not arithmetic, sets "
+                             "the time (as calibration's batch-1 loop on a GPU)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the aten operators (views left out) one window adds, per path")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help="a real architecture, random weights")
     parser.add_argument("--layers", type=int, default=None, help="with --arch: its first N blocks")
     parser.add_argument("--samples", type=int, default=64)
@@ -88,10 +123,11 @@ def main() -> None:
             models = {f"{args.arch} ({args.layers or 'all'} layers)":
                       quamba.load(random_model_dir(args.arch, args.layers, Path(tmp)), device=device, dtype=dtype)}
         else:
-            names = ["mamba1-demo", "mamba2-demo"] if args.size == "demo" else ["mamba-130m", "mamba2-130m"]
+            names = {"demo": ["mamba1-demo", "mamba2-demo"], "130m": ["mamba-130m", "mamba2-130m"],
+                     "deep": ["mamba2-deep"]}[args.size]
             models = {}
             for name in names:
-                models[name] = MambaLMHeadModel(SIZES[name])
+                models[name] = MambaLMHeadModel(SIZES.get(name) or DEEP)
                 models[name].reset_parameters(0)
         for name, model in models.items():
             run(name, model.to(device=device, dtype=dtype).eval(), args)
@@ -109,23 +145,24 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
     plain_forward(model, windows[: args.batch_size], args.batch_size)
     plain_forward(model, windows[:1], 1)
     calibrate(model, batches[:2], settings, packed, progress=False)
+    calibrate(model, batches[:2], settings, packed, progress=False, stacked=False)
     forward_s = timed(lambda: plain_forward(model, windows, args.batch_size))
     calibrate_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False))
+    per_tap_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False, stacked=False))
     forward_b1_s = timed(lambda: plain_forward(model, windows, 1))
     quamba_s = timed(lambda: quamba_style(model, windows, 0.9995))
     fused = {}
-    if device.type == "cuda":  # the other setting of the fused observer statistics, warmed up first
+    if device.type == "cuda":  # the tap-by-tap path with the other setting of its fused statistics, warmed up first
         default = observers.FUSE_ON_CUDA
         observers.FUSE_ON_CUDA = not default
         try:
-            calibrate(model, batches[:2], settings, packed, progress=False)
-            other_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False))
+            calibrate(model, batches[:2], settings, packed, progress=False, stacked=False)
+            other_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False, stacked=False))
         finally:
             observers.FUSE_ON_CUDA = default
-        on_s, off_s = (other_s, calibrate_s) if not default else (calibrate_s, other_s)
-        fused = {"calibrate_fused_observers_s": round(on_s, 3), "calibrate_eager_observers_s": round(off_s, 3),
-                 "fused_observers_over_forward": round(on_s / forward_s, 2),
-                 "fused_observers_over_forward_batch1": round(on_s / forward_b1_s, 2)}
+        on_s, off_s = (other_s, per_tap_s) if not default else (per_tap_s, other_s)
+        fused = {"per_tap_fused_observers_s": round(on_s, 3), "per_tap_eager_observers_s": round(off_s, 3),
+                 "per_tap_fused_observers_over_forward_batch1": round(on_s / forward_b1_s, 2)}
     print(json.dumps({
         "model": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
@@ -135,8 +172,16 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
         "forward_batch1_s": round(forward_b1_s, 3), "quamba_style_batch1_s": round(quamba_s, 3),
         "quamba_style_over_forward_batch1": round(quamba_s / forward_b1_s, 2),
         "calibrate_over_forward_batch1": round(calibrate_s / forward_b1_s, 2),
+        "calibrate_per_tap_s": round(per_tap_s, 3), "per_tap_over_stacked": round(per_tap_s / calibrate_s, 2),
         "fused_observers_default": observers.FUSE_ON_CUDA, **fused,
     }), flush=True)
+    if args.count_ops:
+        ones = list(windows.split(1))
+        forward = ops_per_window(lambda b: plain_forward(model, torch.cat(b), 1), ones)
+        counts = {f"{label}_observer_ops_per_window": round(ops_per_window(
+            lambda b, stacked=stacked: calibrate(model, b, settings, packed, progress=False, stacked=stacked), ones)
+            - forward) for label, stacked in (("stacked", True), ("per_tap", False))}
+        print(json.dumps({"model": name, "batch_size": 1, "forward_ops_per_window": forward, **counts}), flush=True)
     if args.profile:
         profile(lambda: calibrate(model, batches[:2], settings, packed, progress=False), f"calibrate {name}, 2 batches")
 

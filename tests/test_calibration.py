@@ -21,6 +21,7 @@ from quamba.numerics import observers
 from quamba.numerics.hadamard import hadamard_transform
 from quamba.numerics.observers import QuambaMinMax, QuambaPercentile, StreamHistogram
 from quamba.recipe import Recipe
+from quamba.stages import calibration_observers
 from quamba.stages.calibrate import CalibrationSettings, calibrate, calibrate_model_dir
 from quamba.stages.scales import derive_scales, tap_scales
 
@@ -264,7 +265,7 @@ def test_cli_calibrate_then_scales_and_view(model_dir, corpus, tmp_path):
 
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_fused_observer_statistics_in_a_whole_calibration_equal_the_eager_ones(layer, monkeypatch):
-    """observers.FUSE_ON_CUDA's path through calibrate, compiled on the CPU with the fp16 path forced
+    """observers.FUSE_ON_CUDA's path through calibrate (tap by tap), compiled on the CPU with the fp16 path forced
     on (as CUDA runs it): rows of their own lengths, every tap's shape through one dynamic kernel;
     histograms, tails, min and max bit for bit, std to its float64 sums' last bits."""
     monkeypatch.setattr(StreamHistogram, "takes_fp16_path", lambda self, x: x.dtype == torch.float16)
@@ -275,7 +276,8 @@ def test_fused_observer_statistics_in_a_whole_calibration_equal_the_eager_ones(l
     runs = {}
     for fused in (False, True):
         monkeypatch.setattr(observers, "FUSE_ON_CUDA", fused)
-        runs[fused] = calibrate(model, rows, CalibrationSettings(num_samples=4, seq_len=256), Recipe(), progress=False)
+        runs[fused] = calibrate(model, rows, CalibrationSettings(num_samples=4, seq_len=256), Recipe(), progress=False,
+                                stacked=False)
     (taps, records, _), (fused_taps, fused_records, _) = runs[False], runs[True]
     for name in taps:
         assert torch.equal(fused_records[name].histogram, records[name].histogram), name
@@ -284,3 +286,68 @@ def test_fused_observer_statistics_in_a_whole_calibration_equal_the_eager_ones(l
             assert torch.equal(a, b), name
         assert (fused_taps[name]["min"], fused_taps[name]["max"]) == (taps[name]["min"], taps[name]["max"]), name
         assert math.isclose(fused_taps[name]["std"], taps[name]["std"], rel_tol=1e-9), name
+
+
+def assert_same_calibration(a, b):
+    """Two calibrate() results equal bit for bit: stats, histograms, tails, activation samples."""
+    (taps, records, samples), (other_taps, other_records, other_samples) = a, b
+    assert taps == other_taps  # min, max, mean, std (float64 sums), counts, shapes
+    assert records.keys() == other_records.keys() and samples.keys() == other_samples.keys()
+    for name, record in records.items():
+        other = other_records[name]
+        assert record.histogram_offset == other.histogram_offset and torch.equal(record.histogram, other.histogram), name
+        assert (record.tails is None) == (other.tails is None) and record.numels == other.numels, name
+        for x, y in zip(record.tails or [], other.tails or [], strict=True):
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+    for name, sample in samples.items():
+        assert np.array_equal(sample, other_samples[name]), name
+
+
+@pytest.mark.parametrize("layer, width, recipe, batch, fp16_path", [
+    ("Mamba1", 64, Recipe(), 1, False),
+    ("Mamba2", 64, Recipe(), 1, False),
+    ("Mamba1", 96, Recipe(), 1, False),  # out_proj's input rotated through the 12 x 12 base matrix
+    ("Mamba2", 80, Recipe(calibration_data="packed"), 2, False),  # ... the 40 x 40 one, as mamba2-2.7b's 5120
+    ("Mamba2", 64, Recipe(reorder=True, calibration_data="packed"), 2, False),  # Quamba2: min/max everywhere
+    ("Mamba1", 64, Recipe(calibration_data="packed"), 3, True),  # the histogram CUDA counts fp16 by
+    ("Mamba2", 80, Recipe(), 1, True),
+])
+def test_stacked_observers_give_the_reference_calibration_bit_for_bit(layer, width, recipe, batch, fp16_path,
+                                                                      monkeypatch):
+    """Every tap point of every block observed at once after each forward equals every tap observed
+    alone in its hook: rows of their own lengths (a new stack shape per window) and stacked
+    batches, chunks of rows (a small STACK_ELEMENTS), the fp16 histogram path forced on (its rows
+    counted whole and, with a small HISTC_CHUNK, in chunks)."""
+    if fp16_path:
+        monkeypatch.setattr(StreamHistogram, "takes_fp16_path", lambda self, x: x.dtype == torch.float16)
+    extra = {"d_state": 16, "headdim": 16, "chunk_size": 16} if layer == "Mamba2" else {}
+    model = random_model(MambaConfig(d_model=width, n_layer=3, vocab_size=4096, layer=layer, **extra))
+    if fp16_path:
+        model = model.half()
+    g = torch.Generator().manual_seed(0)
+    if batch == 1:
+        batches = [torch.randint(0, 4096, (1, n), generator=g) for n in (32, 17, 32, 5)]
+    else:
+        batches = list(torch.randint(0, 4096, (4 * batch, 32), generator=g).split(batch))
+    settings = CalibrationSettings(num_samples=4 * batch, seq_len=32, batch_size=batch, activation_samples=300,
+                                   activation_layers=(0, 2))
+    if recipe.reorder:
+        from quamba.transforms.reorder import reorder_model, reorder_record, reorder_statistics
+        reorder_model(model, reorder_record(model, reorder_statistics(model, batches), 2, 2, "quamba"))
+    reference = calibrate(model, batches, settings, recipe, progress=False, stacked=False)
+    assert_same_calibration(calibrate(model, batches, settings, recipe, progress=False), reference)
+    monkeypatch.setattr(calibration_observers, "STACK_ELEMENTS", 64 * 32 * 2)  # a few rows per stack
+    monkeypatch.setattr(StreamHistogram, "HISTC_CHUNK", 1000)  # rows counted by several histc calls each
+    assert_same_calibration(calibrate(model, batches, settings, recipe, progress=False), reference)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_a_non_finite_activation_is_named_by_tap_and_sample_on_both_paths(stacked):
+    """A NaN embedding row that only the third window looks up: sample 2, at the first tap after it."""
+    model = random_model(MODELS["mamba2"])
+    with torch.no_grad():
+        model.backbone.embedding.weight[7] = float("nan")
+    windows = torch.randint(10, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
+    windows[2, 5] = 7
+    with pytest.raises(ConfigError, match=r"tap layer_0\.in_proj:input saw a non-finite value.* in sample 2;"):
+        calibrate(model, list(windows.split(1)), SETTINGS, progress=False, stacked=stacked)

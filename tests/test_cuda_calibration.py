@@ -56,11 +56,7 @@ def test_calibration_on_cuda_keeps_the_reference_statistics(layer, monkeypatch):
     packed = Recipe(calibration_data="packed")  # full windows, 4 per forward
     fast = calibrate(model, list(windows.split(4)), settings, packed, progress=False)[1]
 
-    def bincount_everything(self, keys):  # the general path for every batch
-        counts = torch.bincount(keys, minlength=self.nbins)
-        self._counts = counts if self._counts is None else self._counts + counts
-
-    monkeypatch.setattr(StreamHistogram, "_update_fp16", bincount_everything)
+    monkeypatch.setattr(StreamHistogram, "takes_fp16_path", lambda self, x: False)  # bincount for every batch
     plain = calibrate(model, list(windows.split(4)), settings, packed, progress=False)[1]
     assert fast.keys() == plain.keys()
     for name in fast:
@@ -73,8 +69,8 @@ def test_calibration_on_cuda_keeps_the_reference_statistics(layer, monkeypatch):
 
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_fused_observer_statistics_on_cuda_equal_the_eager_ones(layer, monkeypatch):
-    """observers.FUSE_ON_CUDA: histograms, tails, min and max bit for bit; mean and std to the last
-    bits of their float64 sums. Batch 1, rows of their own lengths: Quamba's setting."""
+    """observers.FUSE_ON_CUDA (tap by tap): histograms, tails, min and max bit for bit; mean and std
+    to the last bits of their float64 sums. Batch 1, rows of their own lengths: Quamba's setting."""
     extra = {"d_state": 32, "headdim": 32, "chunk_size": 64} if layer == "Mamba2" else {}
     model = random_model(MambaConfig(d_model=128, n_layer=2, vocab_size=4096, layer=layer, **extra)).cuda().half()
     g = torch.Generator().manual_seed(0)
@@ -83,7 +79,7 @@ def test_fused_observer_statistics_on_cuda_equal_the_eager_ones(layer, monkeypat
     runs = {}
     for fused in (False, True):
         monkeypatch.setattr(observers, "FUSE_ON_CUDA", fused)
-        runs[fused] = calibrate(model, rows, settings, Recipe(), progress=False)
+        runs[fused] = calibrate(model, rows, settings, Recipe(), progress=False, stacked=False)
     (taps, records, _), (fused_taps, fused_records, _) = runs[False], runs[True]
     for name in taps:
         assert fused_records[name].histogram_offset == records[name].histogram_offset, name
@@ -94,3 +90,31 @@ def test_fused_observer_statistics_on_cuda_equal_the_eager_ones(layer, monkeypat
             assert fused_taps[name][key] == taps[name][key], (name, key)
         for key in ("mean", "std"):
             assert math.isclose(fused_taps[name][key], taps[name][key], rel_tol=1e-9, abs_tol=1e-12), (name, key)
+
+
+@pytest.mark.parametrize("layer, width", [("Mamba1", 128), ("Mamba2", 128), ("Mamba2", 160)])
+def test_stacked_observers_on_cuda_give_the_per_tap_statistics(layer, width):
+    """calibrate's default on CUDA (each tap point of every block at once, one histc per row)
+    against tap by tap in the hooks: histograms, tails, min, max, counts and the activation samples
+    bit for bit (160: out_proj's input rotated through the 40 x 40 base, stacked), mean and std to
+    the last bits of their float64 sums. Batch 1, rows of their own lengths: Quamba's setting."""
+    extra = {"d_state": 32, "headdim": 32, "chunk_size": 64} if layer == "Mamba2" else {}
+    model = random_model(MambaConfig(d_model=width, n_layer=4, vocab_size=4096, layer=layer, **extra)).cuda().half()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 4096, (1, int(n)), generator=g).cuda() for n in (256, 131, 256, 77)]
+    settings = CalibrationSettings(num_samples=4, seq_len=256, activation_samples=500)
+    taps, records, samples = calibrate(model, rows, settings, Recipe(), progress=False, stacked=False)
+    stacked_taps, stacked_records, stacked_samples = calibrate(model, rows, settings, Recipe(), progress=False)
+    for name in taps:
+        assert stacked_records[name].histogram_offset == records[name].histogram_offset, name
+        assert torch.equal(stacked_records[name].histogram, records[name].histogram), name
+        assert stacked_records[name].numels == records[name].numels, name
+        for a, b in zip(stacked_records[name].tails or [], records[name].tails or [], strict=True):
+            assert torch.equal(a, b), name
+        for key in ("numel", "min", "max", "absmax", "samples", "batch_shape"):
+            assert stacked_taps[name][key] == taps[name][key], (name, key)
+        for key in ("mean", "std"):
+            assert math.isclose(stacked_taps[name][key], taps[name][key], rel_tol=1e-9, abs_tol=1e-12), (name, key)
+    assert samples.keys() == stacked_samples.keys() and samples
+    for name in samples:
+        assert np.array_equal(samples[name], stacked_samples[name]), name

@@ -231,10 +231,27 @@ class StreamHistogram:
 
     def add_compact(self, compact: torch.Tensor) -> None:
         """Count compact fp16 keys (`compact_fp16_keys`) by histc, no host sync; the caller adds numel."""
-        n = self.fp16_high - self.fp16_low + 2
-        counts = sum(torch.histc(chunk, bins=n, min=-0.5, max=n - 0.5).long()
-                     for chunk in compact.split(self.HISTC_CHUNK))
+        counts = self.compact_counts(compact)
         self._fp16_counts = counts if self._fp16_counts is None else self._fp16_counts + counts
+
+    def compact_counts(self, compact: torch.Tensor) -> torch.Tensor:
+        """int64 counts of compact fp16 keys over the fp16 bins, by histc in exact chunks."""
+        n = self.fp16_high - self.fp16_low + 2
+        return sum(torch.histc(chunk, bins=n, min=-0.5, max=n - 0.5).long()
+                   for chunk in compact.split(self.HISTC_CHUNK))
+
+    def compact_row_counts(self, rows: torch.Tensor) -> torch.Tensor:
+        """`compact_counts` of each row of (r, numel) compact keys, (r, fp16 bins) int64: one histc
+        per row and one cast for all where a row's counts are exact in float32."""
+        if rows.shape[1] >= self.HISTC_CHUNK:
+            return torch.stack([self.compact_counts(row) for row in rows])
+        n = self.fp16_high - self.fp16_low + 2
+        return torch.stack([torch.histc(row, bins=n, min=-0.5, max=n - 0.5) for row in rows]).long()
+
+    def set_counts(self, counts: torch.Tensor | None, fp16_counts: torch.Tensor | None, numel: int) -> None:
+        """The histogram as counted elsewhere (by rows of a stack): counts over all bins and over
+        the fp16 bins, either None where that path counted nothing."""
+        self._counts, self._fp16_counts, self.numel = counts, fp16_counts, numel
 
     def _all_counts(self) -> torch.Tensor:
         """int64 counts over all bins, both paths merged."""

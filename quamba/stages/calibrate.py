@@ -28,20 +28,11 @@ from quamba.io import package_versions
 from quamba.models.checkpoint import model_sha256, read_config, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.load import load, resolve_device
-from quamba.models.taps import Tap, named_taps, tap_layer
-from quamba.numerics.hadamard import hadamard_transform
-from quamba.numerics.observers import (
-    ABSMAX_FLOOR,
-    EMA_SIGMA,
-    Moments,
-    Reservoir,
-    StreamHistogram,
-    abs_tail,
-    observe_batch,
-    tail_length,
-)
+from quamba.models.taps import named_taps, tap_layer
+from quamba.numerics.observers import ABSMAX_FLOOR, EMA_SIGMA, Reservoir
 from quamba.recipe import Recipe
 from quamba.shipped import DEFAULT_CORPUS
+from quamba.stages.calibration_observers import StackedObservers, TapObserver
 from quamba.transforms.reorder import (
     check_reorderable,
     prepare_model,
@@ -119,52 +110,6 @@ def percentile_points(layer_type: str, recipe: Recipe) -> frozenset[str]:
     return frozenset({SSM_INPUT[layer_type], SSM_STATE})
 
 
-class TapObserver:
-    """Everything observed at one tap: moments, the stream histogram, the activation sample and,
-    at percentile taps, each sample's tail of largest |x|."""
-
-    def __init__(self, tap: Tap, percentile: bool, min_alpha: float, mantissa_bits: int, hadamard: str,
-                 reservoir: Reservoir | None):
-        self.tap, self.percentile, self.min_alpha, self.hadamard = tap, percentile, min_alpha, hadamard
-        self.moments, self.histogram, self.reservoir = Moments(), StreamHistogram(mantissa_bits), reservoir
-        self.tails: list[torch.Tensor] = []  # per sample, descending, in the activations' dtype
-        self.numels: list[int] = []
-        self.finite: list[torch.Tensor] = []  # per sample, a bool on the device: no host sync per batch
-        self.shape: list[int] = []
-
-    def update(self, x: torch.Tensor) -> None:
-        if self.tap.rotated:  # the quantizer sits after the Hadamard rotation Quamba inserts
-            x = hadamard_transform(x, self.hadamard)
-        self.shape = list(x.shape)
-        self.finite.append(observe_batch(x, self.moments, self.histogram))  # NaN/inf in x make its sums so
-        if self.percentile:
-            self.tails.append(abs_tail(x, tail_length(x.numel(), self.min_alpha)))
-            self.numels.append(x.numel())
-        if self.reservoir is not None:
-            self.reservoir.update(x)
-
-    def first_nonfinite_sample(self) -> int | None:
-        bad = (~torch.stack(self.finite)).nonzero()
-        return int(bad[0]) if bad.numel() else None
-
-    def summary(self) -> dict:
-        """stats.json's entry for this tap (alpha-free)."""
-        m = self.moments
-        entry = {"observer": "percentile" if self.percentile else "minmax", "rotated": self.tap.rotated,
-                 "batch_shape": self.shape, "samples": len(self.finite),
-                 "numel": m.numel, "min": m.min, "max": m.max, "absmax": m.absmax, "mean": m.mean, "std": m.std}
-        if self.percentile:
-            entry["tail_values"] = sum(len(t) for t in self.tails)
-        return entry
-
-    def record(self) -> TapRecord:
-        """calibration.safetensors' entry for this tap."""
-        offset, counts = self.histogram.stored()
-        if not self.percentile:
-            return TapRecord(offset, counts, None, None)
-        return TapRecord(offset, counts, [t.cpu() for t in self.tails], list(self.numels))
-
-
 def _tap_seed(seed: int, name: str) -> int:
     """Each tap's reservoir has its own stream of keys, stable across runs and tap sets."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
@@ -172,12 +117,15 @@ def _tap_seed(seed: int, name: str) -> int:
 
 @torch.no_grad()
 def calibrate(model: MambaLMHeadModel, batches: list[torch.Tensor], settings: CalibrationSettings,
-              recipe: Recipe = Recipe(), progress: bool = True
+              recipe: Recipe = Recipe(), progress: bool = True, stacked: bool = True,
               ) -> tuple[dict[str, dict], dict[str, TapRecord], dict[str, np.ndarray]]:
     """Observe every tap over `batches` ((b, length) token ids each; one sample per batch).
 
     Returns stats.json's `taps`, calibration.safetensors' records, and a uniform activation
     sample per tap of the sampled layers. Non-finite activations fail, naming tap and sample.
+    `stacked`: observe each tap point of every block at once after each forward (the same
+    results, far fewer kernels: quamba.stages.calibration_observers); False: tap by tap in
+    the hooks, the reference.
     """
     config = model.config
     recipe = recipe.for_model(config.layer)
@@ -190,16 +138,25 @@ def calibrate(model: MambaLMHeadModel, batches: list[torch.Tensor], settings: Ca
                      if tap_layer(name) in sampled else None)
         observers[name] = TapObserver(tap, tap.point in percentile, settings.min_alpha, settings.mantissa_bits,
                                       recipe.hadamard, reservoir)
-    hooks = [obs.tap.register_forward_hook(lambda _m, _i, out, obs=obs: obs.update(out))
-             for obs in observers.values()]
+    stack = StackedObservers(observers) if stacked else None
+    if stack is None:
+        hooks = [obs.tap.register_forward_hook(lambda _m, _i, out, obs=obs: obs.update(out))
+                 for obs in observers.values()]
+    else:
+        hooks = [obs.tap.register_forward_hook(lambda _m, _i, out, name=name: stack.keep(name, out))
+                 for name, obs in observers.items()]
     device = model.lm_head.weight.device
     try:
         model.eval()
         for batch in tqdm(batches, desc="calibrate", disable=not progress):
             model(batch.to(device))
+            if stack is not None:
+                stack.end_window()
     finally:
         for hook in hooks:
             hook.remove()
+    if stack is not None:
+        stack.finish()
     for name, obs in observers.items():
         sample = obs.first_nonfinite_sample()
         if sample is not None:
