@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quamba.numerics.quantizers import (
+    HALF_AWAY,
     WEIGHT_SCALE_FLOOR,
     dequantize,
     expand_scales,
@@ -152,3 +153,21 @@ def test_a_w4_quant_linear_stays_packed_and_keeps_no_float_copy():
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (64, 128)
     assert layer._reference is None and layer.weight_bytes() == 64 * 128 + 64 * 2 * 4
     assert torch.equal(y, F.linear(x, dequantize(q, expand_scales(scales, 256))))
+
+
+def test_a_compiled_quantizer_compiles_once_for_every_shape_of_a_rank():
+    """compiled() with dynamic sizes from the start: one graph for prompts of any length, where
+    torch's default compiles a second time at the second shape; the same integers as eager."""
+    import torch._dynamo
+
+    from quamba.numerics.quantizers import _quantize, compiled
+
+    torch._dynamo.reset()
+    compiled.cache_clear()
+    fn = compiled(_quantize, bits=8, rounding=HALF_AWAY)
+    scale, g = torch.tensor(0.05), torch.Generator().manual_seed(0)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for length in (17, 33, 50, 100):
+        x = torch.randn(2, length, 64, generator=g)
+        assert torch.equal(fn(x, scale), quantize(x, scale, 8, HALF_AWAY))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1

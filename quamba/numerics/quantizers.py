@@ -143,8 +143,10 @@ FUSE_ON_CUDA = True
 
 @functools.cache
 def compiled(fn, **constants):
-    """fn compiled once per set of constant arguments (bits, rounding: fixed in the kernel); a new
-    shape recompiles once, then runs dynamic."""
+    """fn compiled once per set of constant arguments (bits, rounding: fixed in the kernel), with
+    dynamic sizes from the start: every shape of a rank shares one kernel (sizes 0 and 1 still
+    specialize). torch's default compiles a first shape static and recompiles at the second, so each
+    evaluation process paid two compilations per variant; on this CPU the second was 1 s of 4."""
     import torch._dynamo
 
     # Every variant (dtype, rank, scale shape, bits, rounding, grad or inference mode) compiles the
@@ -152,7 +154,8 @@ def compiled(fn, **constants):
     # (the same bits, more kernels) where fullgraph=True would raise: a process that meets many
     # variants (the CUDA tests) must not fail for it.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
+    return torch.compile(functools.partial(fn, **constants) if constants else fn, dynamic=True,
+                         options=eager_numerics())
 
 
 def eager_numerics() -> dict[str, bool]:
