@@ -203,3 +203,9 @@ def lease_for(device: str | None, label: str, devices: Sequence[str | int] | Non
     if device is None or not str(device).startswith("cuda"):
         return contextlib.nullcontext(None)
     return gpu_lease(label=label, devices=devices, logger=logger, jobs_per_device=jobs_per_device)
+
+
+def lease_for_job(job, label: str, logger: logging.Logger | None = None) -> contextlib.AbstractContextManager:
+    """`lease_for` as a Snakemake job script needs it: the rule's `device` param and the study's
+    `gpus` and `jobs_per_gpu` keys, read from the script's `snakemake` object."""
+    return lease_for(job.params.device, label, job.config.get("gpus"), logger, job.config.get("jobs_per_gpu", 1))

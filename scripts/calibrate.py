@@ -4,14 +4,12 @@ from pathlib import Path
 
 import torch
 
-from quamba.gpu_lease import lease_for
+from quamba.gpu_lease import lease_for_job
 from quamba.logs import job_log
 from quamba.recipe import Recipe
 from quamba.stages.calibrate import CalibrationSettings, calibrate_model_dir
 
-with job_log(snakemake.log[0]) as log, lease_for(snakemake.params.device, f"calibrate {snakemake.output.stats}",  # noqa: F821
-                                                 snakemake.config.get("gpus"), log,  # noqa: F821
-                                                 snakemake.config.get("jobs_per_gpu", 1)):  # noqa: F821
+with job_log(snakemake.log[0]) as log, lease_for_job(snakemake, f"calibrate {snakemake.output.stats}", log):  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     setting = dict(snakemake.params.settings)  # noqa: F821
     recipe = Recipe(**snakemake.params.recipe)  # noqa: F821

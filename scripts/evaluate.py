@@ -4,13 +4,11 @@ from pathlib import Path
 
 import torch
 
-from quamba.gpu_lease import lease_for
+from quamba.gpu_lease import lease_for_job
 from quamba.logs import job_log
 from quamba.stages.evaluate import evaluate, summary
 
-with job_log(snakemake.log[0]) as log, lease_for(snakemake.params.device, f"evaluate {snakemake.output[0]}",  # noqa: F821
-                                                 snakemake.config.get("gpus"), log,  # noqa: F821
-                                                 snakemake.config.get("jobs_per_gpu", 1)):  # noqa: F821
+with job_log(snakemake.log[0]) as log, lease_for_job(snakemake, f"evaluate {snakemake.output[0]}", log):  # noqa: F821
     torch.set_num_threads(snakemake.threads)  # noqa: F821
     params = snakemake.params  # noqa: F821
     task = params.task

@@ -218,3 +218,27 @@ def test_no_nvidia_smi_and_no_cuda_visible_devices_is_a_clear_no_gpu_error(tmp_p
         with gpu_lease(lock_dir=tmp_path / "locks"):
             pass
     assert not (tmp_path / "locks").exists()
+
+
+def test_a_job_script_leases_from_its_rules_device_and_the_studys_keys(monkeypatch):
+    """lease_for_job (what scripts/*.py call): no lease off CUDA; on CUDA the study's `gpus` and
+    `jobs_per_gpu` (defaults: the visible devices, one job each)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from quamba import gpu_lease as lease_module
+
+    asked = []
+    monkeypatch.setattr(lease_module, "gpu_lease", lambda **kwargs: asked.append(kwargs) or contextlib.nullcontext("3"))
+
+    def job(device, **config):
+        return SimpleNamespace(params=SimpleNamespace(device=device), config=config)
+
+    with lease_module.lease_for_job(job("cpu", gpus=["3"]), "cpu job") as held:
+        assert held is None and asked == []
+    with lease_module.lease_for_job(job("cuda", gpus=["3"], jobs_per_gpu=2), "gptq x") as held:
+        assert held == "3"
+    with lease_module.lease_for_job(job("cuda:0"), "evaluate y"):
+        pass
+    assert [(a["label"], a["devices"], a["jobs_per_device"]) for a in asked] == [("gptq x", ["3"], 2),
+                                                                                ("evaluate y", None, 1)]
