@@ -242,3 +242,30 @@ def test_eager_numerics_names_options_this_torch_has():
     assert len(options) == 2 and all(options.values())  # precision casts and IEEE division
     flat = config.get_config_copy()
     assert all(key in flat for key in options), options
+
+
+def stacked_butterflies(x: torch.Tensor) -> torch.Tensor:
+    """The textbook stages: each stage's sums and differences stacked into a new tensor."""
+    *lead, p = x.shape
+    half = 1
+    while half < p:
+        pairs = x.reshape(*lead, p // (2 * half), 2, half)
+        top, bottom = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((top + bottom, top - bottom), dim=-2).reshape(*lead, p)
+        half *= 2
+    return x
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_butterflies_in_two_buffers_equal_the_stacked_stages_and_leave_the_input_alone(p, dtype):
+    from quamba.numerics.hadamard import _walsh_hadamard
+
+    x = torch.randn(6, 40, p, generator=torch.Generator().manual_seed(p), dtype=dtype)
+    before = x.clone()
+    assert torch.equal(_walsh_hadamard(x), stacked_butterflies(x)) and torch.equal(x, before)
+    strided = x.transpose(0, 1)  # not contiguous
+    assert torch.equal(_walsh_hadamard(strided), stacked_butterflies(strided))
+    tracked = x.clone().requires_grad_()  # autograd records: the stacked stages, differentiable
+    y = _walsh_hadamard(tracked)
+    assert torch.equal(y.detach(), stacked_butterflies(x)) and y.requires_grad

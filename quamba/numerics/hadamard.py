@@ -173,14 +173,31 @@ def rotation(n: int, kind: str = "quamba", dtype: torch.dtype = torch.float32,
 
 
 def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """y = x H_p^T along the last dim (p = 2^k), by log2(p) add/sub butterfly stages."""
+    """y = x H_p^T along the last dim (p = 2^k), by log2(p) add/sub butterfly stages. Each stage
+    writes its sums and differences straight into the halves of the next stage's buffer (two
+    buffers in turn; x itself is never written): two kernels a stage and no copy, where stacking
+    the halves took three and moved 5/3 as many bytes (2-4.7x faster on the CPU, the same bits).
+    Where autograd records (out= cannot be differentiated) or torch.compile traces (out= into
+    views breaks its graphs; inductor fuses the stages anyway), the stages stack their halves."""
     *lead, p = x.shape
-    half = 1
+    if p == 1:
+        return x
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        half = 1
+        while half < p:
+            pairs = x.reshape(*lead, p // (2 * half), 2, half)
+            x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+            x, half = x.reshape(*lead, p), half * 2
+        return x
+    buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2 if p > 2 else 1)]
+    half, turn = 1, 0
     while half < p:
         pairs = x.reshape(*lead, p // (2 * half), 2, half)  # (..., blocks, 2, half)
+        out = buffers[turn].view(*lead, p // (2 * half), 2, half)
         top, bottom = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((top + bottom, top - bottom), dim=-2).reshape(*lead, p)  # (..., p)
-        half *= 2
+        torch.add(top, bottom, out=out[..., 0, :])
+        torch.sub(top, bottom, out=out[..., 1, :])
+        x, turn, half = buffers[turn], (turn + 1) % len(buffers), half * 2
     return x
 
 
