@@ -1,6 +1,8 @@
 """Quamba's residual rotation of a model's weights on the CPU (what every assemble job does): the
-whole-tensor transform against `rotate_weight_rows` (blocks of rows that stay in the cache), in one
-process, on a random-weight checkpoint of a real architecture; the rotated weights must be equal.
+whole-tensor transform against `rotate_weight_rows` (blocks of rows that stay in the cache), and
+row blocks with the butterfly stages stacked (as before 2026-12-04) against the stages written into
+two buffers (now), in one process, on a random-weight checkpoint of a real architecture; the rotated
+weights must be equal.
 
     python -m bench.weight_rotation --arch mamba2-2.7b --layers 4 --threads 1 4
 """
@@ -27,10 +29,24 @@ def whole_tensor(weight: torch.Tensor, kind: str, out: torch.Tensor | None = Non
     return out.copy_(hadamard.hadamard_transform(weight, kind))
 
 
-def rotated(model, whole: bool) -> tuple[float, dict[str, torch.Tensor]]:
+def stacked_stages(x: torch.Tensor) -> torch.Tensor:
+    """The butterflies before 2026-12-04: each stage's sums and differences stacked into a new tensor."""
+    *lead, p = x.shape
+    half = 1
+    while half < p:
+        pairs = x.reshape(*lead, p // (2 * half), 2, half)
+        top, bottom = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((top + bottom, top - bottom), dim=-2).reshape(*lead, p)
+        half *= 2
+    return x
+
+
+def rotated(model, whole: bool, stacked: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     """Seconds of rotate_residual on a copy of `model`, and its rotated weights."""
     model = copy.deepcopy(model)
-    with mock.patch.object(rotation, "rotate_weight_rows", whole_tensor if whole else hadamard.rotate_weight_rows):
+    stages = stacked_stages if stacked else hadamard._walsh_hadamard
+    with mock.patch.object(rotation, "rotate_weight_rows", whole_tensor if whole else hadamard.rotate_weight_rows), \
+            mock.patch.object(hadamard, "_walsh_hadamard", stages):
         start = time.perf_counter()
         rotation.rotate_residual(model, "quamba")
         seconds = time.perf_counter() - start
@@ -49,10 +65,14 @@ def main() -> None:
         torch.set_num_threads(threads)
         whole_s, whole = rotated(model, whole=True)
         blocks_s, blocks = rotated(model, whole=False)
+        stacked_s, stacked = rotated(model, whole=False, stacked=True)
         assert all(torch.equal(whole[k], blocks[k]) for k in whole), "row blocks changed the rotated weights"
+        assert all(torch.equal(stacked[k], blocks[k]) for k in whole), "the two-buffer stages changed the weights"
         print(json.dumps({"arch": args.arch, "layers": args.layers, "threads": threads,
                           "whole_s": round(whole_s, 2), "row_blocks_s": round(blocks_s, 2),
-                          "whole_over_row_blocks": round(whole_s / blocks_s, 2)}))
+                          "whole_over_row_blocks": round(whole_s / blocks_s, 2),
+                          "row_blocks_stacked_stages_s": round(stacked_s, 2),
+                          "stacked_over_two_buffer_stages": round(stacked_s / blocks_s, 2)}))
 
 
 if __name__ == "__main__":
