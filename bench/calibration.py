@@ -10,8 +10,9 @@ elsewhere) for comparison.
 
 calibrate runs twice: stacked (each tap point of every block observed at once after a forward, the
 default) and tap by tap in the hooks (`stacked=False`, the reference); the statistics are the same
-(tests/test_calibration.py). On CUDA the tap-by-tap path also runs with its fused statistics
-(`observers.FUSE_ON_CUDA`) on and off, whichever the default is.
+(tests/test_calibration.py). On CUDA the stacked path also runs with its windows replayed as CUDA
+graphs (`calibrate(..., graphs=True)`, quamba.stages.calibration_graphs), and the tap-by-tap path
+with its fused statistics (`observers.FUSE_ON_CUDA`) on and off, whichever the default is.
 """
 
 from __future__ import annotations
@@ -151,7 +152,12 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
     per_tap_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False, stacked=False))
     forward_b1_s = timed(lambda: plain_forward(model, windows, 1))
     quamba_s = timed(lambda: quamba_style(model, windows, 0.9995))
-    fused = {}
+    cuda_rows = {}
+    if device.type == "cuda":  # the stacked path with its windows replayed as CUDA graphs (one shape here)
+        calibrate(model, batches[:2], settings, packed, progress=False, graphs=True)
+        graphed_s = timed(lambda: calibrate(model, batches, settings, packed, progress=False, graphs=True))
+        cuda_rows = {"calibrate_graphed_s": round(graphed_s, 3),
+                 "graphed_over_forward_batch1": round(graphed_s / forward_b1_s, 2)}
     if device.type == "cuda":  # the tap-by-tap path with the other setting of its fused statistics, warmed up first
         default = observers.FUSE_ON_CUDA
         observers.FUSE_ON_CUDA = not default
@@ -161,8 +167,8 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
         finally:
             observers.FUSE_ON_CUDA = default
         on_s, off_s = (other_s, per_tap_s) if not default else (per_tap_s, other_s)
-        fused = {"per_tap_fused_observers_s": round(on_s, 3), "per_tap_eager_observers_s": round(off_s, 3),
-                 "per_tap_fused_observers_over_forward_batch1": round(on_s / forward_b1_s, 2)}
+        cuda_rows |= {"per_tap_fused_observers_s": round(on_s, 3), "per_tap_eager_observers_s": round(off_s, 3),
+                  "per_tap_fused_observers_over_forward_batch1": round(on_s / forward_b1_s, 2)}
     print(json.dumps({
         "model": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
@@ -173,7 +179,7 @@ def run(name: str, model: MambaLMHeadModel, args: argparse.Namespace) -> None:
         "quamba_style_over_forward_batch1": round(quamba_s / forward_b1_s, 2),
         "calibrate_over_forward_batch1": round(calibrate_s / forward_b1_s, 2),
         "calibrate_per_tap_s": round(per_tap_s, 3), "per_tap_over_stacked": round(per_tap_s / calibrate_s, 2),
-        "fused_observers_default": observers.FUSE_ON_CUDA, **fused,
+        "fused_observers_default": observers.FUSE_ON_CUDA, **cuda_rows,
     }), flush=True)
     if args.count_ops:
         ones = list(windows.split(1))

@@ -351,3 +351,27 @@ def test_a_non_finite_activation_is_named_by_tap_and_sample_on_both_paths(stacke
     windows[2, 5] = 7
     with pytest.raises(ConfigError, match=r"tap layer_0\.in_proj:input saw a non-finite value.* in sample 2;"):
         calibrate(model, list(windows.split(1)), SETTINGS, progress=False, stacked=stacked)
+
+
+def test_the_graph_plan_takes_recurring_window_shapes_within_the_token_budget(monkeypatch):
+    """calibration_graphs.graphed_shapes: from the windows alone, most frequent first; a shape seen
+    fewer than MIN_REPEATS times or past the budget (TOKEN_BUDGET longest windows) runs eagerly."""
+    from quamba.stages import calibration_graphs
+
+    def windows(*lengths):
+        return [torch.zeros(1, n, dtype=torch.long) for n in lengths]
+
+    monkeypatch.setattr(calibration_graphs, "MIN_REPEATS", 2)
+    monkeypatch.setattr(calibration_graphs, "TOKEN_BUDGET", 2)  # 2 x 512 tokens
+    plan = calibration_graphs.graphed_shapes(windows(512, 30, 512, 512, 30, 7, 500, 500, 30))
+    assert plan == {(1, 512), (1, 30)}  # 512 (3 times) and 30 (3) fit; then 500 (2) would pass 1024
+    assert calibration_graphs.graphed_shapes(windows(64, 32, 16)) == set()  # nothing recurs
+    packed = [torch.zeros(4, 256, dtype=torch.long)] * 5
+    assert calibration_graphs.graphed_shapes(packed) == {(4, 256)}
+
+
+def test_graphs_asked_for_on_the_cpu_run_the_eager_pass():
+    model = random_model(MODELS["mamba2"])
+    windows = list(torch.randint(0, 4096, (6, 16), generator=torch.Generator().manual_seed(0)).split(1))
+    assert_same_calibration(calibrate(model, windows, SETTINGS, progress=False, graphs=True),
+                            calibrate(model, windows, SETTINGS, progress=False, graphs=False))

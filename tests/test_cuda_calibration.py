@@ -118,3 +118,35 @@ def test_stacked_observers_on_cuda_give_the_per_tap_statistics(layer, width):
     assert samples.keys() == stacked_samples.keys() and samples
     for name in samples:
         assert np.array_equal(samples[name], stacked_samples[name]), name
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_calibration_replayed_as_cuda_graphs_equals_the_eager_pass(layer, monkeypatch):
+    """calibration_graphs: windows of a recurring length replayed from one captured graph give
+    every statistic and activation sample of the eager forwards bit for bit (the same kernels)."""
+    from quamba.stages import calibration_graphs
+
+    extra = {"d_state": 32, "headdim": 32, "chunk_size": 64} if layer == "Mamba2" else {}
+    model = random_model(MambaConfig(d_model=128, n_layer=4, vocab_size=4096, layer=layer, **extra)).cuda().half()
+    g = torch.Generator().manual_seed(0)
+    lengths = (256, 131, 256, 256, 131, 256, 77, 131, 256, 131)
+    rows = [torch.randint(0, 4096, (1, n), generator=g).cuda() for n in lengths]
+    settings = CalibrationSettings(num_samples=len(rows), seq_len=256, activation_samples=500)
+    monkeypatch.setattr(calibration_graphs, "MIN_REPEATS", 3)  # 256 (5 windows) and 131 (4), not 77
+    captured = []
+    capture = calibration_graphs.WindowGraphs._capture
+    monkeypatch.setattr(calibration_graphs.WindowGraphs, "_capture",
+                        lambda self, ids: captured.append(tuple(ids.shape)) or capture(self, ids))
+    eager = calibrate(model, rows, settings, Recipe(), progress=False, graphs=False)
+    graphed = calibrate(model, rows, settings, Recipe(), progress=False, graphs=True)
+    assert captured == [(1, 256), (1, 131)]
+    (taps, records, samples), (graphed_taps, graphed_records, graphed_samples) = eager, graphed
+    assert graphed_taps == taps
+    for name in records:
+        assert graphed_records[name].histogram_offset == records[name].histogram_offset, name
+        assert torch.equal(graphed_records[name].histogram, records[name].histogram), name
+        for a, b in zip(graphed_records[name].tails or [], records[name].tails or [], strict=True):
+            assert torch.equal(a, b), name
+    assert samples.keys() == graphed_samples.keys() and samples
+    for name in samples:
+        assert np.array_equal(samples[name], graphed_samples[name]), name

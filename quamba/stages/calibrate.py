@@ -32,6 +32,7 @@ from quamba.models.taps import named_taps, tap_layer
 from quamba.numerics.observers import ABSMAX_FLOOR, EMA_SIGMA, Reservoir
 from quamba.recipe import Recipe
 from quamba.shipped import DEFAULT_CORPUS
+from quamba.stages import calibration_graphs
 from quamba.stages.calibration_observers import StackedObservers, TapObserver
 from quamba.transforms.reorder import (
     check_reorderable,
@@ -117,7 +118,7 @@ def _tap_seed(seed: int, name: str) -> int:
 
 @torch.no_grad()
 def calibrate(model: MambaLMHeadModel, batches: list[torch.Tensor], settings: CalibrationSettings,
-              recipe: Recipe = Recipe(), progress: bool = True, stacked: bool = True,
+              recipe: Recipe = Recipe(), progress: bool = True, stacked: bool = True, graphs: bool | None = None,
               ) -> tuple[dict[str, dict], dict[str, TapRecord], dict[str, np.ndarray]]:
     """Observe every tap over `batches` ((b, length) token ids each; one sample per batch).
 
@@ -125,7 +126,8 @@ def calibrate(model: MambaLMHeadModel, batches: list[torch.Tensor], settings: Ca
     sample per tap of the sampled layers. Non-finite activations fail, naming tap and sample.
     `stacked`: observe each tap point of every block at once after each forward (the same
     results, far fewer kernels: quamba.stages.calibration_observers); False: tap by tap in
-    the hooks, the reference.
+    the hooks, the reference. `graphs` (stacked, on CUDA; default `calibration_graphs.GRAPHS_ON_CUDA`):
+    windows of a recurring shape replayed as CUDA graphs, the same results.
     """
     config = model.config
     recipe = recipe.for_model(config.layer)
@@ -146,10 +148,16 @@ def calibrate(model: MambaLMHeadModel, batches: list[torch.Tensor], settings: Ca
         hooks = [obs.tap.register_forward_hook(lambda _m, _i, out, name=name: stack.keep(name, out))
                  for name, obs in observers.items()]
     device = model.lm_head.weight.device
+    graphs = calibration_graphs.GRAPHS_ON_CUDA if graphs is None else graphs
+    runner = (calibration_graphs.WindowGraphs(model, stack, batches)
+              if graphs and stack is not None and device.type == "cuda" else None)
     try:
         model.eval()
         for batch in tqdm(batches, desc="calibrate", disable=not progress):
-            model(batch.to(device))
+            if runner is not None:
+                runner.run(batch.to(device))
+            else:
+                model(batch.to(device))
             if stack is not None:
                 stack.end_window()
     finally:
