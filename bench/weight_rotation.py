@@ -29,22 +29,10 @@ def whole_tensor(weight: torch.Tensor, kind: str, out: torch.Tensor | None = Non
     return out.copy_(hadamard.hadamard_transform(weight, kind))
 
 
-def stacked_stages(x: torch.Tensor) -> torch.Tensor:
-    """The butterflies before 2026-12-04: each stage's sums and differences stacked into a new tensor."""
-    *lead, p = x.shape
-    half = 1
-    while half < p:
-        pairs = x.reshape(*lead, p // (2 * half), 2, half)
-        top, bottom = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((top + bottom, top - bottom), dim=-2).reshape(*lead, p)
-        half *= 2
-    return x
-
-
 def rotated(model, whole: bool, stacked: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     """Seconds of rotate_residual on a copy of `model`, and its rotated weights."""
     model = copy.deepcopy(model)
-    stages = stacked_stages if stacked else hadamard._walsh_hadamard
+    stages = hadamard.stacked_butterflies if stacked else hadamard._walsh_hadamard
     with mock.patch.object(rotation, "rotate_weight_rows", whole_tensor if whole else hadamard.rotate_weight_rows), \
             mock.patch.object(hadamard, "_walsh_hadamard", stages):
         start = time.perf_counter()

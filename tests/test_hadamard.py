@@ -244,22 +244,10 @@ def test_eager_numerics_names_options_this_torch_has():
     assert all(key in flat for key in options), options
 
 
-def stacked_butterflies(x: torch.Tensor) -> torch.Tensor:
-    """The textbook stages: each stage's sums and differences stacked into a new tensor."""
-    *lead, p = x.shape
-    half = 1
-    while half < p:
-        pairs = x.reshape(*lead, p // (2 * half), 2, half)
-        top, bottom = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((top + bottom, top - bottom), dim=-2).reshape(*lead, p)
-        half *= 2
-    return x
-
-
 @pytest.mark.parametrize("p", [1, 2, 4, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_butterflies_in_two_buffers_equal_the_stacked_stages_and_leave_the_input_alone(p, dtype):
-    from quamba.numerics.hadamard import _walsh_hadamard
+    from quamba.numerics.hadamard import _walsh_hadamard, stacked_butterflies
 
     x = torch.randn(6, 40, p, generator=torch.Generator().manual_seed(p), dtype=dtype)
     before = x.clone()

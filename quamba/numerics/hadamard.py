@@ -183,12 +183,7 @@ def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
     if p == 1:
         return x
     if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
-        half = 1
-        while half < p:
-            pairs = x.reshape(*lead, p // (2 * half), 2, half)
-            x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
-            x, half = x.reshape(*lead, p), half * 2
-        return x
+        return stacked_butterflies(x)
     buffers = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2 if p > 2 else 1)]
     half, turn = 1, 0
     while half < p:
@@ -198,6 +193,19 @@ def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
         torch.add(top, bottom, out=out[..., 0, :])
         torch.sub(top, bottom, out=out[..., 1, :])
         x, turn, half = buffers[turn], (turn + 1) % len(buffers), half * 2
+    return x
+
+
+def stacked_butterflies(x: torch.Tensor) -> torch.Tensor:
+    """The same stages, each stacking its sums and differences into a new tensor (the textbook
+    form, and `_walsh_hadamard`'s before 2026-12-04): differentiable and traceable."""
+    *lead, p = x.shape
+    half = 1
+    while half < p:
+        pairs = x.reshape(*lead, p // (2 * half), 2, half)  # (..., blocks, 2, half)
+        top, bottom = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((top + bottom, top - bottom), dim=-2).reshape(*lead, p)  # (..., p)
+        half *= 2
     return x
 
 
