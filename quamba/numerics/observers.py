@@ -174,10 +174,11 @@ class Moments:
 
 
 def batch_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum, sum of squares) in float64, min and max of one flat batch."""
-    sums = torch.stack([torch.sum(flat, dtype=torch.float64),
-                        torch.linalg.vector_norm(flat, dtype=torch.float64).square()])
-    low, high = torch.aminmax(flat)
+    """(sum, sum of squares) in float64, min and max of one flat batch, or of each row of a
+    stack of them (r, numel): (r, 2), (r,), (r,)."""
+    sums = torch.stack([torch.sum(flat, dim=-1, dtype=torch.float64),
+                        torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float64).square()], dim=-1)
+    low, high = torch.aminmax(flat, dim=-1)
     return sums, low, high
 
 

@@ -28,6 +28,7 @@ from quamba.numerics.observers import (
     Reservoir,
     StreamHistogram,
     abs_tail,
+    batch_moments,
     compact_fp16_keys,
     float32_keys,
     observe_batch,
@@ -140,9 +141,7 @@ class PointRows:
     def _rows(self, rows: torch.Tensor) -> tuple:
         """The statistics of stacked rows (r, numel): (sums, min, max, finite, bincounts, fp16
         counts, tails), each row's exactly what the reference computes from it alone."""
-        sums = torch.stack([rows.sum(dim=1, dtype=torch.float64),
-                            torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square()], dim=1)
-        low, high = torch.aminmax(rows, dim=1)
+        sums, low, high = batch_moments(rows)
         finite = torch.isfinite(sums).all(dim=1)  # NaN/inf in a row make its sums so
         histogram = self.histogram
         keys = float32_keys(rows, histogram.shift)
