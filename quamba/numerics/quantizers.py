@@ -141,12 +141,29 @@ def _fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, roun
 FUSE_ON_CUDA = True
 
 
-@functools.cache
 def compiled(fn, **constants):
     """fn compiled once per set of constant arguments (bits, rounding: fixed in the kernel), with
-    dynamic sizes from the start: every shape of a rank shares one kernel (sizes 0 and 1 still
-    specialize). torch's default compiles a first shape static and recompiles at the second, so each
-    evaluation process paid two compilations per variant; on this CPU the second was 1 s of 4."""
+    the tensors' sizes dynamic from the start: every shape of a rank shares one kernel (sizes 0 and
+    1 still specialize). torch's default compiles a first shape static and recompiles at the second,
+    so each evaluation process paid two compilations per variant; on this CPU the second was 1 s of
+    4. The sizes are marked per call (`torch._dynamo.maybe_mark_dynamic`), not by `dynamic=True`:
+    that also turns the int constants into symbols, and torch 2.11 then fails on qrange's shift."""
+    import torch._dynamo
+
+    kernel = _compiled(fn, **constants)
+
+    def call(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                for dim in range(value.dim()):
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+        return kernel(*args, **kwargs)
+
+    return call
+
+
+@functools.cache
+def _compiled(fn, **constants):
     import torch._dynamo
 
     # Every variant (dtype, rank, scale shape, bits, rounding, grad or inference mode) compiles the
@@ -154,8 +171,7 @@ def compiled(fn, **constants):
     # (the same bits, more kernels) where fullgraph=True would raise: a process that meets many
     # variants (the CUDA tests) must not fail for it.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(functools.partial(fn, **constants) if constants else fn, dynamic=True,
-                         options=eager_numerics())
+    return torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
 
 
 def eager_numerics() -> dict[str, bool]:

@@ -12,8 +12,9 @@ windows, the same graphs): shapes seen at least MIN_REPEATS times, most frequent
 captured tokens stay within TOKEN_BUDGET windows of the longest shape (each graph keeps one
 window's tap tensors of every block alive: about 1.6 GB for mamba2-2.7b x 512 tokens). A shape's
 first window runs eagerly (kernels tuned and compiled for it), its second is captured and
-replayed. Off (`GRAPHS_ON_CUDA = False`) until tests/test_cuda_calibration.py's equality test has
-run on a GPU; on the CPU every forward is eager.
+replayed. On by default on CUDA (tests/test_cuda_calibration.py: bit-equal to the eager pass on
+an H100, 2026-12-07); `GRAPHS_ON_CUDA = False` runs every forward eagerly. On the CPU every forward
+is eager.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from quamba.models.lm import MambaLMHeadModel
 from quamba.stages.calibration_observers import StackedObservers
 
-GRAPHS_ON_CUDA = False
+GRAPHS_ON_CUDA = True
 MIN_REPEATS = 4  # a shape seen fewer times costs more to capture than its replays save
 TOKEN_BUDGET = 4  # captured tokens at most this many windows of the longest shape
 
