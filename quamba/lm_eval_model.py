@@ -31,6 +31,11 @@ from quamba.models.load import load
 eval_logger = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 2048  # HFLM's default context when the model names none; Mamba has no limit
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM's default
+# Target positions whose float32 log-softmax is held at once. A perplexity batch of 64 windows x
+# 2048 tokens scores 131072 positions: over a 50280-token vocabulary, 26 GB each for the float32
+# logits and their log-softmax if taken whole; 0.8 GB each in chunks of 4096. Every op here works
+# row by row, so the chunks give the same scores bit for bit (tests/test_eval.py).
+SCORED_ROWS = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -189,11 +194,16 @@ class QuambaLM(TemplateLM):
         width = logits.shape[1]
         positions = torch.tensor([row * width + p for row, (inp, target) in enumerate(zip(rows, targets))
                                   for p in range(len(inp) - len(target), len(inp))])
-        scored = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]  # (targets, vocab)
-        wanted = torch.tensor([t for target in targets for t in target], device=scored.device)
-        logprobs = scored.float().log_softmax(dim=-1)
-        return torch.stack((logprobs.gather(-1, wanted[:, None])[:, 0],
-                            (logprobs.argmax(dim=-1) == wanted).float()))  # (2, targets)
+        flat = logits.reshape(-1, logits.shape[-1])  # (b * l, padded_vocab)
+        positions = positions.to(flat.device)
+        wanted = torch.tensor([t for target in targets for t in target], device=flat.device)
+        picked = []
+        for start in range(0, len(wanted), SCORED_ROWS):  # float32 log-softmax of SCORED_ROWS targets at a time
+            chunk = slice(start, start + SCORED_ROWS)
+            logprobs = flat[positions[chunk]].float().log_softmax(dim=-1)  # (rows, vocab)
+            picked.append(torch.stack((logprobs.gather(-1, wanted[chunk, None])[:, 0],
+                                       (logprobs.argmax(dim=-1) == wanted[chunk]).float())))
+        return torch.cat(picked, dim=1)  # (2, targets)
 
     def _collect(self, requests: list[tuple[Any, list[int], list[int]]], targets: list[list[int]],
                  batch: list[int], picked: torch.Tensor, results: list[tuple[float, bool]]) -> None:

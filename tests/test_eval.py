@@ -160,6 +160,21 @@ def test_batched_and_unbatched_scores_agree(dirs, ours):
     assert again == want and 0 < single.first_batch_seconds <= single.scoring_seconds
 
 
+def test_scores_taken_in_chunks_of_target_rows_are_the_whole_batchs_bit_for_bit(ours, monkeypatch):
+    """SCORED_ROWS bounds the float32 log-softmax held at once (a 64 x 2048 perplexity batch: 26 GB
+    whole); chunks that split requests, and a chunk per target, give exactly the whole batch's
+    scores: loglikelihood and rolling windows alike."""
+    text = (REPO / "resources" / "corpus" / "test.txt").read_text()
+    rolling = [Instance("loglikelihood_rolling", {}, (doc,), i) for i, doc in enumerate(["a b", text[:3000]])]
+    requests = loglikelihood_requests()
+    whole = ours.loglikelihood(requests), ours.loglikelihood_rolling(rolling)
+    targets = sum(len(ours.tok_encode(c)) for c in (r.args[1] for r in requests))
+    assert targets > 7 * ours.batch_size, "the chunks below should split the batches"
+    for rows in (7, 1):
+        monkeypatch.setattr(quamba.lm_eval_model, "SCORED_ROWS", rows)
+        assert (ours.loglikelihood(requests), ours.loglikelihood_rolling(rolling)) == whole, rows
+
+
 @torch.no_grad()
 def argmax_loop(model, prompt, steps):
     """Greedy decoding the slow way: a full forward over the growing sequence at every step."""
