@@ -148,6 +148,31 @@ def test_assembling_twice_gives_identical_weights_at_any_thread_count(built, tmp
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("scheme, bits, options", [("w8a8", 8, {}), ("w4a8", 4, {}), ("w4a16", 4, {}),
+                                                   ("w8a8", 8, {"quantize_lm_head": True, "quantize_embedding": True})])
+def test_weights_the_gptq_dir_replaces_are_not_rotated_and_the_dir_is_the_same(built, tmp_path, monkeypatch,
+                                                                                scheme, bits, options):
+    """Assembly skips the residual rotation of in_proj, out_proj and lm_head when the GPTQ dir's
+    values replace them (most of a deep model's rotation): the same files byte for byte as rotating
+    everything first, with fewer rotations done."""
+    import quamba.stages.assemble as assemble
+    import quamba.transforms.rotation as rotation
+
+    calls = []
+    rotate = rotation.rotate_weight_rows
+    monkeypatch.setattr(rotation, "rotate_weight_rows", lambda w, *a, **k: calls.append(w.shape) or rotate(w, *a, **k))
+    dirs = {}
+    for name, replaced in (("skipped", assemble.gptq_replaced), ("everything", lambda *_: frozenset())):
+        monkeypatch.setattr(assemble, "gptq_replaced", replaced)
+        calls.clear()
+        quantize_model_dir(built["fp16"], tmp_path / name, built[f"w{bits}"], scheme, Recipe(**options),
+                           built["calib"], built["scales"])
+        dirs[name] = len(calls)
+    assert dirs["skipped"] == 1 < dirs["everything"]  # only the embedding's rows are rotated
+    for file in ("model.safetensors", "quant_config.json", "config.json"):
+        assert (tmp_path / "skipped" / file).read_bytes() == (tmp_path / "everything" / file).read_bytes(), file
+
+
 @pytest.mark.parametrize("scheme, bits", [("w8a8", 8), ("w4a8", 4), ("w4a16", 4)])
 def test_the_loaded_model_is_the_model_assembly_applied(built, tmp_path, monkeypatch, scheme, bits):
     """One apply step: the model assembly builds and the model loading builds are the same."""

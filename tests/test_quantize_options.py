@@ -105,6 +105,20 @@ def test_every_option_assembles_into_a_model_close_to_fp16(pipeline, tmp_path):
     assert ((stepped - q_logits).norm() / q_logits.norm()).item() < 0.05  # int8 rounding differs per path
 
 
+def test_reordered_assembly_without_rotating_the_replaced_weights_is_the_same_dir(pipeline, tmp_path, monkeypatch):
+    """With reorder (the heads permuted after the rotation), skipping the rotation of the weights
+    the GPTQ dir replaces gives the same files byte for byte (tests/test_quantize.py: the rest)."""
+    import quamba.stages.assemble as assemble
+
+    recipe = Recipe(reorder=True, quantize_lm_head=True)
+    for name, replaced in (("skipped", assemble.gptq_replaced), ("everything", lambda *_: frozenset())):
+        monkeypatch.setattr(assemble, "gptq_replaced", replaced)
+        quantize_model_dir(pipeline["fp16"], tmp_path / name, pipeline["gptq"], "w8a8", recipe, pipeline["calib"],
+                           pipeline["scales"])
+    for file in ("model.safetensors", "quant_config.json"):
+        assert (tmp_path / "skipped" / file).read_bytes() == (tmp_path / "everything" / file).read_bytes(), file
+
+
 def test_assembly_refuses_inputs_built_with_other_options(pipeline, tmp_path):
     calib, gptq, fp16 = pipeline["calib"], pipeline["gptq"], pipeline["fp16"]
     with pytest.raises(ConfigError, match=r"recipe.rotate_residual: the GPTQ dir .* was built with "

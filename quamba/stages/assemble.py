@@ -109,13 +109,24 @@ def _check_inputs(fp16_dir: Path, recipe: Recipe, scheme_name: str, gptq_info: d
                               f" that {scheme_name} quantizes; derive it again from {stats_file}")
 
 
-def _transformed_fp16_tensors(fp16_dir: Path, recipe: Recipe, reorder: dict | None) -> tuple[dict, object]:
-    """The FP16 weights of the model in the basis calibration and GPTQ saw, and its config."""
-    model = prepare_model(load_fp_model(fp16_dir, dtype=torch.float32), recipe, reorder)
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+def _transformed_fp16_tensors(fp16_dir: Path, recipe: Recipe, reorder: dict | None,
+                              replaced: frozenset[str] = frozenset()) -> tuple[dict, object]:
+    """The FP16 weights of the model in the basis calibration and GPTQ saw, and its config;
+    without the `replaced` ones (the GPTQ dir's), which are never rotated (prepare_model's
+    `discarded`: at mamba2-2.7b most of the rotation work)."""
+    model = prepare_model(load_fp_model(fp16_dir, dtype=torch.float32), recipe, reorder, replaced)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+               if k not in replaced}
     if model.config.tie_embeddings:
-        tensors.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
     return tensors, model.config
+
+
+def gptq_replaced(gptq_layers: dict, method: str) -> frozenset[str]:
+    """The FP16 weights a GPTQ dir's values replace in the assembled model, so their own values
+    are never needed: every layer it holds (lm_head too), except after round-to-nearest, where
+    Mamba2's in_proj takes its per-split scales from the FP16 weight itself."""
+    return frozenset() if method == "rtn" else frozenset(f"{name}.weight" for name in gptq_layers)
 
 
 def _thresholds(absmax) -> torch.Tensor:
@@ -253,7 +264,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         scales = None  # w4a16 has no activation scales, so no alpha
 
     if recipe.rotate_residual or recipe.reorder:
-        tensors, config = _transformed_fp16_tensors(fp16_dir, recipe, stats["reorder"] if recipe.reorder else None)
+        tensors, config = _transformed_fp16_tensors(fp16_dir, recipe, stats["reorder"] if recipe.reorder else None,
+                                                    gptq_replaced(gptq_layers, gptq_info["method"]))
     else:
         tensors = {k: v.to(torch.float16) for k, v in load_file(fp16_dir / SAFETENSORS_FILE).items()}
     weights = {name: entry for name, entry in gptq_layers.items() if name != "lm_head"}

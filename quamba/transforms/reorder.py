@@ -335,17 +335,19 @@ def reorder_model(model: nn.Module, record: dict) -> nn.Module:
     return model
 
 
-def prepare_model(model: nn.Module, recipe, reorder: dict | None = None) -> nn.Module:
+def prepare_model(model: nn.Module, recipe, reorder: dict | None = None,
+                  discarded: frozenset[str] = frozenset()) -> nn.Module:
     """The FP model in the basis every stage must share: the residual stream rotated (the recipe's
     rotate_residual, with its Hadamard kind) and/or the heads reordered by a stats.json plan.
 
     Calibration, GPTQ and assembly all call this with the same recipe, so activation scales,
     GPTQ weights and the stored fp16 weights describe one and the same model. The two commute.
+    `discarded` (rotate_residual's): weights the caller throws away, left unrotated.
     """
     from quamba.transforms.rotation import rotate_residual
 
     if recipe.rotate_residual:
-        rotate_residual(model, recipe.hadamard)
+        rotate_residual(model, recipe.hadamard, discarded)
     if reorder is not None:
         reorder_model(model, reorder)
     return model

@@ -66,7 +66,7 @@ def _rotate_columns(weight: torch.Tensor, kind: str) -> None:
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, kind: str) -> nn.Module:
+def rotate_residual(model: nn.Module, kind: str, discarded: frozenset[str] = frozenset()) -> nn.Module:
     """Move the residual stream into the Hadamard basis, as Quamba always does (in place).
 
     With T the orthonormal Hadamard of width d_model, the residual h becomes T h everywhere:
@@ -76,6 +76,10 @@ def rotate_residual(model: nn.Module, kind: str) -> nn.Module:
     W diag(g_f) T^T. lm_head is untied from the embedding first, since the two now differ; the
     model's config says tie_embeddings=False afterwards. As in Quamba, block norms are folded in
     float64 and norm_f into lm_head in float16. The FP output is unchanged up to rounding.
+
+    `discarded`: weights (state-dict names: in_proj, out_proj, lm_head) the caller throws away,
+    as assembly does with the ones a GPTQ dir replaces; they are left as they were, unrotated (their
+    norms are still set to one), which saves most of a deep model's rotation work.
     """
     check_widths(model.config, True, kind)
     if model.config.tie_embeddings:
@@ -83,18 +87,24 @@ def rotate_residual(model: nn.Module, kind: str) -> nn.Module:
         model.config = model.config.replace(tie_embeddings=False)
     embedding = model.backbone.embedding.weight
     rotate_weight_rows(embedding, kind, out=embedding)  # (vocab, d_model): rows h -> T h
-    _fold_norm_then_rotate(model.backbone.norm_f, model.lm_head, torch.float16, kind)
-    for block in model.backbone.layers:
-        _fold_norm_then_rotate(block.norm, block.mixer.in_proj, torch.float64, kind)
+    _fold_norm_then_rotate(model.backbone.norm_f, model.lm_head, torch.float16, kind, "lm_head.weight" in discarded)
+    for i, block in enumerate(model.backbone.layers):
+        mixer = f"backbone.layers.{i}.mixer"
+        _fold_norm_then_rotate(block.norm, block.mixer.in_proj, torch.float64, kind,
+                               f"{mixer}.in_proj.weight" in discarded)
         out_proj = getattr(block.mixer.out_proj, "linear", block.mixer.out_proj)  # RotatedLinear or Linear
-        _rotate_columns(out_proj.weight, kind)  # (d_model, d_inner): T W
+        if f"{mixer}.out_proj.weight" not in discarded:
+            _rotate_columns(out_proj.weight, kind)  # (d_model, d_inner): T W
         if out_proj.bias is not None:
             out_proj.bias.copy_(hadamard_transform(out_proj.bias, kind))
     return model
 
 
-def _fold_norm_then_rotate(norm: nn.Module, linear: nn.Linear, fold_dtype: torch.dtype, kind: str) -> None:
-    """W -> W diag(g) T^T and g -> 1: the norm's scale moves into the Linear that reads it."""
-    folded = linear.weight.to(fold_dtype) * norm.weight.to(fold_dtype)  # (out, d_model)
-    rotate_weight_rows(folded.to(torch.promote_types(fold_dtype, torch.float32)), kind, out=linear.weight)
+def _fold_norm_then_rotate(norm: nn.Module, linear: nn.Linear, fold_dtype: torch.dtype, kind: str,
+                           discarded: bool = False) -> None:
+    """W -> W diag(g) T^T and g -> 1: the norm's scale moves into the Linear that reads it (a
+    discarded W is left as it is)."""
+    if not discarded:
+        folded = linear.weight.to(fold_dtype) * norm.weight.to(fold_dtype)  # (out, d_model)
+        rotate_weight_rows(folded.to(torch.promote_types(fold_dtype, torch.float32)), kind, out=linear.weight)
     norm.weight.fill_(1.0)
