@@ -3,9 +3,9 @@ against chunks of SCORED_ROWS targets (quamba.lm_eval_model), the scores compare
 
 Perplexity scores every position of its windows, so a batch of 64 windows x 2048 tokens over a
 50280-token vocabulary held 26 GB of float32 log-probabilities (and as much again for their
-float32 copy of fp16 logits) on top of the 13 GB of logits: the study's GPU memory peak. Each
-setting runs in a fresh process; the figure is the growth of its peak resident memory over the
-loaded model (ru_maxrss), so run it on the CPU.
+float32 copy of fp16 logits) on top of the 13 GB of logits. Each setting runs in a fresh process;
+the figure is the growth of its peak resident memory over the loaded model (ru_maxrss), so run it
+on the CPU.
 
     python -m bench.scoring_memory --arch mamba2-130m --layers 2 --batch-size 4 [--dtype float32]
 """
@@ -80,9 +80,11 @@ def main() -> None:
             print(json.dumps({"arch": args.arch, "layers": args.layers, "batch_size": args.batch_size,
                               **rows[-1]}), flush=True)
         whole, chunked = rows
-        print(json.dumps({"dtype": args.dtype, "peak_growth_chunked_over_whole": round(chunked["peak_growth_mb"] / whole["peak_growth_mb"], 3),
-                          "time_chunked_over_whole": round(chunked["scoring_s"] / whole["scoring_s"], 3),
-                          "same_scores": chunked["scores_sha256"] == whole["scores_sha256"]}))
+        print(json.dumps({
+            "dtype": args.dtype,
+            "peak_growth_chunked_over_whole": round(chunked["peak_growth_mb"] / whole["peak_growth_mb"], 3),
+            "time_chunked_over_whole": round(chunked["scoring_s"] / whole["scoring_s"], 3),
+            "same_scores": chunked["scores_sha256"] == whole["scores_sha256"]}))
 
 
 if __name__ == "__main__":

@@ -160,10 +160,10 @@ def test_a_compiled_quantizer_compiles_once_for_every_shape_of_a_rank():
     torch's default compiles a second time at the second shape; the same integers as eager."""
     import torch._dynamo
 
-    from quamba.numerics.quantizers import _compiled, _quantize, compiled
+    from quamba.numerics.quantizers import _quantize, compiled
 
     torch._dynamo.reset()
-    _compiled.cache_clear()
+    compiled.cache_clear()
     fn = compiled(_quantize, bits=8, rounding=HALF_AWAY)
     scale, g = torch.tensor(0.05), torch.Generator().manual_seed(0)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -141,6 +141,7 @@ def _fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, roun
 FUSE_ON_CUDA = True
 
 
+@functools.cache
 def compiled(fn, **constants):
     """fn compiled once per set of constant arguments (bits, rounding: fixed in the kernel), with
     the tensors' sizes dynamic from the start: every shape of a rank shares one kernel (sizes 0 and
@@ -150,7 +151,12 @@ def compiled(fn, **constants):
     that also turns the int constants into symbols, and torch 2.11 then fails on qrange's shift."""
     import torch._dynamo
 
-    kernel = _compiled(fn, **constants)
+    # Every variant (dtype, rank, scale shape, bits, rounding, grad or inference mode) compiles the
+    # same Python function, and dynamo counts them per function. Past the limit a call runs eagerly
+    # (the same bits, more kernels) where fullgraph=True would raise: a process that meets many
+    # variants (the CUDA tests) must not fail for it.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    kernel = torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
 
     def call(*args, **kwargs):
         for value in (*args, *kwargs.values()):
@@ -160,18 +166,6 @@ def compiled(fn, **constants):
         return kernel(*args, **kwargs)
 
     return call
-
-
-@functools.cache
-def _compiled(fn, **constants):
-    import torch._dynamo
-
-    # Every variant (dtype, rank, scale shape, bits, rounding, grad or inference mode) compiles the
-    # same Python function, and dynamo counts them per function. Past the limit a call runs eagerly
-    # (the same bits, more kernels) where fullgraph=True would raise: a process that meets many
-    # variants (the CUDA tests) must not fail for it.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
 
 
 def eager_numerics() -> dict[str, bool]:
