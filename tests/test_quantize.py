@@ -435,6 +435,30 @@ def test_compiled_blocks_share_one_graph_per_call_kind_and_stay_close_to_the_eag
     assert relative <= (1e-5 if bits is None or scheme == "w4a16" else 2e-2), relative
 
 
+def test_compiled_blocks_never_fall_back_to_eager_at_dynamo_s_recompile_limit(built):
+    """Every call kind of every model compiles the one Block.forward, and past dynamo's per-function
+    limit (8 by default) a call runs eagerly with only a warning: a benchmark of a few models timed
+    eager blocks as compiled ones. compile_blocks raises the limit; here it starts at 2 and three
+    kinds (prefill, prefill filling a cache, step) must each get a graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 2
+        model = quamba.load(built["fp16"], device="cpu").compile_blocks()
+        with torch.inference_mode():
+            model(IDS)
+            cache = model.allocate_cache(IDS.shape[0])
+            model(IDS, cache=cache)
+            model(IDS[:, :1], cache=cache)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    assert counters["stats"]["unique_graphs"] == 3
+
+
 def test_decoding_steps_round_the_state_and_mamba2s_one_row_in_proj_as_quamba(built, tmp_path):
     """QUAMBA.md section 8: the state is requantized with rint after every step (both families) and
     in Mamba2's prefill, with roundf in Mamba1's; Mamba2's in_proj at one row (the Parallel GEMV)

@@ -139,8 +139,9 @@ class MambaLMHeadModel(nn.Module):
         constants of it)."""
         from quamba.models import kernels
         from quamba.numerics import hadamard
-        from quamba.numerics.quantizers import eager_numerics
+        from quamba.numerics.quantizers import allow_many_variants, eager_numerics
 
+        allow_many_variants()  # the blocks' graphs (prefill, step, each model) all count for Block.forward
         hadamard.prepare_for_compile()
         if self.device.type == "cuda":
             kernels.prepare_for_compile()

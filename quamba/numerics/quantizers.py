@@ -141,6 +141,20 @@ def _fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, roun
 FUSE_ON_CUDA = True
 
 
+def allow_many_variants(limit: int = 256) -> None:
+    """Raise dynamo's limit on the graphs it keeps per Python function (8 by default).
+
+    Every variant (dtype, rank, scale shape, bits, rounding, grad or inference mode; for a compiled
+    block also prefill or step, with or without a cache, and each model's module structure) compiles
+    the same Python function, and dynamo counts them per function. Past the limit a call runs
+    eagerly, with a warning only (the same bits, more kernels; fullgraph=True would raise): a
+    process that meets many variants (the CUDA tests, a benchmark of several models) would time
+    eager code as compiled code."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 @functools.cache
 def compiled(fn, **constants):
     """fn compiled once per set of constant arguments (bits, rounding: fixed in the kernel), with
@@ -151,11 +165,7 @@ def compiled(fn, **constants):
     that also turns the int constants into symbols, and torch 2.11 then fails on qrange's shift."""
     import torch._dynamo
 
-    # Every variant (dtype, rank, scale shape, bits, rounding, grad or inference mode) compiles the
-    # same Python function, and dynamo counts them per function. Past the limit a call runs eagerly
-    # (the same bits, more kernels) where fullgraph=True would raise: a process that meets many
-    # variants (the CUDA tests) must not fail for it.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    allow_many_variants()
     kernel = torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
 
     def call(*args, **kwargs):
