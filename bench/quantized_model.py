@@ -89,11 +89,15 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
         decoding.GRAPHS_ON_CUDA = graphs
         decoder = Decoder(model, batch_size=1)
         decode_s[graphs] = best(lambda: generate(decoder), device, repeats)
-    if profiled:  # where a step's device time goes: ten eager steps (a replayed graph shows as one launch)
-        decoder = Decoder(model, batch_size=1)  # GRAPHS_ON_CUDA is still False here
-        model(ids[:1, :16], cache=decoder.cache)
-        profile(lambda: [decoder.step(ids[:1, :1]) for _ in range(10)], f"{model_dir.name}: 10 eager decode steps")
-        profile(lambda: model(ids), f"{model_dir.name}: prefill {prefill[0]} x {prefill[1]}")
+    label = f"{model_dir.name}{' (compiled blocks)' if compile_blocks else ''}"
+    if profiled:  # where a step's device time goes: ten eager steps, then ten replays of the captured step
+        for graphs in (False, True):
+            decoding.GRAPHS_ON_CUDA = graphs
+            decoder = Decoder(model, batch_size=1)
+            model(ids[:1, :16], cache=decoder.cache)
+            kind = "replayed graph" if graphs else "eager"
+            profile(lambda: [decoder.step(ids[:1, :1]) for _ in range(10)], f"{label}: 10 {kind} decode steps")
+        profile(lambda: model(ids), f"{label}: prefill {prefill[0]} x {prefill[1]}")
     decoding.GRAPHS_ON_CUDA = True
     held = weight_bytes(model)  # after the runs: includes any float copy a path made
     allocated = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
@@ -122,7 +126,8 @@ def main() -> None:
                                         "float16 on the CPU gives the GPU's weight memory)")
     parser.add_argument("--compile", action="store_true", help="also each model with compiled blocks")
     parser.add_argument("--profile", action="store_true",
-                        help="print (stderr) a torch profile of 10 eager decode steps and a prefill per model")
+                        help="print (stderr) a torch profile of 10 decode steps (eager, then graphed) and a prefill per "
+                             "model (not the rows with unfused quantizers)")
     parser.add_argument("--no-unfused", action="store_true",
                         help="skip the A8 models with eager activation quantizers (on CUDA they run by default)")
     args = parser.parse_args()
@@ -137,7 +142,7 @@ def main() -> None:
     for model_dir, options in runs:
         try:
             row = measure(model_dir, device, tuple(args.prefill), args.decode, args.repeats, dtype=args.dtype,
-                          profiled=args.profile and not options, **options)
+                          profiled=args.profile and options.get("fused", True), **options)
         except Exception as err:  # e.g. a model torch.compile cannot take: say so, keep the other rows
             if not options.get("compile_blocks"):
                 raise

@@ -8,6 +8,7 @@ Through lm-eval itself: `simple_evaluate(model="quamba", model_args="path=DIR,ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from quamba.compile_lock import first_compile_lock
 from quamba.errors import CheckpointError, ConfigError
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.decode import Decoder
@@ -146,7 +148,9 @@ class QuambaLM(TemplateLM):
         batch's scores are read back once the next batch is launched, so on a GPU its one host
         sync overlaps the next forward instead of leaving the GPU idle while the host works; only
         the process's first batch is read back at once, timing the warm-up (kernel compilation,
-        autotuning) apart from the steady scoring (`first_batch_seconds`, in the job logs).
+        autotuning) apart from the steady scoring (`first_batch_seconds`, in the job logs). On CUDA
+        that batch runs under quamba.compile_lock, so processes started together compile in turn
+        and the later ones read the on-disk kernel caches (its wait counts in first_batch_seconds).
         """
         inputs, targets = [], []
         for _, context, continuation in requests:
@@ -168,9 +172,12 @@ class QuambaLM(TemplateLM):
             for batch in batches:
                 # Launch this batch, then read the one before: its host sync then waits for that
                 # batch only, while this one's kernels keep the GPU busy (the same scores either way).
-                launched = (batch, self._score([inputs[i] for i in batch], [targets[i] for i in batch]))
-                if pending is None and self.first_batch_seconds is None:  # the process's first: kernels
-                    self._collect(requests, targets, *launched, results)  # compile and autotune in it
+                first = pending is None and self.first_batch_seconds is None  # the process's first: kernels
+                with first_compile_lock(self._device, "first scored batch") if first else contextlib.nullcontext():
+                    launched = (batch, self._score([inputs[i] for i in batch], [targets[i] for i in batch]))
+                    if first:  # compile and autotune in it, one process of the machine at a time
+                        self._collect(requests, targets, *launched, results)
+                if first:
                     self.first_batch_seconds = time.perf_counter() - begun
                     bar.update(len(batch))
                     continue
@@ -238,12 +245,14 @@ class QuambaLM(TemplateLM):
     def greedy(self, prompt: list[int], max_new_tokens: int, stop: Sequence[str] = ()) -> list[int]:
         """Greedy tokens after `prompt`, decoded step by step on the model's state cache; ends at
         EOS, after max_new_tokens, or once the decoded text holds a stop string."""
-        if self._decoder is None:  # made once: on CUDA its step is a captured graph
-            self._decoder = Decoder(self.model, batch_size=1)
-        decoder = self._decoder
-        decoder.reset()
-        ids = torch.tensor([prompt], dtype=torch.long, device=self._device)  # (1, l)
-        logits = self.model(ids, cache=decoder.cache).logits[0, -1]  # (padded_vocab,)
+        first = self._decoder is None  # its capture and the first prefill compile: one process at a time
+        with first_compile_lock(self._device, "first decoding") if first else contextlib.nullcontext():
+            if first:  # made once: on CUDA its step is a captured graph
+                self._decoder = Decoder(self.model, batch_size=1)
+            decoder = self._decoder
+            decoder.reset()
+            ids = torch.tensor([prompt], dtype=torch.long, device=self._device)  # (1, l)
+            logits = self.model(ids, cache=decoder.cache).logits[0, -1]  # (padded_vocab,)
         tokens: list[int] = []
         while len(tokens) < max_new_tokens:
             token = int(logits[:self.vocab_size].argmax())

@@ -179,8 +179,9 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
         raise ResultError(f"{local_dir}: a metric overflowed ({err}): the model's loglikelihoods are far out of "
                           f"range; nothing was written (check the model's weights and quantization scales)") from None
     log.info("lm-eval done in %.2f s, of which the model scored requests %.2f s (its first batch, with any kernel "
-             "compilation and autotuning: %s s; the rest of lm-eval's time: building the requests, metrics and "
-             "their standard errors)", time.perf_counter() - begun, lm.scoring_seconds,
+             "compilation and autotuning and any wait for quamba.compile_lock: %s s; the rest of lm-eval's time: "
+             "building the requests, metrics and their standard errors)", time.perf_counter() - begun,
+             lm.scoring_seconds,
              "-" if lm.first_batch_seconds is None else f"{lm.first_batch_seconds:.2f}")
     sections = {key: output.get(key) or {} for key in LM_EVAL_SECTIONS}
     check_finite_metrics(sections["results"], local_dir)
