@@ -8,7 +8,9 @@ Triton kernels. Jobs that start together on one GPU each compile the same kernel
 wait on an exclusive `flock` in inductor's cache dir, then read what it wrote. Only a process's
 first batch goes through it; steady work is never serialized. The kernel drops a flock when its
 holder dies, so there are no stale locks; a waiter that gives up (a hung holder) goes on unlocked.
-QUAMBA_COMPILE_LOCK=0 turns it off (1, the default: on). Off CUDA it does nothing.
+QUAMBA_COMPILE_LOCK=1 turns it on; 0, the default, leaves it off until bench/compile_lock.py has
+measured on a GPU that it pays (a job whose kernels are cached would still wait for a holder's
+whole first batch). Off CUDA it does nothing.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ _held = False  # this process holds the lock: a nested use must not wait on itse
 
 
 def compile_lock_enabled() -> bool:
-    """Whether $QUAMBA_COMPILE_LOCK asks for the lock (unset: yes); any value but 0 or 1 is a ConfigError."""
-    value = os.environ.get(ENV, "1").strip()
+    """Whether $QUAMBA_COMPILE_LOCK asks for the lock (unset: no); any value but 0 or 1 is a ConfigError."""
+    value = os.environ.get(ENV, "0").strip()
     if value not in ALLOWED:
         raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not allowed; allowed: 1 (one process compiles "
-                          f"at a time, the default) or 0 (no lock)")
+                          f"at a time) or 0 (no lock, the default)")
     return value == "1"
 
 

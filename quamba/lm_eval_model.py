@@ -149,9 +149,9 @@ class QuambaLM(TemplateLM):
         sync overlaps the next forward instead of leaving the GPU idle while the host works; only
         the process's first batch is read back at once, timing the warm-up (kernel compilation,
         autotuning) apart from the steady scoring (`first_batch_seconds`, in the job logs). On CUDA
-        that batch runs under quamba.compile_lock, so processes started together compile in turn
-        and the later ones read the on-disk kernel caches (its wait counts in first_batch_seconds).
-        """
+        with QUAMBA_COMPILE_LOCK=1 that batch runs under quamba.compile_lock, so processes started
+        together compile in turn and the later ones read the on-disk kernel caches (its wait counts
+        in first_batch_seconds)."""
         inputs, targets = [], []
         for _, context, continuation in requests:
             if not continuation:

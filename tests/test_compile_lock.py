@@ -47,10 +47,10 @@ JOB = textwrap.dedent("""
 
 @pytest.fixture(autouse=True)
 def cache_dir(monkeypatch, tmp_path):
-    """Each test its own inductor cache dir (where the lock file lives), the switch unset."""
+    """Each test its own inductor cache dir (where the lock file lives), the switch on."""
     directory = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(directory))
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return directory
 
@@ -139,8 +139,12 @@ def test_off_cuda_it_takes_no_lock(cache_dir, device):
         assert not (cache_dir / LOCK_FILE).exists()
 
 
-def test_switched_off_it_takes_no_lock_on_cuda(cache_dir, monkeypatch):
-    monkeypatch.setenv(ENV, "0")
+@pytest.mark.parametrize("value", ["0", None])  # None: unset, the default
+def test_switched_off_it_takes_no_lock_on_cuda(cache_dir, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(ENV)
+    else:
+        monkeypatch.setenv(ENV, value)
     with first_compile_lock("cuda", "test"):
         assert not (cache_dir / LOCK_FILE).exists()
 
