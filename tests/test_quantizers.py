@@ -171,3 +171,24 @@ def test_a_compiled_quantizer_compiles_once_for_every_shape_of_a_rank():
         x = torch.randn(2, length, 64, generator=g)
         assert torch.equal(fn(x, scale), quantize(x, scale, 8, HALF_AWAY))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_a_compiled_kernel_keeps_its_int_constants_constant():
+    """Each set of constants is its own graph: dynamo's automatic dynamic shapes would turn an int
+    constant seen with a second value into a symbol, and a third value would reuse that slow
+    symbolic graph (two graphs here instead of three)."""
+    import torch._dynamo
+
+    from quamba.numerics.hadamard import _butterflies
+    from quamba.numerics.quantizers import compiled
+
+    torch._dynamo.reset()
+    compiled.cache_clear()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(0)
+    for m in (3, 5, 7):  # rows of the base matrix, as 12, 20, 40 of Quamba's widths
+        x = torch.randn(2, 3, m * 16, generator=g)
+        fn = compiled(_butterflies, m=m, p=16, compute=torch.float32)
+        assert torch.equal(fn(x), _butterflies(x, m, 16, torch.float32))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 3
+    assert torch._dynamo.config.automatic_dynamic_shapes  # restored after each call

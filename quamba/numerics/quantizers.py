@@ -173,7 +173,19 @@ def compiled(fn, **constants):
             if isinstance(value, torch.Tensor):
                 for dim in range(value.dim()):
                     torch._dynamo.maybe_mark_dynamic(value, dim)
-        return kernel(*args, **kwargs)
+        if torch.compiler.is_compiling():  # traced into a compiled block: the block's settings hold
+            return kernel(*args, **kwargs)
+        # Every variant is the same Python function to dynamo, so after a second value of an int
+        # constant (the Hadamard's m and p, bits) its automatic dynamic shapes would make the int a
+        # symbol: slow symbolic compiles (25-157 s a variant on this CPU, against 1-3 s) and the
+        # shift that fails on torch 2.11. Off for the call (4.6 us; config.patch costs 22 us).
+        config = torch._dynamo.config
+        automatic = config.automatic_dynamic_shapes
+        config.automatic_dynamic_shapes = False
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            config.automatic_dynamic_shapes = automatic
 
     return call
 
