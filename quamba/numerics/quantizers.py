@@ -177,7 +177,7 @@ def compiled(fn, **constants):
             return kernel(*args, **kwargs)
         # Every variant is the same Python function to dynamo, so after a second value of an int
         # constant (the Hadamard's m and p, bits) its automatic dynamic shapes would make the int a
-        # symbol: slow symbolic compiles (25-157 s a variant on this CPU, against 1-3 s) and the
+        # symbol: slow symbolic compiles (20-157 s a variant on this CPU, against 1-3 s) and the
         # shift that fails on torch 2.11. Off for the call (4.6 us; config.patch costs 22 us).
         config = torch._dynamo.config
         automatic = config.automatic_dynamic_shapes
