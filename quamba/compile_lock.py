@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from quamba.errors import ConfigError
-from quamba.gpu_lease import _holder, _try_lock
+from quamba.gpu_lease import lock_holder, release_lock, try_lock
 
 __all__ = ["ENV", "LOCK_FILE", "compile_lock_enabled", "first_compile_lock"]
 
@@ -80,17 +80,17 @@ def first_compile_lock(device: Any, label: str, enabled: bool | None = None, tim
         raise ValueError(f"first_compile_lock: timeout must be >= 0 and poll > 0, got timeout={timeout}, poll={poll}")
     path = lock_dir() / LOCK_FILE
     begun = time.monotonic()
-    fd = _try_lock(path, label)
+    fd = try_lock(path, label)
     contended = fd is None
     if contended:
-        log.info("compile lock: %s waits for %s to compile first (lock %s)", label, _holder(path), path)
+        log.info("compile lock: %s waits for %s to compile first (lock %s)", label, lock_holder(path), path)
     while fd is None and time.monotonic() - begun < timeout:
         time.sleep(poll)
-        fd = _try_lock(path, label)
+        fd = try_lock(path, label)
     waited = time.monotonic() - begun
     if fd is None:
         log.warning("compile lock: %s waited %.1f s, the timeout, for %s; going on without the lock "
-                    "(it compiles beside the holder)", label, waited, _holder(path))
+                    "(it compiles beside the holder)", label, waited, lock_holder(path))
         yield
         return
     if contended:
@@ -101,7 +101,5 @@ def first_compile_lock(device: Any, label: str, enabled: bool | None = None, tim
         yield
     finally:
         _held = False
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # no holder named once it is free
-        os.close(fd)  # closing the last descriptor drops the flock
+        release_lock(fd)
         log.info("compile lock: %s released it after %.1f s", label, time.monotonic() - begun - waited)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from quamba.errors import QuambaError
 
-__all__ = ["GPULeaseTimeout", "LOCK_DIR_ENV", "NoGPUError", "gpu_lease", "visible_devices"]
+__all__ = ["GPULeaseTimeout", "LOCK_DIR_ENV", "NoGPUError", "gpu_lease", "lock_holder", "release_lock", "try_lock",
+           "visible_devices"]
 
 LOCK_DIR_ENV = "QUAMBA_GPU_LOCK_DIR"  # a lock dir shared by several snakemake runs on one machine
 DEFAULT_LOCK_DIR = Path(".snakemake") / "gpu-locks"  # under the current (Snakemake's work) dir
@@ -119,9 +120,7 @@ def gpu_lease(label: str = "", devices: Sequence[str | int] | None = None, lock_
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # no holder named once it is free
-        os.close(fd)  # closing the last descriptor drops the flock
+        release_lock(fd)
         logger.info("GPU lease: released device %s", device)
 
 
@@ -144,7 +143,7 @@ def _lock_path(directory: Path, device: str, slot: int = 0) -> Path:
     return directory / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', device)}{f'.slot{slot + 1}' if slot else ''}.lock"
 
 
-def _try_lock(path: Path, label: str) -> int | None:
+def try_lock(path: Path, label: str) -> int | None:
     """An open descriptor holding an exclusive flock on `path`, or None when another holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -162,7 +161,14 @@ def _try_lock(path: Path, label: str) -> int | None:
     return fd
 
 
-def _holder(path: Path) -> str:
+def release_lock(fd: int) -> None:
+    """Drop a `try_lock` flock: the holder record emptied, then the descriptor closed."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)  # no holder named once it is free
+    os.close(fd)  # closing the last descriptor drops the flock
+
+
+def lock_holder(path: Path) -> str:
     """Who holds `path`, as its holder wrote it: for messages only, the flock is the lock."""
     try:
         holder = json.loads(path.read_text())
@@ -179,11 +185,11 @@ def _acquire(slots: list[tuple[str, int]], directory: Path, label: str, timeout:
     devices = list(dict.fromkeys(device for device, _ in slots))
     while True:
         for device, slot in slots:
-            fd = _try_lock(_lock_path(directory, device, slot), label)
+            fd = try_lock(_lock_path(directory, device, slot), label)
             if fd is not None:
                 return (device, slot), fd, _lock_path(directory, device, slot)
         holders = "; ".join(f"device {device}" + (f" slot {slot + 1}" if len(slots) > len(devices) else "")
-                            + f": {_holder(_lock_path(directory, device, slot))}" for device, slot in slots)
+                            + f": {lock_holder(_lock_path(directory, device, slot))}" for device, slot in slots)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise GPULeaseTimeout(

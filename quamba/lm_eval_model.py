@@ -172,15 +172,14 @@ class QuambaLM(TemplateLM):
             for batch in batches:
                 # Launch this batch, then read the one before: its host sync then waits for that
                 # batch only, while this one's kernels keep the GPU busy (the same scores either way).
-                first = pending is None and self.first_batch_seconds is None  # the process's first: kernels
-                with first_compile_lock(self._device, "first scored batch") if first else contextlib.nullcontext():
-                    launched = (batch, self._score([inputs[i] for i in batch], [targets[i] for i in batch]))
-                    if first:  # compile and autotune in it, one process of the machine at a time
-                        self._collect(requests, targets, *launched, results)
-                if first:
+                rows, wanted = [inputs[i] for i in batch], [targets[i] for i in batch]
+                if pending is None and self.first_batch_seconds is None:  # the process's first: kernels
+                    with first_compile_lock(self._device, "first scored batch"):  # compile and autotune in it
+                        self._collect(requests, targets, batch, self._score(rows, wanted), results)
                     self.first_batch_seconds = time.perf_counter() - begun
                     bar.update(len(batch))
                     continue
+                launched = (batch, self._score(rows, wanted))
                 if pending is not None:
                     self._collect(requests, targets, *pending, results)
                     bar.update(len(pending[0]))
