@@ -6,6 +6,7 @@ eager. Ratios are against the FP16 run of the same process.
     python -m bench.quantized_model --fp16 DIR --quantized W8A8_DIR W4A16_DIR --device cuda
     python -m bench.quantized_model ... --device cpu --prefill 2 64 --decode 8   # a smoke run
     python -m bench.quantized_model ... --compile    # also every model with compiled blocks
+    python -m bench.quantized_model ... --fuse-hadamard    # also the rotated models with hadamard.FUSE_ON_CUDA
 
 With --compile each model also runs with `MambaLMHeadModel.compile_blocks()` (torch.compile per
 block: taps, norms, Hadamard stages and glue fused); those rows' ratios are against the compiled
@@ -30,7 +31,7 @@ from quamba.formats.quantized_dir import QUANT_CONFIG
 from quamba.models import decode as decoding
 from quamba.models.decode import Decoder
 from quamba.models.quantized import QuantLinear
-from quamba.numerics import quantizers
+from quamba.numerics import hadamard, quantizers
 
 
 def sync(device: torch.device) -> None:
@@ -66,8 +67,9 @@ def best(fn, device: torch.device, repeats: int) -> float:
 @torch.inference_mode()
 def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], decode: int, repeats: int,
             fused: bool = True, profiled: bool = False, dtype: str | None = None,
-            compile_blocks: bool = False) -> dict:
+            compile_blocks: bool = False, fused_hadamard: bool = False) -> dict:
     quantizers.FUSE_ON_CUDA = fused
+    hadamard.FUSE_ON_CUDA = fused_hadamard
     if device.type == "cuda":
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -89,7 +91,8 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
         decoding.GRAPHS_ON_CUDA = graphs
         decoder = Decoder(model, batch_size=1)
         decode_s[graphs] = best(lambda: generate(decoder), device, repeats)
-    label = f"{model_dir.name}{' (compiled blocks)' if compile_blocks else ''}"
+    label = (f"{model_dir.name}{' (Hadamard fused)' if fused_hadamard else ''}"
+             f"{' (compiled blocks)' if compile_blocks else ''}")
     if profiled:  # where a step's device time goes: ten eager steps, then ten replays of the captured step
         for graphs in (False, True):
             decoding.GRAPHS_ON_CUDA = graphs
@@ -107,6 +110,7 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
               if options.get(key)]
     scheme = quant.get("scheme", "fp16") + ("" if not extras else f" + {', '.join(extras)}")
     scheme += "" if fused or not quant.get("a_bits") else " (quantizers unfused)"
+    scheme += " (Hadamard fused)" if fused_hadamard else ""
     scheme += " (compiled blocks)" if compile_blocks else ""
     return {"model": str(model_dir), "scheme": scheme, "compiled_blocks": compile_blocks,
             "dtype": str(model.dtype).removeprefix("torch."), "weight_bytes": held, "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
@@ -128,6 +132,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="print (stderr) a torch profile of 10 decode steps (eager, then graphed) and a prefill per "
                              "model (not the rows with unfused quantizers)")
+    parser.add_argument("--fuse-hadamard", action="store_true",
+                        help="also the models with a rotated out_proj input with the Hadamard's stages as compiled "
+                             "kernels (hadamard.FUSE_ON_CUDA; off by default in the library)")
     parser.add_argument("--no-unfused", action="store_true",
                         help="skip the A8 models with eager activation quantizers (on CUDA they run by default)")
     args = parser.parse_args()
@@ -136,6 +143,8 @@ def main() -> None:
     if device.type == "cuda" and not args.no_unfused:  # the A8 models with the quantizers as eager chains
         a8 = [d for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("a_bits")]
         runs += [(d, {"fused": False}) for d in a8]
+    if args.fuse_hadamard:  # every quantized model of the recipe rotates out_proj's input
+        runs += [(d, {"fused_hadamard": True}) for d in args.quantized]
     if args.compile:
         runs += [(d, {"compile_blocks": True}) for d in [args.fp16, *args.quantized]]
     rows = []
