@@ -217,10 +217,11 @@ def random_windows(source: str | Path, tokenizer, num_samples: int, seq_len: int
     """GPTQ's windows as Quamba draws them: the rows joined with blank lines and tokenized as one
     stream, then per window a start random.randint(0, T - seq_len - 1) (inclusive) from Python's
     random seeded with `seed` (Quamba seeds 0), so seed 0 gives exactly Quamba's windows on the
-    same text and tokenizer; the seed note's runs drew them unseeded."""
+    same text and tokenizer; the seed note's runs drew them unseeded. A hub split is read whole, as
+    Quamba's loader joins all of wikitext-2's train rows (T, and so every start, depends on all of it)."""
     if num_samples <= 0 or seq_len <= 0:
         raise ConfigError(f"nsamples and seqlen must be positive, got {num_samples} and {seq_len}")
-    rows, digest = read_documents(source, max_chars=None if Path(source).is_file() else 4_000_000)
+    rows, digest = read_documents(source)
     stream = tokenizer("\n\n".join(rows), return_tensors="pt")["input_ids"][0]  # (n_tokens,)
     if stream.numel() <= seq_len:
         raise ConfigError(f"{source}: {stream.numel()} tokens, fewer than one window of {seq_len}")

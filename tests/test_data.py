@@ -66,3 +66,16 @@ def test_hub_rows_stream_in_stored_order_with_quambas_arguments(monkeypatch, tok
     samples = calibration_samples("monology/pile-uncopyrighted?data_files=val.jsonl.zst", tokenizer, 3, 8, seed=0)
     assert calls == [("monology/pile-uncopyrighted", None, "train", True, {"data_files": "val.jsonl.zst"})]
     assert [s.tolist() for s in samples.samples] == [tokenizer(f"row {i} " * 40)["input_ids"][:8] for i in range(3)]
+
+
+def test_gptq_windows_come_from_the_whole_hub_split_as_quambas_loader_joins_it(monkeypatch, tokenizer):
+    """T depends on every row of the split: wikitext-2's train split is about 10.9 M characters,
+    and a cut after the first few million (as this project once made) moved every window."""
+    rows = [f"row {i} " * 250 for i in range(2_500)]  # 5 M characters
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda name, config, split, streaming, **kwargs: iter({"text": row} for row in rows)))
+    windows = random_windows("wikitext:wikitext-2-raw-v1", tokenizer, 4, 16, seed=0)
+    stream = tokenizer("\n\n".join(rows), return_tensors="pt")["input_ids"][0]
+    draw = random.Random(0)
+    starts = [draw.randint(0, stream.numel() - 16 - 1) for _ in range(4)]
+    assert torch.equal(windows.stacked(), torch.stack([stream[i:i + 16] for i in starts]))
