@@ -20,6 +20,7 @@ from quamba.models.taps import named_taps
 from quamba.numerics import observers
 from quamba.numerics.hadamard import hadamard_transform
 from quamba.numerics.observers import QuambaMinMax, QuambaPercentile, StreamHistogram
+from quamba.numerics.quantizers import activation_scale
 from quamba.recipe import Recipe
 from quamba.stages import calibration_observers
 from quamba.stages.calibrate import CalibrationSettings, calibrate, calibrate_model_dir
@@ -47,9 +48,9 @@ def model_dir(request, tmp_path_factory):
     return save_fp16(random_model(MODELS[request.param]), tmp_path_factory.mktemp("m") / "model", TOKENIZER)
 
 
-def captured_calibration(name, recipe=Recipe()):
+def captured_calibration(name, recipe=Recipe(), dtype=torch.float32):
     """Run calibrate() while a second set of hooks records every tap's tensors."""
-    model = random_model(MODELS[name])
+    model = random_model(MODELS[name]).to(dtype)
     captured = {tap_name: [] for tap_name in named_taps(model)}
     hooks = [tap.register_forward_hook(
         lambda _m, _i, out, n=tap_name, t=tap: captured[n].append((hadamard_transform(out) if t.rotated else out).clone()))
@@ -95,6 +96,31 @@ def test_thresholds_equal_quambas_observers_run_on_the_captured_tensors(name):
             entry = tap_scales(taps[tap_name], records[tap_name], alpha, "quamba", SETTINGS.mantissa_bits)
             expected = percentile.values[alpha] if taps[tap_name]["observer"] == "percentile" else minmax.value
             assert entry["threshold"] == expected, (tap_name, alpha)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_min_max_scales_are_divided_in_the_observed_dtype_as_quambas_observer_divides(name):
+    """On an fp16 model Quamba's min/max observer keeps its running max in fp16 and divides it by
+    127 there, so the scale is rounded to fp16 before it becomes float32; its percentile EMA is
+    float32. Mamba1's state is observed as copied into the model's (fp16) cache."""
+    taps, records, _, captured = captured_calibration(name, dtype=torch.float16)
+    moved = 0
+    for tap_name, tensors in captured.items():
+        tap = taps[tap_name]
+        entry = tap_scales(tap, records[tap_name], 0.9995, "quamba", SETTINGS.mantissa_bits)
+        scale = activation_scale(entry["threshold"], scale_dtype=entry["scale_dtype"])
+        assert tap["dtype"] == str(tensors[0].dtype).removeprefix("torch."), tap_name
+        if tap["observer"] == "minmax":
+            minmax = QuambaMinMax()
+            for t in tensors:
+                minmax.update(t)
+            assert (entry["threshold"], entry["scale_dtype"], scale) == (minmax.value, tap["dtype"], minmax.scale)
+            moved += scale != activation_scale(entry["threshold"])  # divided in float32
+        else:
+            assert entry["scale_dtype"] == "float32", tap_name
+    assert moved > 0
+    if name == "mamba1":
+        assert {taps[f"layer_{i}.ssm_state_act:input"]["dtype"] for i in range(3)} == {"float16"}
 
 
 def test_stream_max_makes_alpha_one_the_true_maximum_and_clip_nothing():
@@ -148,7 +174,7 @@ def test_calibrate_writes_schema_valid_stats_store_and_npz(model_dir, corpus, tm
     assert written == json.loads(json.dumps(doc))
     schema = yaml.safe_load((REPO / "schemas" / "stats.schema.yaml").read_text())
     jsonschema.validate(written, schema)
-    assert written["schema_version"] == 2 and written["default_alpha"] == 0.9995 and written["min_alpha"] == 0.999
+    assert written["schema_version"] == 3 and written["default_alpha"] == 0.9995 and written["min_alpha"] == 0.999
     assert written["recipe"]["name"] == "quamba" and written["recipe"]["departures"] == []
     assert written["recipe"]["options"]["rotate_residual"] is True
     assert len(written["model"]["sha256"]) == 64 and len(written["data"]["tokens_sha256"]) == 64
@@ -163,8 +189,8 @@ def test_calibrate_writes_schema_valid_stats_store_and_npz(model_dir, corpus, tm
 def test_an_older_stats_json_is_refused_saying_how_to_rebuild(model_dir, corpus, tmp_path):
     calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
     path = tmp_path / "out" / "stats.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 1}))
-    with pytest.raises(ConfigError, match=r"schema_version 1.*reads version 2.*rerun `quamba calibrate`"):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 2}))
+    with pytest.raises(ConfigError, match=r"schema_version 2.*reads version 3.*rerun `quamba calibrate`"):
         derive_scales(tmp_path / "out", 0.9995)
 
 

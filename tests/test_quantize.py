@@ -215,19 +215,27 @@ def test_each_int8_gemm_ends_as_its_quamba_layer(built, tmp_path):
     assert isinstance(w4a16.x_proj, torch.nn.Linear) and isinstance(w4a16.dt_proj, torch.nn.Linear)
 
 
-def test_activation_scales_are_thresholds_over_127_in_float32_floored_at_1e6(built, tmp_path):
-    qc = quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
-    thresholds = json.loads(built["scales"].read_text())["taps"]
+@pytest.mark.parametrize("observed", ["float32", "float16"])
+def test_activation_scales_are_thresholds_over_127_in_their_scale_dtype_floored_at_1e6(built, tmp_path, observed):
+    """float32 from a float32 calibration; min/max taps of an fp16 one divide in fp16 (Quamba's observer)."""
+    scales_doc = json.loads(built["scales"].read_text())
+    for entry in scales_doc["taps"].values():
+        entry["scale_dtype"] = observed if entry["observer"] == "minmax" else "float32"
+    scales_path = tmp_path / "scales.json"
+    scales_path.write_text(json.dumps(scales_doc))
+    qc = quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"], scales_path)
+    thresholds = scales_doc["taps"]
     del thresholds["lm_head:input"]  # lm_head stays an fp16 layer (quantize_lm_head: false)
     assert qc["activation_thresholds"] == {tap: entry["threshold"] for tap, entry in thresholds.items()}
+    assert qc["activation_scale_dtypes"] == {tap: entry["scale_dtype"] for tap, entry in thresholds.items()}
     model = quamba.load(tmp_path / "q", device="cpu")
     scales = {name: tap.scale for name, tap in named_taps(model).items() if tap.scale is not None}
     for i, block in enumerate(model.backbone.layers):  # the Linears quantize their own inputs
         scales |= {f"layer_{i}.{kind}:input": getattr(block.mixer, kind).act_scale for kind in ("in_proj", "out_proj")}
     assert set(scales) == set(thresholds)  # every tap the scheme quantizes has its scale, derived at load
     for tap, scale in scales.items():
-        expected = (torch.tensor(thresholds[tap]["threshold"], dtype=torch.float32) / 127).clamp(min=1e-6)
-        assert scale == float(expected), tap
+        divided = torch.tensor(thresholds[tap]["threshold"], dtype=getattr(torch, thresholds[tap]["scale_dtype"])) / 127
+        assert scale == float(divided.float().clamp(min=1e-6)), tap
 
 
 @pytest.mark.parametrize("change, message", [

@@ -29,7 +29,7 @@ from quamba.errors import ConfigError
 from quamba.io import atomic_path
 from quamba.shipped import SCHEMAS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: each tap's observed dtype
 STATS_FILE, STORE_FILE, ACTIVATIONS_FILE = "stats.json", "calibration.safetensors", "activations.npz"
 SCHEMA_PATH = SCHEMAS / "stats.schema.yaml"
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -50,7 +50,7 @@ def validate_stats(doc: dict, source: str = STATS_FILE) -> dict:
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     if version != SCHEMA_VERSION:
         raise ConfigError(f"{source}: schema_version {version!r}, but this quamba-flow reads version "
-                          f"{SCHEMA_VERSION} (calibration statistics that answer any alpha after the fact); "
+                          f"{SCHEMA_VERSION} (with each tap's observed dtype, the one Quamba divides its min/max scales in); "
                           f"rebuild it: rerun `quamba calibrate`, or delete its calib dir and rerun snakemake")
     try:
         jsonschema.validate(doc, yaml.safe_load(SCHEMA_PATH.read_text()))

@@ -14,7 +14,7 @@ from quamba.io import write_json
 from quamba.shipped import SCHEMAS
 
 SCALES_FILE = "scales.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each tap's scale_dtype
 SCHEMA_PATH = SCHEMAS / "scales.schema.yaml"
 
 

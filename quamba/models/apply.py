@@ -19,7 +19,7 @@ from quamba.models.checkpoint import build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.quantized import INTEGER_MODULES, LINEAR_INPUT_TAPS, QuantEmbedding, QuantLinear
 from quamba.models.taps import LM_HEAD_POINT, Tap, named_taps
-from quamba.numerics.quantizers import activation_scale, activation_scales
+from quamba.numerics.quantizers import activation_scales
 from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor
 
 
@@ -51,12 +51,12 @@ def _swap_small_gemm(model: nn.Module, path: str, coded: IntegerTensor, plan: Qu
     mixer_path, _, name = path.removesuffix(".weight").rpartition(".")
     mixer = model.get_submodule(mixer_path)
     bias = getattr(mixer, name).bias  # dt_proj's: the scan's delta bias, not added by the GEMM
-    out_threshold = plan.thresholds.get(f"{layer}.{out_point}")
+    out_tap = f"{layer}.{out_point}"
     setattr(mixer, name, QuantLinear(
         coded.q, coded.scale, coded.bits, None if bias is None else bias.detach().clone(),
-        activation_scale(plan.thresholds[f"{layer}.{in_point}"]), None, rounding=plan.rounding[in_point],
+        plan.activation_scale(f"{layer}.{in_point}"), None, rounding=plan.rounding[in_point],
         qqq=plan.qqq and coded.bits == 4, epilogue=epilogue,
-        out_scale=None if out_threshold is None else torch.tensor([activation_scale(out_threshold)]),
+        out_scale=torch.tensor([plan.activation_scale(out_tap)]) if out_tap in plan.thresholds else None,
         out_rounding=plan.rounding[out_point], add_bias=False))
 
 
@@ -70,12 +70,12 @@ def _in_proj_output(config, layer: str, plan: QuantPlan) -> tuple[str, torch.Ten
         group = config.ngroups * config.d_state
         points = ["z_act:input", "x_conv_in:input", "B_conv_in:input", "C_conv_in:input", "dt_act:input"]
         sizes, epilogue = [config.d_inner, config.d_inner, group, group, config.nheads], "parallel"
-    thresholds = [plan.thresholds.get(f"{layer}.{point}") for point in points]
-    if any(t is None for t in thresholds):
+    taps = [f"{layer}.{point}" for point in points]
+    if any(tap not in plan.thresholds for tap in taps):
         return epilogue, None, None
     if epilogue == "seqlen_last":
-        return epilogue, torch.tensor([activation_scale(thresholds[0])]), points[0]
-    scales = [torch.full((size,), activation_scale(t), dtype=torch.float32) for t, size in zip(thresholds, sizes)]
+        return epilogue, torch.tensor([plan.activation_scale(taps[0])]), points[0]
+    scales = [torch.full((size,), plan.activation_scale(tap), dtype=torch.float32) for tap, size in zip(taps, sizes)]
     return epilogue, torch.cat(scales), points[0]
 
 
@@ -127,7 +127,7 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
             epilogue, out_scale, out_point = _in_proj_output(model.config, tap.partition(".")[0], plan)
         setattr(parent, kind, QuantLinear(
             coded.q, coded.scale, plan.w_bits, None if bias is None else bias.detach().clone(),
-            None if threshold is None else activation_scale(threshold),
+            None if threshold is None else plan.activation_scale(tap),
             rotate_input=plan.hadamard if kind == "out_proj" else None,
             rounding=plan.rounding[point], qqq=plan.qqq and (name != "lm_head" or threshold is not None),
             epilogue=epilogue, out_scale=out_scale, out_rounding=plan.rounding[out_point or point],
@@ -140,7 +140,7 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
         if tap_name in plan.group_thresholds:
             tap.scale, tap.rounding = activation_scales(plan.group_thresholds[tap_name]), plan.rounding[tap.point]
         elif tap_name in plan.thresholds:
-            tap.scale, tap.rounding = activation_scale(plan.thresholds[tap_name]), plan.rounding[tap.point]
+            tap.scale, tap.rounding = plan.activation_scale(tap_name), plan.rounding[tap.point]
     return model
 
 

@@ -69,7 +69,9 @@ class Mamba1Mixer(nn.Module):
             x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True,
         )  # (b, d_inner, l), (b, d_inner, d_state)
-        last_state = tap("ssm_state_act:input", last_state)
+        if not tap.quantizes("ssm_state_act:input"):  # the FP model: Quamba's calibration observes the state
+            last_state = last_state.to(hidden_states.dtype)  # as copied into its cache, in the model's dtype
+        last_state = tap("ssm_state_act:input", last_state)  # quantized: int8 from the float32 state, as its kernel
         if ssm_state is not None:
             ssm_state.copy_(last_state)
         return self.out_proj(tap("out_proj:input", y.transpose(1, 2)))  # (b, l, d_model)

@@ -112,6 +112,10 @@ class Taps(nn.Module):
         """The tap at `point` in a decoding step, where Quamba may round otherwise (the state)."""
         return self.by_key[_key(point)](x, step=True)
 
+    def quantizes(self, point: str) -> bool:
+        """Whether the tap at `point` fake-quantizes (a quantized model) or is an identity (the FP model)."""
+        return self.by_key[_key(point)].quantizes
+
     def __iter__(self) -> Iterator[Tap]:
         return iter(self.by_key.values())
 

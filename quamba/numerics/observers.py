@@ -103,18 +103,25 @@ class QuambaPercentile:
 
 
 class QuambaMinMax:
-    """Quamba's min/max observer: per sample m = clamp(absmax(x), 1e-5), the running max of m."""
+    """Quamba's min/max observer: per sample m = clamp(absmax(x), 1e-5), the running max of m, all
+    in x's dtype (fp16 on its fp16 model), and the scale m / 127 divided in that dtype too."""
 
     def __init__(self) -> None:
         self._running: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        m = x.detach().abs().amax().float().clamp(min=ABSMAX_FLOOR)
+        m = x.detach().abs().amax().clamp(min=ABSMAX_FLOOR)
         self._running = m if self._running is None else torch.maximum(self._running, m)
 
     @property
     def value(self) -> float:
         return float(self._running)
+
+    @property
+    def scale(self) -> float:
+        """The int8 scale as Quamba's observer returns it: (m / 127) in x's dtype, then float32,
+        floored at 1e-6."""
+        return float((self._running / 127).float().clamp(min=1e-6))
 
 
 class Moments:

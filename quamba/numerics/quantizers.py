@@ -111,11 +111,26 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def activation_scale(threshold: float, bits: int = 8) -> float:
-    """A static activation scale as Quamba derives it from an observer's value: threshold / qmax
-    in float32, floored at 1e-6 (a float32 value, returned as a Python float)."""
+OBSERVED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                   "float64": torch.float64}  # the dtypes an observer may have seen, by name
+
+
+def observed_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an observed-dtype name (stats.json, scales.json, quant_config.json)."""
+    if name not in OBSERVED_DTYPES:
+        raise ValueError(f"observed dtype: {name!r}; allowed: {list(OBSERVED_DTYPES)}")
+    return OBSERVED_DTYPES[name]
+
+
+def activation_scale(threshold: float, bits: int = 8, scale_dtype: str = "float32") -> float:
+    """A static activation scale as Quamba's observer derives it from its value: threshold / qmax
+    computed in `scale_dtype`, then cast to float32 and floored at 1e-6 (a float32 value, returned as
+    a Python float). Its min/max observer keeps the running max in the observed tensor's dtype and
+    divides there (fp16 on its fp16 model: the scale is rounded to fp16 first); its percentile
+    observer's EMA is float32."""
     qmax = qrange(bits)[1]
-    return float((torch.tensor(threshold, dtype=torch.float32) / qmax).clamp(min=ACTIVATION_SCALE_FLOOR))
+    value = torch.tensor(threshold, dtype=observed_dtype(scale_dtype)) / qmax
+    return float(value.to(torch.float32).clamp(min=ACTIVATION_SCALE_FLOOR))
 
 
 def activation_scales(thresholds: torch.Tensor, bits: int = 8) -> torch.Tensor:

@@ -294,7 +294,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         coded_tensors["backbone.embedding.weight"] = embedding_int(tensors["backbone.embedding.weight"], scheme.w_bits)
     if recipe.quantize_lm_head or "lm_head" in gptq_layers:
         config = config.replace(tie_embeddings=False)
-    thresholds, group_thresholds, grouped = {}, {}, {}
+    thresholds, scale_dtypes, group_thresholds, grouped = {}, {}, {}, {}
     if scales is not None:
         thresholds = {tap: float(entry["threshold"]) for tap, entry in scales["taps"].items()
                       if tap != LM_HEAD_POINT or "lm_head" in weights}
@@ -305,12 +305,14 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
                     grouped[f"{layer}.{point}"] = {"granularity": granularity, "groups": groups,
                                                    "shape": list(values.shape)}
                     thresholds.pop(f"{layer}.{point}", None)  # grouped, not per tensor
+        scale_dtypes = {tap: scales["taps"][tap]["scale_dtype"] for tap in thresholds}
     rounding = {point: point_rounding(point, recipe.rounding, config.layer) for point in sorted(ROUNDING_BY_POINT)}
     steps, gemv = step_rounding(recipe.rounding), gemv_rounding(recipe.rounding)
     plan = QuantPlan(w_bits=scheme.w_bits, rounding=rounding, hadamard=recipe.hadamard,
                      step_rounding=steps, gemv_rounding=gemv,
                      qqq=scheme.w_bits == 4 and scheme.a_bits == 8 and recipe.w4_layout == "quamba",
-                     linears=linears, tensors=coded_tensors, thresholds=thresholds, group_thresholds=group_thresholds)
+                     linears=linears, tensors=coded_tensors, thresholds=thresholds, scale_dtypes=scale_dtypes,
+                     group_thresholds=group_thresholds)
     # the quantized model, made by the step loading uses too: the dir holds this model's tensors
     replaced = plan.replaced_weights()
     kept = {k: v for k, v in tensors.items() if k not in replaced}
@@ -339,7 +341,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "group_widths": dict(sorted(group_widths.items())),
         "integer_tensors": dict(sorted(integer.items())),
         "gemms": _gemms(model),
-        "activation_thresholds": thresholds,  # scale = threshold / 127 (float32, floored), derived at apply
+        "activation_thresholds": thresholds,  # scale = threshold / 127, derived at apply:
+        "activation_scale_dtypes": scale_dtypes,  # computed in this dtype, then float32, floored at 1e-6
     }
     if recipe.reorder:
         quant_config["reorder"] = {"method": stats["reorder"]["method"],

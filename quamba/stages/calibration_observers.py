@@ -50,6 +50,7 @@ class TapObserver:
         self.numels: list[int] = []
         self.finite: list[torch.Tensor] = []  # per sample, a bool on the device: no host sync per batch
         self.shape: list[int] = []
+        self.dtype: str | None = None  # of the values observed: Quamba's min/max observer divides in it
 
     def observed(self, x: torch.Tensor) -> torch.Tensor:
         """x as the quantizer sees it: after the Hadamard rotation Quamba inserts at rotated taps."""
@@ -57,7 +58,7 @@ class TapObserver:
 
     def update(self, x: torch.Tensor) -> None:
         x = self.observed(x)
-        self.shape = list(x.shape)
+        self.shape, self.dtype = list(x.shape), dtype_name(x.dtype)
         self.finite.append(observe_batch(x, self.moments, self.histogram))  # NaN/inf in x make its sums so
         if self.percentile:
             self.tails.append(abs_tail(x, tail_length(x.numel(), self.min_alpha)))
@@ -73,7 +74,7 @@ class TapObserver:
         """stats.json's entry for this tap (alpha-free)."""
         m = self.moments
         entry = {"observer": "percentile" if self.percentile else "minmax", "rotated": self.tap.rotated,
-                 "batch_shape": self.shape, "samples": len(self.finite),
+                 "batch_shape": self.shape, "dtype": self.dtype, "samples": len(self.finite),
                  "numel": m.numel, "min": m.min, "max": m.max, "absmax": m.absmax, "mean": m.mean, "std": m.std}
         if self.percentile:
             entry["tail_values"] = sum(len(t) for t in self.tails)
@@ -104,6 +105,7 @@ class PointRows:
         self.tails: list[torch.Tensor] = []  # per window, (rows, k), descending
         self.numels: list[int] = []  # per window, the values of one row
         self.shape: list[int] = []
+        self.dtype: str | None = None
 
     def observe(self, tensors: list[torch.Tensor]) -> None:
         """One window's tensors of this point, a row each, in row order (as the taps gave them:
@@ -112,7 +114,7 @@ class PointRows:
             raise RuntimeError(f"calibration: tap point {self.observers[0].tap.point} gave "
                                f"{[tuple(t.shape) for t in tensors]} in one forward; expected one tensor "
                                f"of one shape from each of its {len(self.observers)} taps")
-        self.shape, numel = list(tensors[0].shape), tensors[0].numel()
+        self.shape, self.dtype, numel = list(tensors[0].shape), dtype_name(tensors[0].dtype), tensors[0].numel()
         chunk = max(1, STACK_ELEMENTS // max(numel, 1))
         parts = []
         for start in range(0, len(tensors), chunk):
@@ -173,10 +175,15 @@ class PointRows:
             obs.histogram.set_counts(None if counts is None else counts[i],
                                      None if fp16_counts is None else fp16_counts[i], numel)
             obs.finite = list(finite[:, i])
-            obs.shape = list(self.shape)
+            obs.shape, obs.dtype = list(self.shape), self.dtype
             if self.percentile:
                 obs.tails = [window[i].clone() for window in tails]
                 obs.numels = list(self.numels)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """stats.json's name of a dtype: "float16", "float32", ..."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _joined(parts: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -3,7 +3,8 @@ seconds, equal to what the in-pass observer would have given at that alpha.
 
 Percentile taps replay Quamba's observer from the stored per-sample tails (any alpha >= the
 calibration's min_alpha, listed before or not); min/max taps take the stream absmax floored at
-1e-5, which is exactly the running max of Quamba's per-sample floored absmax. With the recipe's
+1e-5, which is exactly the running max of Quamba's per-sample floored absmax (in the observed dtype,
+as its observer keeps it; the scale threshold / 127 is computed there too: `scale_dtype`). With the recipe's
 alpha_one stream_max, alpha 1.0 at a percentile tap is the stream maximum instead. The stream
 histogram says what each threshold really clips.
 """
@@ -19,6 +20,7 @@ from quamba.formats.calibration import read_stats, read_store, stats_path
 from quamba.formats.scales import SCHEMA_VERSION, write_scales
 from quamba.io import sha256_file
 from quamba.numerics.observers import ABSMAX_FLOOR, StreamHistogram, replay_percentile
+from quamba.numerics.quantizers import observed_dtype
 from quamba.recipe import OPTIONS, Recipe
 
 
@@ -31,24 +33,27 @@ def check_alpha(alpha: float, min_alpha: float, where: str) -> None:
                           f"calibrations.NAME.min_alpha, or `quamba calibrate --min-alpha`) and recalibrate")
 
 
-def threshold(entry: dict, record, alpha: float, alpha_one: str) -> tuple[float, str]:
-    """(threshold, how it was found) of one tap at alpha."""
+def threshold(entry: dict, record, alpha: float, alpha_one: str) -> tuple[float, str, str]:
+    """(threshold, how it was found, the dtype its scale threshold / 127 is computed in) of one tap
+    at alpha. Quamba's percentile observer runs its EMA in float32; its min/max observer floors and
+    keeps the running max in the observed dtype (fp16 on its fp16 model) and divides there."""
     if entry["observer"] == "percentile":
         if alpha == 1.0 and alpha_one == "stream_max":
-            return entry["absmax"], "stream_max"
-        return replay_percentile(record.tails, record.numels, alpha), "percentile"
-    return float(torch.tensor(entry["absmax"], dtype=torch.float32).clamp(min=ABSMAX_FLOOR)), "minmax"
+            return entry["absmax"], "stream_max", "float32"
+        return replay_percentile(record.tails, record.numels, alpha), "percentile", "float32"
+    floored = torch.tensor(entry["absmax"], dtype=observed_dtype(entry["dtype"])).clamp(min=ABSMAX_FLOOR)
+    return float(floored), "minmax", entry["dtype"]
 
 
 def tap_scales(entry: dict, record, alpha: float, alpha_one: str, mantissa_bits: int) -> dict:
     """scales.json's entry for one tap: the threshold and what clipping there does to the stream."""
-    value, observer = threshold(entry, record, alpha, alpha_one)
+    value, observer, scale_dtype = threshold(entry, record, alpha, alpha_one)
     histogram = StreamHistogram.from_stored(record.histogram_offset, record.histogram, mantissa_bits)
     low, high = histogram.quantile_bracket(alpha)
     clipped_min, clipped_max = max(entry["min"], -value), min(entry["max"], value)
     fraction, error = histogram.fraction_above(value) if value < entry["absmax"] else (0.0, 0.0)
     value_range = entry["max"] - entry["min"]
-    return {"observer": observer, "threshold": value,
+    return {"observer": observer, "threshold": value, "scale_dtype": scale_dtype,
             "stream_percentile": {"low": min(low, entry["absmax"]), "high": min(high, entry["absmax"])},
             "clipped_min": clipped_min, "clipped_max": clipped_max, "clipped_range": clipped_max - clipped_min,
             "range_reduction": 1.0 - (clipped_max - clipped_min) / value_range if value_range > 0 else 0.0,
