@@ -122,6 +122,22 @@ def _hub_rows(source: HubSource) -> Iterator[str]:
                           f"hub: {err}") from err
 
 
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def check_data_source(source: str) -> None:
+    """Fail now, naming the value, on data that is neither a local file nor a hub dataset id: a path
+    (it exists but is no file, starts with . or /, or ends like a data file) that is not a file."""
+    path = Path(source)
+    if path.is_file():
+        return
+    if path.exists():
+        raise ConfigError(f"{source}: not a file; data must be a .txt/.jsonl file or a hub dataset id")
+    if source.startswith((".", "/")) or path.suffix in LOCAL_SUFFIXES:
+        raise ConfigError(f"{source}: no such data file; data must be a .txt/.jsonl file or a hub dataset id")
+    HubSource.parse(source)
+
+
 def read_documents(source: str | Path, max_rows: int | None = None,
                    max_chars: int | None = None) -> tuple[list[str], str]:
     """Rows in the source's order and a content hash: all of a local file (hashed whole), or the
@@ -132,8 +148,7 @@ def read_documents(source: str | Path, max_rows: int | None = None,
         if not rows:
             raise ConfigError(f"{path}: holds no documents")
         return rows, sha256_file(path)
-    if path.exists() or str(source).startswith((".", "/")):
-        raise ConfigError(f"{path}: data must be a .txt/.jsonl file or a hub dataset id")
+    check_data_source(str(source))
     rows, chars = [], 0
     for row in _hub_rows(HubSource.parse(str(source))):
         rows.append(row)

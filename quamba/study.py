@@ -47,7 +47,9 @@ def _settings(config: dict[str, Any]) -> None:
 
 
 def _sources_and_tasks(config: dict[str, Any]) -> None:
-    """Every source is a local dir or a hub id and every task is known, so a typo fails here."""
+    """Every model source is a local dir or a hub id, every data value a local file or a hub dataset
+    id, and every task is known, so a typo fails here."""
+    from quamba.data import check_data_source
     from quamba.models.checkpoint import check_source
     from quamba.stages.evaluate import split_tasks
 
@@ -58,6 +60,13 @@ def _sources_and_tasks(config: dict[str, Any]) -> None:
                     check_source(spec[key])
                 except QuambaError as err:
                     raise ConfigError(f"config: models.{name}.{key}: {err}") from None
+    data = [(f"calibrations.{name}.data", setting.get("data")) for name, setting in config["calibrations"].items()]
+    for key, source in [*data, ("gptq.data", config["gptq"].get("data"))]:
+        if source is not None:
+            try:
+                check_data_source(str(source))
+            except QuambaError as err:
+                raise ConfigError(f"config: {key}: {err}") from None
     tasks = config["tasks"]
     try:
         split_tasks(tasks)

@@ -6,6 +6,7 @@
 rule calibrate:
     input:
         model=layout.FP16_MODEL,
+        data=lambda wc: data_files(calibration_setting(wc.calib).get("data")),
     output:
         stats=layout.STATS,
         store=layout.STORE,

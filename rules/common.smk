@@ -58,6 +58,17 @@ def calibration_setting(calib):
     return canonical(config["calibrations"][calib])
 
 
+CORPUS_TEXT = Path("resources") / "corpus" / "train.txt"  # calibration and GPTQ text unless data says otherwise
+
+
+def data_files(source):
+    """The local file a calibration or GPTQ setting reads, so editing it reruns the jobs that read
+    it; none for a hub dataset id (its rows are hashed into stats.json and gptq.json)."""
+    if source is None:
+        return [_shipped(CORPUS_TEXT)]
+    return [str(source)] if Path(source).is_file() else []
+
+
 def model_source(model):
     return config["models"][model]["source"]
 

@@ -7,6 +7,7 @@ rule gptq:
     input:
         unpack(reorder_stats),
         model=layout.FP16_MODEL,
+        data=data_files(config["gptq"].get("data")),
     output:
         directory(layout.GPTQ_DIR),
     params:

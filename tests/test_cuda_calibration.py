@@ -111,7 +111,7 @@ def test_stacked_observers_on_cuda_give_the_per_tap_statistics(layer, width):
         assert stacked_records[name].numels == records[name].numels, name
         for a, b in zip(stacked_records[name].tails or [], records[name].tails or [], strict=True):
             assert torch.equal(a, b), name
-        for key in ("numel", "min", "max", "absmax", "samples", "batch_shape"):
+        for key in ("numel", "min", "max", "absmax", "samples", "batch_shape", "dtype"):
             assert stacked_taps[name][key] == taps[name][key], (name, key)
         for key in ("mean", "std"):
             assert math.isclose(stacked_taps[name][key], taps[name][key], rel_tol=1e-9, abs_tol=1e-12), (name, key)

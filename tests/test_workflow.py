@@ -297,6 +297,20 @@ def test_changing_the_calibration_sample_count_reruns_calibration_and_what_reads
     assert plan == expected  # GPTQ, w4a16, the FP16 model and its evals stay
 
 
+def test_an_edited_calibration_and_gptq_text_reruns_both_and_what_reads_them(ran_study):
+    """The shipped corpus is the data of both (no data key): a newer file reruns calibration and GPTQ."""
+    workdir, source = ran_study
+    corpus = REPO / "resources" / "corpus" / "train.txt"
+    before = corpus.stat()
+    try:
+        os.utime(corpus, (before.st_atime, time.time() + 60))
+        plan = planned(workdir, tiny_config(source))
+    finally:
+        os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert plan == {*SUMMARY, ACTIVATION_PLOT, *CALIBRATION, *scales("0.999", "1.0"), *GPTQ_DIRS,
+                    *activation_runs(), *weight_only_runs()}  # never the FP16 model or its evaluations
+
+
 def test_adding_a_task_runs_only_the_new_evals(ran_study):
     workdir, source = ran_study
     plan = planned(workdir, tiny_config(source, tasks=["quamba_mc", "perplexity", "quamba_cloze"]))
@@ -424,6 +438,9 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, models, messag
     ({"device": "tpu"}, "'tpu' is not one of ['cpu', 'cuda']"),
     ({"tasks": ["quamba_mcc"]}, "task 'quamba_mcc': unknown"),
     ({"eval": {"batch_size": 0}}, "0 is less than the minimum of 1"),
+    ({"calibrations__quick__data": "/no/such/calib.txt"}, "config: calibrations.quick.data: /no/such/calib.txt: "
+                                                           "no such data file"),
+    ({"gptq__data": "missing.jsonl"}, "config: gptq.data: missing.jsonl: no such data file"),
 ])
 def test_bad_study_setting_fails_at_the_door_naming_the_key(tmp_path, changes, message):
     """The door of every study (check_study, which the Snakefile runs first): each case is checked
