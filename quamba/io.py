@@ -6,6 +6,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -121,3 +122,30 @@ def package_versions(names: Iterable[str] = PROVENANCE_PACKAGES) -> dict[str, st
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def first_non_finite(value: Any, path: tuple = ()) -> tuple | None:
+    """The key path of the first NaN or infinite number in a parsed JSON / YAML document, or None:
+    schemas' bounds let NaN through (every comparison with it is false), so readers ask this."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = first_non_finite(child, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite_document(doc: Any, source: str, error: type[Exception]) -> None:
+    """Raise `error` naming the file and the key path of the first NaN or infinite number in doc."""
+    where = first_non_finite(doc)
+    if where is not None:
+        raise error(f"{source}: {'/'.join(str(k) for k in where)} is {_value_at(doc, where)!r}; "
+                    f"NaN and infinity are not allowed (an edited or damaged file: rebuild it)")
+
+
+def _value_at(doc: Any, path: tuple) -> Any:
+    for key in path:
+        doc = doc[key]
+    return doc

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 from conftest import REPO, random_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import quamba
-from quamba.errors import ConfigError
+from quamba.errors import CheckpointError, ConfigError
 from quamba.io import sha256_files
 from quamba.models import MambaConfig
 from quamba.models.apply import apply_quantization
@@ -269,6 +269,66 @@ def test_scales_that_lack_a_tap_or_come_from_another_calibration_are_refused(bui
         quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], "w8a8", Recipe(), built["calib"],
                            tmp_path / "other.json")
     assert not (tmp_path / "out").exists()
+
+
+def _damaged_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def _edit_json(path, change):
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _nan_tail(calib):
+    tensors = load_file(calib / "calibration.safetensors")
+    key = next(k for k in tensors if k.endswith("/tails"))
+    tensors[key][0] = float("nan")
+    save_file(tensors, calib / "calibration.safetensors")
+
+
+def test_non_finite_or_negative_numbers_in_a_stage_s_files_are_refused_naming_the_file(built, tmp_path):
+    """An edited or damaged calibration, scales file or quantized dir never becomes a model or a
+    score: NaN and inf are refused wherever they are read (JSON lets them through as numbers)."""
+    minmax = next(t for t, e in json.loads((built["calib"] / "stats.json").read_text())["taps"].items()
+                  if e["observer"] == "minmax")
+    nan_stats = _damaged_copy(built["calib"], tmp_path / "c1", lambda d: _edit_json(
+        d / "stats.json", lambda doc: doc["taps"][minmax].update(absmax=float("nan"))))
+    with pytest.raises(ConfigError, match=rf"c1/stats.json: taps/{minmax}/absmax is nan; NaN and infinity"):
+        scales_file(nan_stats, 0.9995, tmp_path / "s.json")
+    inf_alpha = _damaged_copy(built["calib"], tmp_path / "c2", lambda d: _edit_json(
+        d / "stats.json", lambda doc: doc.update(min_alpha=float("inf"))))
+    with pytest.raises(ConfigError, match="c2/stats.json: min_alpha is inf"):
+        scales_file(inf_alpha, 0.9995, tmp_path / "s.json")
+    with pytest.raises(ConfigError, match="c3/calibration.safetensors: tap .* non-finite tail values"):
+        scales_file(_damaged_copy(built["calib"], tmp_path / "c3", _nan_tail), 0.9995, tmp_path / "s.json")
+    assert not (tmp_path / "s.json").exists()
+    bad_scales = tmp_path / "scales.json"
+    shutil.copy(built["scales"], bad_scales)
+    _edit_json(bad_scales, lambda doc: doc["taps"][minmax].update(threshold=float("nan")))
+    with pytest.raises(ConfigError, match=rf"scales.json: taps/{minmax}/threshold is nan"):
+        quantize_model_dir(built["fp16"], tmp_path / "out", built["w8"], "w8a8", Recipe(), built["calib"], bad_scales)
+    assert not (tmp_path / "out").exists()
+    quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
+    for name, change, message in [
+        ("nan", lambda doc: doc["activation_thresholds"].update({minmax: float("nan")}),
+         rf"activation_thresholds/{minmax} is nan"),
+        ("negative", lambda doc: doc["activation_thresholds"].update({minmax: -1.0}),
+         rf"activation_thresholds of \['{minmax}'\] are not numbers >= 0"),
+    ]:
+        damaged = _damaged_copy(tmp_path / "q", tmp_path / name, lambda d: _edit_json(d / "quant_config.json", change))
+        with pytest.raises(CheckpointError, match=message):
+            quamba.load(damaged, device="cpu")
+
+    def nan_scale(d):
+        tensors = load_file(d / "model.safetensors")
+        tensors["backbone.layers.0.mixer.in_proj.scales"][0] = float("inf")
+        save_file(tensors, d / "model.safetensors", metadata={"format": "quamba-quantized"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: backbone.layers.0.mixer.in_proj.scales holds NaN"):
+        quamba.load(_damaged_copy(tmp_path / "q", tmp_path / "scale", nan_scale), device="cpu")
 
 
 def test_an_alpha_below_min_alpha_fails_naming_min_alpha(built, tmp_path):

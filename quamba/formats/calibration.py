@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from quamba.errors import ConfigError
-from quamba.io import atomic_path
+from quamba.io import atomic_path, check_finite_document
 from quamba.shipped import SCHEMAS
 
 SCHEMA_VERSION = 3  # 3: each tap's observed dtype
@@ -75,6 +75,7 @@ def read_stats(path: str | Path) -> dict:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from err
+    check_finite_document(doc, str(path), ConfigError)
     return validate_stats(doc, str(path))
 
 
@@ -99,6 +100,9 @@ def read_store(calib_dir: str | Path, taps: list[str]) -> dict[str, TapRecord]:
             lengths = tensors[f"{tap}/tail_lengths"].tolist()
             tails = list(tensors[f"{tap}/tails"].split(lengths))
             numels = tensors[f"{tap}/numels"].tolist()
+        if (histogram < 0).any() or (tails is not None and not all(bool(torch.isfinite(t).all()) for t in tails)):
+            raise ConfigError(f"{path}: tap {tap} has negative histogram counts or non-finite tail values (an "
+                              f"edited or damaged file); rerun `quamba calibrate`")
         records[tap] = TapRecord(offset, histogram, tails, numels)
     return records
 

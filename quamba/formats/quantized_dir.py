@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quamba.errors import CheckpointError
+from quamba.io import check_finite_document
 from quamba.numerics.quantizers import activation_scale, gemv_rounding, pack_int4, step_rounding, unpack_int4
 from quamba.numerics.tensor_codecs import IntegerTensor
 
@@ -109,6 +110,12 @@ def read_quant_config(model_dir: Path) -> dict:
         quant_config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable quant_config ({err})") from err
+    check_finite_document(quant_config, str(path), CheckpointError)
+    thresholds = quant_config.get("activation_thresholds", {})
+    bad = sorted(tap for tap, value in thresholds.items() if not isinstance(value, (int, float)) or value < 0)
+    if bad:
+        raise CheckpointError(f"{path}: activation_thresholds of {bad} are not numbers >= 0 (an edited or "
+                              f"damaged file); rebuild the dir with `quamba quantize` (or rerun snakemake)")
     if quant_config.get("schema_version") != QUANT_CONFIG_VERSION:
         raise CheckpointError(f"{path}: schema_version {quant_config.get('schema_version')!r}, but this "
                               f"quamba-flow reads version {QUANT_CONFIG_VERSION}; rebuild the dir with "
@@ -135,6 +142,13 @@ def read_plan(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor], QuantPlan
     for path in [p for p in integer if p not in linears]:
         coded[path] = _integer(tensors.pop(f"{path}.q"), tensors.pop(f"{path}.scale"), integer[path])
     grouped = {_tap_name(k): tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_THRESHOLDS}." in k]}
+    scales = [(f"{name}.scales", c.scale) for name, c in linears.items()]
+    scales += [(f"{path}.scale", c.scale) for path, c in coded.items()]
+    scales += [(group_thresholds_key(tap), values) for tap, values in grouped.items()]
+    for key, values in scales:
+        if not bool(torch.isfinite(values).all()):  # signs are the codec's (an embedding row's maximum may be < 0)
+            raise CheckpointError(f"{model_dir / TENSORS_FILE}: {key} holds NaN or infinite values (an "
+                                  f"edited or damaged file); rebuild the dir with `quamba quantize`")
     options = quant_config["recipe"]["options"]
     option = options.get("rounding", "quamba")  # dirs written before the step roundings were recorded: derived
     plan = QuantPlan(

@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 
 from quamba.errors import ConfigError
-from quamba.io import write_json
+from quamba.io import check_finite_document, write_json
 from quamba.shipped import SCHEMAS
 
 SCALES_FILE = "scales.json"
@@ -19,6 +19,7 @@ SCHEMA_PATH = SCHEMAS / "scales.schema.yaml"
 
 
 def validate_scales(doc: dict, source: str = SCALES_FILE) -> dict:
+    check_finite_document(doc, source, ConfigError)
     try:
         jsonschema.validate(doc, yaml.safe_load(SCHEMA_PATH.read_text()))
     except jsonschema.ValidationError as err:

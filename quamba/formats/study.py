@@ -5,7 +5,6 @@ quamba.study runs these first at the study's door."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import jsonschema
 import yaml
 
 from quamba.errors import ConfigError
+from quamba.io import first_non_finite
 from quamba.shipped import SCHEMAS
 
 SCHEMA_PATH = SCHEMAS / "config.schema.yaml"
@@ -72,18 +72,6 @@ def check_study_config(config: dict[str, Any]) -> None:
     raise ConfigError(f"config{_where(error.absolute_path)}: {message}" + (f"; {hint}" if hint else ""))
 
 
-def _non_finite(value: Any, path: tuple) -> tuple | None:
-    """The path of the first NaN or infinite number in a parsed YAML document (YAML's .nan, .inf)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, child in children:
-        found = _non_finite(child, (*path, key))
-        if found is not None:
-            return found
-    return None
-
-
 def _with_defaults() -> type:
     """A Draft 2020-12 validator that fills in each object's schema defaults (as Snakemake's
     validate(set_default=True) does), so later checks see the values the jobs will."""
@@ -108,7 +96,7 @@ def fill_defaults(config: dict[str, Any]) -> None:
 def check_finite_numbers(config: dict[str, Any]) -> None:
     """Fail on the first NaN or infinite number (YAML's .nan, .inf), naming its path: the schema's
     bounds let NaN through (every comparison with it is false)."""
-    where = _non_finite(config, ())
+    where = first_non_finite(config)
     if where is not None:
         value = config
         for key in where:
