@@ -45,11 +45,14 @@ def get_scheme(name: str) -> Scheme:
 
 # What Quamba stores as integers beyond in_proj and out_proj (QUAMBA.md section 6), per mixer:
 # tensor (its state-dict path inside the mixer) -> codec (quamba.numerics.tensor_codecs).
-# "w8": per-tensor int8 in fp16; "w4": Marlin int4 round-to-nearest (no GPTQ); "ssm": A_log, D,
-# dt_bias int8 per tensor in fp32; "w8_conv_parts": Mamba2's conv, one int8 scale per x, B, C part.
+# "w8": per-tensor int8 in fp16; "w8_fp32": the same formula in fp32; "w4": Marlin int4
+# round-to-nearest (no GPTQ); "ssm": Mamba1's scan parameters A_log, D, dt_bias int8 per tensor in
+# fp32 (its selective scan's own quantizer); "w8_conv_parts": Mamba2's conv, one int8 scale per x,
+# B, C part. Mamba2's A_log and D go through the per-tensor W8 formula in the dtype each parameter
+# has in Quamba's model: A_log fp16, D fp32 (QUAMBA.md sections 1 and 7).
 _MAMBA1_A8 = {"conv1d.weight": "w8", "conv1d.bias": "w8", "dt_proj.weight": "w8",
               "A_log": "ssm", "D": "ssm", "dt_proj.bias": "ssm"}
-_MAMBA2_A8 = {"conv1d.weight": "w8_conv_parts", "conv1d.bias": "w8_conv_parts", "A_log": "ssm", "D": "ssm"}
+_MAMBA2_A8 = {"conv1d.weight": "w8_conv_parts", "conv1d.bias": "w8_conv_parts", "A_log": "w8", "D": "w8_fp32"}
 MIXER_INTEGER_TENSORS = {
     ("Mamba1", "w8a8"): {"x_proj.weight": "w8", **_MAMBA1_A8},
     ("Mamba1", "w4a8"): {"x_proj.weight": "w4", **_MAMBA1_A8},  # x_proj QQQ W4 (RTN), dt_proj stays W8A8

@@ -417,6 +417,13 @@ def test_which_tensors_are_integer_on_disk_per_scheme_and_family(built, tmp_path
     recorded = {k.removeprefix("backbone.layers.0.mixer.") for k in qc["integer_tensors"]
                 if k.startswith("backbone.layers.0.mixer.")}
     assert recorded == INTEGER_ON_DISK[(layer, scheme)] | {"in_proj", "out_proj"}
+    fp16 = load_file(built["fp16"] / "model.safetensors")
+    if layer == "Mamba2" and scheme != "w4a16":  # A_log (fp16 in Quamba's model) and D (fp32): its per-tensor W8
+        for name, dtype in (("A_log", torch.float16), ("D", torch.float32)):
+            value = fp16[f"backbone.layers.0.mixer.{name}"].to(dtype)
+            s = value.abs().amax().clamp(min=1e-5) / 127  # in the parameter's dtype
+            assert torch.equal(tensors[f"backbone.layers.0.mixer.{name}.q"], torch.round(value / s).to(torch.int8))
+            assert tensors[f"backbone.layers.0.mixer.{name}.scale"].flatten().item() == s.item(), name
     if layer == "Mamba2" and bits == 8:  # one weight scale per split z, x, B, C, dt
         scales = tensors["backbone.layers.0.mixer.in_proj.scales"]
         assert scales.shape == (tensors["backbone.layers.0.mixer.in_proj.qweight"].shape[0], 1)

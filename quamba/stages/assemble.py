@@ -204,6 +204,8 @@ def _integer_linear(name: str, entry: dict, tensors: dict, scheme, recipe: Recip
 def _mixer_tensor(codec: str, value: torch.Tensor, config) -> IntegerTensor:
     if codec == "w8":
         return w8_per_tensor(value, torch.float16)
+    if codec == "w8_fp32":
+        return w8_per_tensor(value, torch.float32)
     if codec == "ssm":
         return ssm_param_int8(value)
     if codec == "w4":
