@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import REPO, random_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_models import CONFIGS, to_transformers
 
 import quamba
@@ -65,9 +65,30 @@ def test_normalize_writes_fp16_dir_with_tokenizer_and_source_hash(tmp_path, toke
     reloaded = quamba.load(out, device="cpu")
     assert reloaded.lm_head.weight.data_ptr() == reloaded.backbone.embedding.weight.data_ptr()
     with torch.no_grad():
-        diff = (reloaded(IDS).logits - model.half().float()(IDS).logits).abs().max().item()
+        rounded = model.to_dtype("cpu", torch.float16).float()  # fp16 but the float32 parameters
+        diff = (reloaded(IDS).logits - rounded(IDS).logits).abs().max().item()
     assert diff <= 1e-4
     assert not list(tmp_path.glob(".out.*")), "temp dir left behind"
+
+
+@pytest.mark.parametrize("name, float32", [("mamba1", {"A_log", "D"}), ("mamba2", {"D"})])
+def test_the_fp16_dir_and_an_fp16_model_keep_quambas_float32_parameters_in_float32(tmp_path, tokenizer_dir,
+                                                                                  name, float32):
+    """Quamba's modules hold Mamba1's A_log and D and Mamba2's D in float32 in its fp16 model: the
+    normalized dir stores them so (the source's values, not rounded to fp16), and so does an fp16
+    model loaded from it; every other tensor is fp16."""
+    model = random_model(CONFIGS[name])
+    out = normalize(write_state_spaces(model, tmp_path / "src"), tokenizer_dir, tmp_path / "out")
+    stored = load_file(out / "model.safetensors")
+    for key, value in stored.items():
+        kept = key.startswith("backbone.layers.") and key.rsplit(".", 1)[1] in float32
+        assert value.dtype == (torch.float32 if kept else torch.float16), key
+        if kept:
+            assert torch.equal(value, model.state_dict()[key]), key
+    mixer = quamba.load(out, device="cpu", dtype="float16").backbone.layers[0].mixer
+    for param in ("A_log", "D"):
+        expected = stored[f"backbone.layers.0.mixer.{param}"]
+        assert getattr(mixer, param).dtype == expected.dtype and torch.equal(getattr(mixer, param), expected)
 
 
 def test_normalize_is_byte_identical_on_rerun(tmp_path, tokenizer_dir):
@@ -211,9 +232,9 @@ def test_the_finiteness_check_finds_any_nan_or_inf_wherever_it_is(dtype):
 def test_a_weight_that_overflows_float16_fails_normalize(tmp_path, tokenizer_dir):
     model = random_model(CONFIGS["mamba1"])
     with torch.no_grad():
-        model.backbone.layers[0].mixer.D[0] = 1e6  # finite in fp32, inf in fp16
+        model.backbone.layers[0].mixer.x_proj.weight[0, 0] = 1e6  # finite in fp32, inf in fp16
     src = write_state_spaces(model, tmp_path / "m", "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"out: weight 'backbone.layers.0.mixer.D' holds 1 non-finite values "
+    with pytest.raises(CheckpointError, match=r"out: weight 'backbone.layers.0.mixer.x_proj.weight' holds 1 non-finite values "
                                               r"\(NaN or inf\) in float16 \(a weight beyond 65504 overflows\)"):
         normalize(src, tokenizer_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -153,7 +153,7 @@ def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) ->
     model = apply_quantization(model, plan)
     scales = {(layer, name): getattr(layer, name) for layer in model.modules()
               if isinstance(layer, INTEGER_MODULES) for name in layer.float32_buffers}
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to_dtype(device, dtype).eval()
     for (layer, name), fp32 in scales.items():  # as Quamba keeps them
         setattr(layer, name, fp32.to(layer.qweight.device))
     return model

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from quamba.errors import CheckpointError, ConfigError
 from quamba.io import atomic_dir, package_versions, sha256_files, write_json
 from quamba.models.config import MambaConfig
-from quamba.models.lm import MambaLMHeadModel
+from quamba.models.lm import MambaLMHeadModel, stored_dtype
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -243,12 +243,13 @@ def load_fp_model(model_dir: Path, device: str | torch.device = "cpu",
     if fmt == "transformers":
         state = _to_state_spaces_keys(state)
     model = build_model(config, state, source=str(model_dir))
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to_dtype(device, dtype).eval()
 
 
 def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
               source: dict | None = None) -> Path:
-    """Write our normalized FP16 checkpoint: model.safetensors, config.json (state-spaces format),
+    """Write our normalized FP16 checkpoint: model.safetensors (fp16, Mamba1's A_log and D and
+    Mamba2's D in float32, as Quamba's modules hold them), config.json (state-spaces format),
     the tokenizer, and source.json. Atomic: `out_dir` appears complete or not at all."""
     from transformers import AutoTokenizer
 
@@ -256,7 +257,9 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
     except Exception as err:
         raise CheckpointError(f"{tokenizer}: cannot load a tokenizer from it ({err})") from err
-    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    layer = model.config.layer  # fp16, but the parameters Quamba keeps in float32 (lm.FLOAT32_PARAMETERS)
+    state = {k: v.detach().to("cpu", stored_dtype(k, layer, torch.float16)).contiguous()
+             for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     check_finite(state, str(out_dir), " in float16 (a weight beyond 65504 overflows)")

@@ -18,6 +18,22 @@ from quamba.models.mamba1 import Mamba1Mixer
 from quamba.models.mamba2 import Mamba2Mixer
 from quamba.models.taps import LM_HEAD_POINT, Tap
 
+# The parameters Quamba's modules keep in float32 whatever the model's dtype (QUAMBA.md section 1:
+# its loader copies a checkpoint into modules built in fp16, and these are made float32): Mamba1's
+# A_log and D, Mamba2's D. Every other tensor takes the model's dtype (fp16 on a GPU).
+FLOAT32_PARAMETERS = {"Mamba1": frozenset({"mixer.A_log", "mixer.D"}), "Mamba2": frozenset({"mixer.D"})}
+
+
+def is_float32_parameter(key: str, layer: str) -> bool:
+    """Whether a state-dict key (`backbone.layers.3.mixer.A_log`) is one of FLOAT32_PARAMETERS."""
+    parts = key.split(".", 3)
+    return parts[:2] == ["backbone", "layers"] and len(parts) == 4 and parts[3] in FLOAT32_PARAMETERS[layer]
+
+
+def stored_dtype(key: str, layer: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state-dict tensor has in a model (or an FP16 dir) of `dtype`."""
+    return torch.float32 if is_float32_parameter(key, layer) else dtype
+
 
 class RMSNorm(nn.Module):
     """RMSNorm in float32. With `int8_output` (a Tap with a scale: Quamba's QRMSNorm, whose kernel
@@ -151,6 +167,18 @@ class MambaLMHeadModel(nn.Module):
                 materialize(self.device, self.dtype)
         for block in self.backbone.layers:
             block.compile(options=eager_numerics())
+        return self
+
+    def to_dtype(self, device: str | torch.device, dtype: torch.dtype | None) -> MambaLMHeadModel:
+        """model.to(device, dtype), with FLOAT32_PARAMETERS kept in float32 as Quamba's modules keep
+        them (their values never rounded to `dtype` on the way); in place, returns the model."""
+        if dtype is None:
+            return self.to(device=device)
+        kept = {name: p.detach().to(device=device, dtype=torch.float32) for name, p in self.named_parameters()
+                if is_float32_parameter(name, self.config.layer)}
+        self.to(device=device, dtype=dtype)
+        for name, value in kept.items():
+            self.get_parameter(name).data = value
         return self
 
     def use_kernels(self, enabled: bool) -> MambaLMHeadModel:

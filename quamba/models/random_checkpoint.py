@@ -76,7 +76,7 @@ from quamba.errors import CheckpointError, ConfigError
 from quamba.io import _default_mode, atomic_dir, package_versions, write_json
 from quamba.models.checkpoint import record_model_sha256
 from quamba.models.config import MambaConfig
-from quamba.models.lm import MambaLMHeadModel
+from quamba.models.lm import MambaLMHeadModel, stored_dtype
 
 _COMMON = {"vocab_size": 50277, "d_conv": 4, "expand": 2, "tie_embeddings": True, "residual_in_fp32": True}
 _MAMBA1 = {"layer": "Mamba1", "d_state": 16, "dt_rank": None, "pad_vocab_size_multiple": 8, **_COMMON}
@@ -233,7 +233,8 @@ def random_state_dict(arch: str, seed: int = 0, n_layer: int | None = None,
     published_depth = ARCHITECTURES[arch].n_layer
 
     def draw(name: str) -> torch.Tensor:
-        return _tensor(name, shapes[name], config, published_depth, seed).to(torch.float16)
+        return _tensor(name, shapes[name], config, published_depth, seed).to(
+            stored_dtype(name, config.layer, torch.float16))
 
     largest_first = sorted(shapes, key=lambda name: -math.prod(shapes[name]))
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
