@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import json
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from unittest import mock
 
 from quamba import perplexity
 from quamba.errors import ConfigError, ResultError
+from quamba.formats.quantized_dir import read_quant_config
 from quamba.formats.samples import reduce_samples, samples_path, write_samples
 from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
@@ -94,7 +94,7 @@ def model_provenance(model_dir: Path, shown_as: str) -> dict[str, Any]:
     quant_config = model_dir / "quant_config.json"
     return {"path": shown_as, "files": sorted(p.name for p in files), "sha256": model_sha256(model_dir),
             "tokenizer_sha256": sha256_files(tokenizer),
-            "quant_config": json.loads(quant_config.read_text()) if quant_config.is_file() else None}
+            "quant_config": read_quant_config(model_dir) if quant_config.is_file() else None}
 
 
 def plain_json(value: Any) -> Any:
