@@ -17,6 +17,7 @@ import quamba.lm_eval_model
 import quamba.stages.evaluate as qeval
 from quamba import perplexity
 from quamba.errors import CheckpointError, ConfigError
+from quamba.formats.quantized_dir import QUANT_CONFIG_VERSION
 from quamba.formats.samples import read_samples, samples_path
 from quamba.io import sha256_files
 from quamba.lm_eval_model import QuambaLM
@@ -347,8 +348,12 @@ def test_provenance_takes_the_weights_hash_from_the_dirs_record(tmp_path, model_
 
 def test_provenance_carries_the_quant_config(tmp_path, model_dir):
     copy = shutil.copytree(model_dir, tmp_path / "model")
-    (copy / "quant_config.json").write_text(json.dumps({"scheme": "w8a8", "alpha": 0.9995}))
-    assert qeval.model_provenance(copy, "m")["quant_config"] == {"scheme": "w8a8", "alpha": 0.9995}
+    record = {"schema_version": QUANT_CONFIG_VERSION, "scheme": "w8a8", "alpha": 0.9995}
+    (copy / "quant_config.json").write_text(json.dumps(record))
+    assert qeval.model_provenance(copy, "m")["quant_config"] == record
+    (copy / "quant_config.json").write_text(json.dumps(record) + "\n}")  # damaged: named, no raw traceback
+    with pytest.raises(CheckpointError, match=r"model/quant_config.json: unreadable quant_config"):
+        qeval.model_provenance(copy, "m")
 
 
 @pytest.mark.parametrize("change, error, message", [
