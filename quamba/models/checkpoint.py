@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from quamba.errors import CheckpointError, ConfigError
 from quamba.io import atomic_dir, package_versions, sha256_files, write_json
 from quamba.models.config import MambaConfig
-from quamba.models.lm import MambaLMHeadModel, stored_dtype
+from quamba.models.lm import MambaLMHeadModel, as_fp16_dir
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -257,9 +257,7 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
     except Exception as err:
         raise CheckpointError(f"{tokenizer}: cannot load a tokenizer from it ({err})") from err
-    layer = model.config.layer  # fp16, but the parameters Quamba keeps in float32 (lm.FLOAT32_PARAMETERS)
-    state = {k: v.detach().to("cpu", stored_dtype(k, layer, torch.float16)).contiguous()
-             for k, v in model.state_dict().items()}
+    state = as_fp16_dir(model.state_dict(), model.config.layer)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     check_finite(state, str(out_dir), " in float16 (a weight beyond 65504 overflows)")

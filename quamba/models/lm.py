@@ -30,9 +30,15 @@ def is_float32_parameter(key: str, layer: str) -> bool:
     return parts[:2] == ["backbone", "layers"] and len(parts) == 4 and parts[3] in FLOAT32_PARAMETERS[layer]
 
 
-def stored_dtype(key: str, layer: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a state-dict tensor has in a model (or an FP16 dir) of `dtype`."""
+def stored_dtype(key: str, layer: str, dtype: torch.dtype = torch.float16) -> torch.dtype:
+    """The dtype a state-dict tensor has in a model of `dtype` (default: as an FP16 dir stores it)."""
     return torch.float32 if is_float32_parameter(key, layer) else dtype
+
+
+def as_fp16_dir(state: dict[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor]:
+    """A state dict in the dtypes an FP16 dir stores (fp16, FLOAT32_PARAMETERS in float32), on the
+    CPU, contiguous."""
+    return {k: v.detach().to("cpu", stored_dtype(k, layer)).contiguous() for k, v in state.items()}
 
 
 class RMSNorm(nn.Module):

@@ -233,8 +233,7 @@ def random_state_dict(arch: str, seed: int = 0, n_layer: int | None = None,
     published_depth = ARCHITECTURES[arch].n_layer
 
     def draw(name: str) -> torch.Tensor:
-        return _tensor(name, shapes[name], config, published_depth, seed).to(
-            stored_dtype(name, config.layer, torch.float16))
+        return _tensor(name, shapes[name], config, published_depth, seed).to(stored_dtype(name, config.layer))
 
     largest_first = sorted(shapes, key=lambda name: -math.prod(shapes[name]))
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:

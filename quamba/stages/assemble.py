@@ -42,7 +42,7 @@ from quamba.models.checkpoint import (
     record_model_sha256,
     require_fp16_dir,
 )
-from quamba.models.lm import stored_dtype
+from quamba.models.lm import as_fp16_dir
 from quamba.models.quantized import INTEGER_MODULES, QuantLinear
 from quamba.models.taps import LM_HEAD_POINT
 from quamba.numerics.gptq import rtn
@@ -116,9 +116,7 @@ def _transformed_fp16_tensors(fp16_dir: Path, recipe: Recipe, reorder: dict | No
     without the `replaced` ones (the GPTQ dir's), which are never rotated (prepare_model's
     `discarded`: at mamba2-2.7b most of the rotation work)."""
     model = prepare_model(load_fp_model(fp16_dir, dtype=torch.float32), recipe, reorder, replaced)
-    layer = model.config.layer
-    tensors = {k: v.detach().to(stored_dtype(k, layer, torch.float16)).contiguous()
-               for k, v in model.state_dict().items() if k not in replaced}
+    tensors = as_fp16_dir({k: v for k, v in model.state_dict().items() if k not in replaced}, model.config.layer)
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors, model.config
@@ -159,7 +157,7 @@ def _float_state(model) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in model.state_dict().items() if k not in buffers}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
-    return {k: v.detach().to(stored_dtype(k, model.config.layer, torch.float16)) for k, v in state.items()}
+    return as_fp16_dir(state, model.config.layer)
 
 
 def _gemms(model) -> dict[str, dict]:
@@ -272,8 +270,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         tensors, config = _transformed_fp16_tensors(fp16_dir, recipe, stats["reorder"] if recipe.reorder else None,
                                                     gptq_replaced(gptq_layers, gptq_info["method"]))
     else:
-        tensors = {k: v.to(stored_dtype(k, config.layer, torch.float16))
-                   for k, v in load_file(fp16_dir / SAFETENSORS_FILE).items()}
+        tensors = as_fp16_dir(load_file(fp16_dir / SAFETENSORS_FILE), config.layer)
     weights = {name: entry for name, entry in gptq_layers.items() if name != "lm_head"}
     head = _lm_head_weight(gptq_layers.get("lm_head"), tensors, recipe, scheme.w_bits)
     if head is not None and not recipe.quantize_lm_head:  # Quamba: an fp16 lm_head holding GPTQ's values
