@@ -98,7 +98,7 @@ def _gptq(args: argparse.Namespace) -> None:
     settings = GPTQSettings(w_bits=args.w_bits, group_size=args.group_size, percdamp=args.percdamp,
                             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, act_order=args.act_order)
     result = gptq_model_dir(args.fp16_dir, args.out, settings, _recipe(args), data=args.data, device=args.device,
-                            calib_dir=args.calib)
+                            calib_dir=args.calib, dtype=args.dtype)
     print(f"wrote {args.out} in {sum(result['seconds'].values()):.1f} s of GPTQ")
 
 
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--data", help="text file or hub dataset id, e.g. wikitext:wikitext-2-raw-v1 "
                                      "(default: the shipped corpus)")
     gptq.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    gptq.add_argument("--dtype", help="the model's while GPTQ runs: float16 (Quamba's), float32 or bfloat16 "
+                                      "(default: float16 on CUDA, float32 on CPU)")
     gptq.add_argument("--out", type=Path, required=True, help="output directory")
     add_recipe_options(gptq, "gptq")
     gptq.set_defaults(run=_gptq)

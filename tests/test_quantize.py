@@ -70,6 +70,24 @@ def test_same_seed_gives_byte_identical_gptq_weights(built, corpus, tmp_path):
     assert again["info"]["settings"]["seed"] == 0
 
 
+def test_gptq_runs_in_the_model_dtype_as_quamba_s_fp16_model(built, corpus, tmp_path, monkeypatch):
+    """Quamba GPTQs its fp16 model: the Hessians see fp16 activations, the solve starts from the
+    rotated weights rounded to fp16 (then cast to float32, lm_head kept fp16); gptq.json says so."""
+    from quamba.numerics.gptq import GPTQ as Solver
+
+    seen_inputs, seen_weights = set(), []
+    add_batch, quantize = Solver.add_batch, Solver.quantize
+    monkeypatch.setattr(Solver, "add_batch", lambda self, x: (seen_inputs.add(x.dtype), add_batch(self, x))[1])
+    monkeypatch.setattr(Solver, "quantize", lambda self, w, *a, **k: (seen_weights.append(w), quantize(self, w, *a, **k))[1])
+    info = gptq_model_dir(built["fp16"], tmp_path / "g16", GPTQSettings(w_bits=4, seed=0, **GPTQ), data=corpus,
+                          progress=False, dtype="float16")["info"]
+    assert info["dtype"] == "float16" and seen_inputs == {torch.float16}
+    assert len(seen_weights) == 5  # in_proj and out_proj of two blocks, lm_head
+    assert all(torch.equal(w, w.half().to(w.dtype)) for w in seen_weights)
+    assert json.loads((built["w4"] / "gptq.json").read_text())["dtype"] == "float32"  # the CPU's default
+    assert load_file(tmp_path / "g16" / "gptq.safetensors").keys() == load_file(built["w4"] / "gptq.safetensors").keys()
+
+
 def test_another_seed_draws_other_windows_and_gives_other_weights(built, corpus, tmp_path):
     gptq_model_dir(built["fp16"], tmp_path / "seed1", GPTQSettings(w_bits=4, seed=1, **GPTQ), data=corpus, progress=False)
     a, b = (json.loads((d / "gptq.json").read_text()) for d in (built["w4"], tmp_path / "seed1"))

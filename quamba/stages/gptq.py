@@ -219,9 +219,12 @@ def check_group_size(config, group_size: int) -> None:
 
 def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recipe: Recipe = Recipe(),
                    data: str | Path | None = None, device: str | None = None, progress: bool = True,
-                   calib_dir: Path | None = None) -> dict:
+                   calib_dir: Path | None = None, dtype: str | None = None) -> dict:
     """`quamba gptq`: validated first, then sequential GPTQ, then the GPTQ dir written atomically.
-    `calib_dir`: the calibration whose reorder plan to apply (only with the recipe's reorder)."""
+    `calib_dir`: the calibration whose reorder plan to apply (only with the recipe's reorder).
+    `dtype`: the model's, as calibration loads it (default float16 on CUDA, float32 on the CPU).
+    Quamba runs GPTQ on its fp16 model: the rotated weights rounded to fp16 before the solve, the
+    blocks' forwards (so the Hessians' inputs) in fp16."""
     settings.validate()
     model_dir = resolve_model_dir(model_dir)
     config = require_fp16_dir(model_dir, "gptq")
@@ -236,8 +239,9 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
         enable_determinism()  # CPU is deterministic as it is
     tokenizer = load_tokenizer(model_dir)
     begun = time.perf_counter()
-    model = prepare_model(load(model_dir, device=device, dtype=torch.float32), recipe, reorder)
-    log.info("model loaded and prepared in %.2f s", time.perf_counter() - begun)
+    model = prepare_model(load(model_dir, device=device, dtype=dtype), recipe, reorder)
+    model_dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    log.info("model loaded (%s) and prepared in %.2f s", model_dtype, time.perf_counter() - begun)
     begun = time.perf_counter()
     if not recipe.gptq:  # round-to-nearest: no data, every seed the same weights
         windows, results = None, rtn_model(model, settings, recipe)
@@ -251,6 +255,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
         "recipe": recipe.record("gptq"),
         "model": {"path": str(model_dir), "sha256": model_sha256(model_dir), "layer": config.layer},
         "settings": settings.record(),
+        "dtype": model_dtype,  # the model's while GPTQ ran (Quamba: float16)
         "method": "gptq" if recipe.gptq else "rtn",
         "grids": {name: {**(lm_head_grid(settings, recipe) if name == "lm_head" else
                             quantization_grid(settings.w_bits, recipe)).record(),
