@@ -86,7 +86,8 @@ def test_every_option_assembles_into_a_model_close_to_fp16(pipeline, tmp_path):
                                                            "ssm_state_act:input")}
     assert set(qc["group_activation_thresholds"]) == grouped and not grouped & set(qc["activation_thresholds"])
     assert qc["group_activation_thresholds"]["layer_0.B_conv_out:input"] == {"granularity": "SSD group", "groups": 2,
-                                                                          "shape": [2 * MAMBA2.d_state]}
+                                                                          "shape": [2 * MAMBA2.d_state],
+                                                                          "scale_dtype": "float32"}
     assert qc["group_activation_thresholds"]["layer_0.ssm_state_act:input"]["shape"] == [MAMBA2.nheads, 16, 16]
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     assert tensors["lm_head.qweight"].dtype == torch.int8 and "lm_head.weight" not in tensors
@@ -103,6 +104,36 @@ def test_every_option_assembles_into_a_model_close_to_fp16(pipeline, tmp_path):
     # lm_head: Quamba's 4-bit GPTQ values, re-rounded to int8, on an int8 input
     assert ((q_logits - fp_logits).norm() / fp_logits.norm()).item() < 0.2
     assert ((stepped - q_logits).norm() / q_logits.norm()).item() < 0.05  # int8 rounding differs per path
+
+
+def test_grouped_scales_of_b_and_c_divide_in_the_observed_dtype_x_and_the_state_in_float32(pipeline, tmp_path):
+    """Quamba2's per-SSD-group observer (B, C) keeps the observed dtype (fp16 on its model) for
+    absmax / 127; its x and state observers cast to float32 first. A calibration whose B and C taps
+    saw fp16 gives fp16-divided B and C scales, and float32 x and state scales."""
+    import shutil
+
+    calib = tmp_path / "calib16"
+    shutil.copytree(pipeline["calib"], calib)
+    stats = json.loads((calib / "stats.json").read_text())
+    for tap, entry in stats["taps"].items():
+        if tap.endswith(("B_conv_out:input", "C_conv_out:input")):
+            entry["dtype"] = "float16"
+    (calib / "stats.json").write_text(json.dumps(stats))
+    scales_file(calib, 0.99999, tmp_path / "scales.json")
+    qc = quantize_model_dir(pipeline["fp16"], tmp_path / "q", pipeline["gptq"], "w8a8", REORDER, calib,
+                            tmp_path / "scales.json")
+    dtypes = {tap: entry["scale_dtype"] for tap, entry in qc["group_activation_thresholds"].items()}
+    assert dtypes == {tap: "float16" if tap.endswith(("B_conv_out:input", "C_conv_out:input")) else "float32"
+                      for tap in dtypes}
+    taps = named_taps(quamba.load(tmp_path / "q", device="cpu"))
+    for layer, record in stats["reorder"]["layers"].items():
+        for point, key in (("B_conv_out:input", "B_group_absmax"), ("C_conv_out:input", "C_group_absmax")):
+            absmax = torch.tensor(record[key], dtype=torch.float16).clamp(min=1e-5)
+            expected = (absmax / 127).float().clamp(min=1e-6).repeat_interleave(MAMBA2.d_state)
+            assert torch.equal(taps[f"{layer}.{point}"].scale, expected), (layer, point)
+            assert not torch.equal(expected, (absmax.float() / 127).repeat_interleave(MAMBA2.d_state))
+        x = torch.tensor(record["group_absmax_after"]).clamp(min=1e-5) / 127
+        assert torch.equal(taps[f"{layer}.x_conv_out:input"].scale.unique(), x.unique())
 
 
 def test_reordered_assembly_without_rotating_the_replaced_weights_is_the_same_dir(pipeline, tmp_path, monkeypatch):

@@ -26,15 +26,23 @@ from safetensors.torch import load_file, save_file
 
 from quamba.errors import CheckpointError
 from quamba.io import check_finite_document
-from quamba.numerics.quantizers import activation_scale, gemv_rounding, pack_int4, step_rounding, unpack_int4
+from quamba.numerics.quantizers import (
+    activation_scale,
+    activation_scales,
+    gemv_rounding,
+    pack_int4,
+    step_rounding,
+    unpack_int4,
+)
 from quamba.numerics.tensor_codecs import IntegerTensor
 
 QUANT_CONFIG = "quant_config.json"
 TENSORS_FILE = "model.safetensors"  # the name an FP16 dir uses too (models.checkpoint.SAFETENSORS_FILE)
+# 6: each grouped tap's scale dtype (group_activation_thresholds[tap].scale_dtype);
 # 5: each threshold's scale dtype (activation_scale_dtypes: where Quamba divides threshold / 127);
 # 4: activation thresholds instead of scales (the scale is derived where the plan is applied);
 # 3: integer tensors beyond the projections ({path}.q, {path}.scale), grouped tap scales
-QUANT_CONFIG_VERSION = 5
+QUANT_CONFIG_VERSION = 6
 GROUP_THRESHOLDS = "group_thresholds"
 
 
@@ -47,7 +55,7 @@ class QuantPlan:
     dequantized values; the embedding becomes a QuantEmbedding); thresholds: tap name ->
     per-tensor threshold; scale_dtypes: tap name -> the dtype its threshold / 127 is computed in;
     group_thresholds: tap name -> thresholds laid over the tap's trailing dims (Quamba2's grouped
-    scales).
+    scales); group_scale_dtypes: tap name -> the dtype those are divided in.
     """
 
     w_bits: int
@@ -61,10 +69,15 @@ class QuantPlan:
     thresholds: dict[str, float] = field(default_factory=dict)
     scale_dtypes: dict[str, str] = field(default_factory=dict)
     group_thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_scale_dtypes: dict[str, str] = field(default_factory=dict)
 
     def activation_scale(self, tap: str) -> float:
         """A per-tensor tap's scale from its threshold, divided in its scale dtype as Quamba's observer."""
         return activation_scale(self.thresholds[tap], scale_dtype=self.scale_dtypes[tap])
+
+    def group_activation_scales(self, tap: str) -> torch.Tensor:
+        """A grouped tap's scales (float32, laid as its thresholds), divided in its scale dtype."""
+        return activation_scales(self.group_thresholds[tap], scale_dtype=self.group_scale_dtypes[tap])
 
     def replaced_weights(self) -> frozenset[str]:
         """State-dict keys of FP tensors the plan replaces (a loader never materializes them)."""
@@ -157,5 +170,7 @@ def read_plan(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor], QuantPlan
         gemv_rounding=quant_config.get("gemv_rounding", gemv_rounding(option)),
         qqq=quant_config["w_bits"] == 4 and quant_config["a_bits"] == 8 and options.get("w4_layout") == "quamba",
         linears=linears, tensors=coded, thresholds=quant_config["activation_thresholds"],
-        scale_dtypes=quant_config["activation_scale_dtypes"], group_thresholds=grouped)
+        scale_dtypes=quant_config["activation_scale_dtypes"], group_thresholds=grouped,
+        group_scale_dtypes={tap: entry["scale_dtype"]
+                            for tap, entry in quant_config.get("group_activation_thresholds", {}).items()})
     return quant_config, tensors, plan

@@ -19,7 +19,6 @@ from quamba.models.checkpoint import build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.quantized import INTEGER_MODULES, LINEAR_INPUT_TAPS, QuantEmbedding, QuantLinear
 from quamba.models.taps import LM_HEAD_POINT, Tap, named_taps
-from quamba.numerics.quantizers import activation_scales
 from quamba.numerics.tensor_codecs import IntegerTensor, dequantize_tensor
 
 
@@ -138,7 +137,7 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
             continue  # quantized inside QuantLinear, so the tap stays identity
         tap.step_rounding = plan.step_rounding.get(tap.point)
         if tap_name in plan.group_thresholds:
-            tap.scale, tap.rounding = activation_scales(plan.group_thresholds[tap_name]), plan.rounding[tap.point]
+            tap.scale, tap.rounding = plan.group_activation_scales(tap_name), plan.rounding[tap.point]
         elif tap_name in plan.thresholds:
             tap.scale, tap.rounding = plan.activation_scale(tap_name), plan.rounding[tap.point]
     return model

@@ -133,9 +133,12 @@ def activation_scale(threshold: float, bits: int = 8, scale_dtype: str = "float3
     return float(value.to(torch.float32).clamp(min=ACTIVATION_SCALE_FLOOR))
 
 
-def activation_scales(thresholds: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """`activation_scale` of every element (float32): grouped scales, one per group's threshold."""
-    return (thresholds.to(torch.float32) / qrange(bits)[1]).clamp(min=ACTIVATION_SCALE_FLOOR)
+def activation_scales(thresholds: torch.Tensor, bits: int = 8, scale_dtype: str = "float32") -> torch.Tensor:
+    """`activation_scale` of every element (float32): grouped scales, one per group's threshold,
+    divided in `scale_dtype` (Quamba2's per-SSD-group observer of B and C keeps the observed dtype;
+    its grouped x and state observers cast to float32 first)."""
+    scales = thresholds.to(observed_dtype(scale_dtype)) / qrange(bits)[1]
+    return scales.to(torch.float32).clamp(min=ACTIVATION_SCALE_FLOOR)
 
 
 def _quantize(x: torch.Tensor, scale: torch.Tensor | float, bits: int, rounding: str) -> torch.Tensor:

@@ -54,6 +54,7 @@ from quamba.numerics.quantizers import (
     dequantize,
     expand_scales,
     gemv_rounding,
+    observed_dtype,
     per_tensor_w8,
     point_rounding,
     step_rounding,
@@ -129,23 +130,29 @@ def gptq_replaced(gptq_layers: dict, method: str) -> frozenset[str]:
     return frozenset() if method == "rtn" else frozenset(f"{name}.weight" for name in gptq_layers)
 
 
-def _thresholds(absmax) -> torch.Tensor:
-    """Quamba's min/max thresholds from group absmax values (floored as its observer floors each batch)."""
-    return torch.tensor(absmax, dtype=torch.float32).clamp(min=ABSMAX_FLOOR)
+def _thresholds(absmax, dtype: str = "float32") -> torch.Tensor:
+    """Quamba's min/max thresholds from group absmax values, floored as its observer floors each
+    batch, in the dtype it observes them in; returned as float32 (exact)."""
+    return torch.tensor(absmax, dtype=observed_dtype(dtype)).clamp(min=ABSMAX_FLOOR).float()
 
 
-def _group_thresholds(plan_record: dict, config) -> dict[str, tuple[torch.Tensor, str, int]]:
+def _group_thresholds(plan_record: dict, config, tap_dtypes: dict[str, str]
+                      ) -> dict[str, tuple[torch.Tensor, str, int, str]]:
     """Quamba2's grouped thresholds of one reordered layer, per tap: a tensor laid over the tap's
-    trailing dims in the reordered layout, what one threshold covers, and how many there are."""
+    trailing dims in the reordered layout, what one threshold covers, how many there are, and the
+    dtype its scales are divided in. Quamba2's per-SSD-group observer (B, C) keeps the observed
+    dtype (`tap_dtypes`: point -> stats.json's dtype of the layer's tap); its x and state
+    observers cast to float32 first."""
     cell = ReorderPlan.from_record(plan_record).cell_of_channel()  # (d_inner,)
     x, state = _thresholds(plan_record["group_absmax_after"]), _thresholds(plan_record["state_group_absmax"])
-    b, c = _thresholds(plan_record["B_group_absmax"]), _thresholds(plan_record["C_group_absmax"])
+    b_dtype, c_dtype = tap_dtypes["B_conv_out:input"], tap_dtypes["C_conv_out:input"]
+    b, c = _thresholds(plan_record["B_group_absmax"], b_dtype), _thresholds(plan_record["C_group_absmax"], c_dtype)
     return {
-        REORDER_TAP: (x[cell], "reorder cell", x.numel()),
-        "B_conv_out:input": (b.repeat_interleave(config.d_state), "SSD group", b.numel()),
-        "C_conv_out:input": (c.repeat_interleave(config.d_state), "SSD group", c.numel()),
+        REORDER_TAP: (x[cell], "reorder cell", x.numel(), "float32"),
+        "B_conv_out:input": (b.repeat_interleave(config.d_state), "SSD group", b.numel(), b_dtype),
+        "C_conv_out:input": (c.repeat_interleave(config.d_state), "SSD group", c.numel(), c_dtype),
         "ssm_state_act:input": (state[cell].reshape(config.nheads, config.headdim, config.d_state),
-                                "reorder cell and state index", state.numel()),
+                                "reorder cell and state index", state.numel(), "float32"),
     }
 
 
@@ -248,8 +255,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     self-describing quantized dir.
 
     The recipe's model transforms must match how the calibration and the GPTQ dir were built.
-    Activation scales are each tap's threshold / 127 at the scales file's alpha (Quamba's float32
-    division, floored at 1e-6); with reorder, Quamba2's grouped min/max scales: x (the SSM input)
+    Activation scales are each tap's threshold / 127 at the scales file's alpha (divided in its
+    scale dtype as Quamba's observer divides, then float32 floored at 1e-6); with reorder, Quamba2's grouped min/max scales: x (the SSM input)
     one per reorder cell, B and C one per SSD group, the final state one per (cell, state index).
     A GPTQ dir holding lm_head quantizes it too. `made_by` goes into provenance.json (the workflow
     records its rule, wildcards and parameters; the CLI its command line).
@@ -297,16 +304,19 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         coded_tensors["backbone.embedding.weight"] = embedding_int(tensors["backbone.embedding.weight"], scheme.w_bits)
     if recipe.quantize_lm_head or "lm_head" in gptq_layers:
         config = config.replace(tie_embeddings=False)
-    thresholds, scale_dtypes, group_thresholds, grouped = {}, {}, {}, {}
+    thresholds, scale_dtypes, group_thresholds, group_scale_dtypes, grouped = {}, {}, {}, {}, {}
     if scales is not None:
         thresholds = {tap: float(entry["threshold"]) for tap, entry in scales["taps"].items()
                       if tap != LM_HEAD_POINT or "lm_head" in weights}
         if recipe.reorder:
             for layer, plan_record in stats["reorder"]["layers"].items():
-                for point, (values, granularity, groups) in _group_thresholds(plan_record, config).items():
-                    group_thresholds[f"{layer}.{point}"] = values
+                tap_dtypes = {point: stats["taps"][f"{layer}.{point}"]["dtype"]
+                              for point in ("B_conv_out:input", "C_conv_out:input")}
+                for point, (values, granularity, groups, dtype) in _group_thresholds(
+                        plan_record, config, tap_dtypes).items():
+                    group_thresholds[f"{layer}.{point}"], group_scale_dtypes[f"{layer}.{point}"] = values, dtype
                     grouped[f"{layer}.{point}"] = {"granularity": granularity, "groups": groups,
-                                                   "shape": list(values.shape)}
+                                                   "shape": list(values.shape), "scale_dtype": dtype}
                     thresholds.pop(f"{layer}.{point}", None)  # grouped, not per tensor
         scale_dtypes = {tap: scales["taps"][tap]["scale_dtype"] for tap in thresholds}
     rounding = {point: point_rounding(point, recipe.rounding, config.layer) for point in sorted(ROUNDING_BY_POINT)}
@@ -315,7 +325,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
                      step_rounding=steps, gemv_rounding=gemv,
                      qqq=scheme.w_bits == 4 and scheme.a_bits == 8 and recipe.w4_layout == "quamba",
                      linears=linears, tensors=coded_tensors, thresholds=thresholds, scale_dtypes=scale_dtypes,
-                     group_thresholds=group_thresholds)
+                     group_thresholds=group_thresholds, group_scale_dtypes=group_scale_dtypes)
     # the quantized model, made by the step loading uses too: the dir holds this model's tensors
     replaced = plan.replaced_weights()
     kept = {k: v for k, v in tensors.items() if k not in replaced}
