@@ -200,6 +200,27 @@ class Recipe:
                                   f"{asked!r}; the stages must use the same {key}")
 
 
+# Where this project still computes otherwise than Quamba with no option that does as it does
+# (README, "Fidelity to Quamba"). Not options: nothing selects them, so they are listed, never
+# hashed into a record; quant_config.json and each evaluation's results carry the ones that acted.
+KNOWN_DEPARTURES: dict[str, str] = {
+    "conv_scan_dequantized": "the quantized conv and scan compute with dequantized values in the model's dtype, "
+                             "the taps rounding their outputs; Quamba's fused kernels keep float32 inside and "
+                             "cast at their own points",
+    "state_requantization": "a decoding step requantizes the state as v / s; Quamba's kernels divide (v k) / (s k) "
+                            "with k = 1e2 or 1e6",
+    "lm_eval_version": "lm-eval {version} scores the tasks; Quamba pins 0.4.2",
+    "perplexity": "perplexity is lm-eval's rolling loglikelihood over the text; Quamba's ppl_eval scores "
+                  "non-overlapping 2048-token windows with an fp16 loss",
+}
+QUAMBA_LM_EVAL = "0.4.2"
+
+
+def known_departures(keys: list[str], **values: str) -> dict[str, str]:
+    """The KNOWN_DEPARTURES entries of `keys`, their placeholders filled from `values`."""
+    return {key: KNOWN_DEPARTURES[key].format(**values) for key in keys}
+
+
 def merge_records(records: list[Mapping[str, Any]]) -> dict[str, Any]:
     """One record of everything that acted on an artifact built from several inputs (each input's
     record holds the options of its stage). Two inputs that disagree on an option are an error."""

@@ -333,6 +333,8 @@ def test_evaluate_writes_results_with_provenance_and_reruns_byte_identical(tmp_p
     assert doc["settings"] == {"batch_size": 4, "limit": 5, "num_fewshot": 0, "seed": 0, "max_length": 2048,
                                "device": "cpu", "dtype": "float32"}
     assert "lm-eval" in doc["package_versions"]
+    assert doc["known_departures"]["perplexity"].startswith("perplexity is lm-eval's rolling loglikelihood")
+    assert ("lm_eval_version" in doc["known_departures"]) == (doc["package_versions"]["lm-eval"] != "0.4.2")
     assert not {"date", "git_hash", "config", "samples", "total_evaluation_time_seconds"} & set(doc)
 
 

@@ -68,7 +68,7 @@ from quamba.numerics.tensor_codecs import (
     w8_per_part,
     w8_per_tensor,
 )
-from quamba.recipe import Recipe, merge_records
+from quamba.recipe import Recipe, known_departures, merge_records
 from quamba.schemes import get_scheme, mixer_integer_tensors
 from quamba.transforms.reorder import REORDER_TAP, ReorderPlan, plan_sha256, prepare_model
 
@@ -356,6 +356,9 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
         "gemms": _gemms(model),
         "activation_thresholds": thresholds,  # scale = threshold / 127, derived at apply:
         "activation_scale_dtypes": scale_dtypes,  # computed in this dtype, then float32, floored at 1e-6
+        # int8 activations reach the conv, the scan and the decoding state: where those compute otherwise
+        "known_departures": known_departures(["conv_scan_dequantized", "state_requantization"]
+                                             if scheme.a_bits == 8 else []),
     }
     if recipe.reorder:
         quant_config["reorder"] = {"method": stats["reorder"]["method"],

@@ -26,6 +26,7 @@ from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
 from quamba.models.checkpoint import CONFIG_FILE, model_sha256, weight_files
 from quamba.models.load import resolve_device
+from quamba.recipe import QUAMBA_LM_EVAL, known_departures
 from quamba.shipped import ROOT, TASKS_DIR
 
 PERPLEXITY_TASK = perplexity.TASK
@@ -187,10 +188,17 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     check_finite_metrics(sections["results"], local_dir)
     doc.update({key: value for key, value in sections.items() if value})
     doc["package_versions"] = package_versions()
+    doc["known_departures"] = evaluation_departures(doc["package_versions"]["lm-eval"], bool(perplexity_files))
     doc = plain_json(doc)
     write_samples(samples_path(out), reduce_samples(output["samples"], aggregation_names(output)))
     write_json(out, doc)  # last: the results JSON is the job's output, its per-item file is already there
     return doc
+
+
+def evaluation_departures(lm_eval_version: str, perplexity_scored: bool) -> dict[str, str]:
+    """Where this evaluation scores otherwise than Quamba's (recipe.KNOWN_DEPARTURES)."""
+    keys = ["lm_eval_version"] if lm_eval_version != QUAMBA_LM_EVAL else []
+    return known_departures(keys + (["perplexity"] if perplexity_scored else []), version=lm_eval_version)
 
 
 @contextlib.contextmanager
