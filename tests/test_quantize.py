@@ -352,6 +352,21 @@ def test_non_finite_or_negative_numbers_in_a_stage_s_files_are_refused_naming_th
         quamba.load(_damaged_copy(tmp_path / "q", tmp_path / "scale", nan_scale), device="cpu")
 
 
+def test_a_threshold_deleted_from_quant_config_is_refused_not_left_float(built, tmp_path):
+    """A W8A8 dir whose quant_config.json lost a tap's threshold would run that activation in float
+    (a model other than the one its files describe): loading it fails, naming the tap."""
+    qc = quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"],
+                            built["scales"])
+    a_tap = next(tap for tap in qc["activation_thresholds"] if tap.startswith("layer_0.") and "proj:" not in tap)
+    for tap in ("layer_1.in_proj:input", a_tap):  # a projection's input; a tap inside the mixer
+        damaged = _damaged_copy(tmp_path / "q", tmp_path / tap.replace(":", "_"), lambda d: _edit_json(
+            d / "quant_config.json", lambda doc: doc["activation_thresholds"].pop(tap)))
+        with pytest.raises(CheckpointError, match=rf"quant_config.json: activation_thresholds lack 1 of the taps "
+                                                  rf"this model quantizes \({tap}; an edited"):
+            quamba.load(damaged, device="cpu")
+    assert quamba.load(tmp_path / "q", device="cpu") is not None
+
+
 def test_an_alpha_below_min_alpha_fails_naming_min_alpha(built, tmp_path):
     with pytest.raises(ConfigError, match=r"alpha: 0.99 is below the calibration's min_alpha 0.999.*lower min_alpha"):
         scales_file(built["calib"], 0.99, tmp_path / "s.json")

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quamba.formats.quantized_dir import QuantPlan, read_plan
+from quamba.errors import CheckpointError
+from quamba.formats.quantized_dir import QUANT_CONFIG, QuantPlan, read_plan
 from quamba.models.checkpoint import build_model, read_config
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.quantized import INTEGER_MODULES, LINEAR_INPUT_TAPS, QuantEmbedding, QuantLinear
@@ -143,12 +144,29 @@ def apply_quantization(model: MambaLMHeadModel, plan: QuantPlan) -> MambaLMHeadM
     return model
 
 
+def check_thresholds_cover_the_taps(model: MambaLMHeadModel, plan: QuantPlan, source: str) -> None:
+    """An A8 plan must hold a threshold for every tap of the model and every quantized projection's
+    input: a missing one would leave that activation in float, a model that is not what its dir
+    says. A16 plans hold none. lm_head's input is quantized only by its flag, so it is not asked."""
+    if not plan.thresholds and not plan.group_thresholds:
+        return
+    needed = {name for name, tap in named_taps(model).items()
+              if tap.point not in LINEAR_INPUT_TAPS.values() and tap.point != LM_HEAD_POINT}
+    needed |= {_linear_input_tap(name) for name in plan.linears if name != "lm_head"}
+    missing = sorted(needed - set(plan.thresholds) - set(plan.group_thresholds))
+    if missing:
+        raise CheckpointError(f"{source}: activation_thresholds lack {len(missing)} of the taps this model quantizes "
+                              f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}; an edited or damaged "
+                              f"file); rebuild the dir with `quamba quantize` (or rerun snakemake)")
+
+
 def load_quantized(model_dir: Path, device: torch.device, dtype: torch.dtype) -> MambaLMHeadModel:
     """A quantized dir as a runnable model: its FP tensors loaded, the plan's weights left on the
     meta device, then the plan applied; integer layers' scales stay float32 whatever `dtype`."""
     config, _ = read_config(Path(model_dir))
     _, tensors, plan = read_plan(model_dir)
     model = build_model(config, tensors, source=str(model_dir), replaced=plan.replaced_weights())
+    check_thresholds_cover_the_taps(model, plan, str(Path(model_dir) / QUANT_CONFIG))
     model = apply_quantization(model, plan)
     scales = {(layer, name): getattr(layer, name) for layer in model.modules()
               if isinstance(layer, INTEGER_MODULES) for name in layer.float32_buffers}
