@@ -367,6 +367,21 @@ def test_a_threshold_deleted_from_quant_config_is_refused_not_left_float(built, 
     assert quamba.load(tmp_path / "q", device="cpu") is not None
 
 
+def test_a_quantized_dir_missing_a_file_or_a_tensor_names_what_is_missing(built, tmp_path):
+    quantize_model_dir(built["fp16"], tmp_path / "q", built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
+    no_config = _damaged_copy(tmp_path / "q", tmp_path / "no_config", lambda d: (d / "quant_config.json").unlink())
+    with pytest.raises(CheckpointError, match="a quantized model's, but the dir has no quant_config.json"):
+        quamba.load(no_config, device="cpu")
+
+    def drop_qweight(d):
+        tensors = load_file(d / "model.safetensors")
+        del tensors["backbone.layers.1.mixer.out_proj.qweight"]
+        save_file(tensors, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: no tensor 'backbone.layers.1.mixer.out_proj.qweight',"
+                                              r" which quant_config.json lists"):
+        quamba.load(_damaged_copy(tmp_path / "q", tmp_path / "no_qweight", drop_qweight), device="cpu")
+
+
 def test_an_alpha_below_min_alpha_fails_naming_min_alpha(built, tmp_path):
     with pytest.raises(ConfigError, match=r"alpha: 0.99 is below the calibration's min_alpha 0.999.*lower min_alpha"):
         scales_file(built["calib"], 0.99, tmp_path / "s.json")

@@ -149,11 +149,18 @@ def read_plan(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor], QuantPlan
     except Exception as err:
         raise CheckpointError(f"{model_dir / TENSORS_FILE}: unreadable quantized model ({err})") from err
     integer = quant_config["integer_tensors"]
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise CheckpointError(f"{model_dir / TENSORS_FILE}: no tensor {key!r}, which {QUANT_CONFIG} lists (an "
+                                  f"edited or damaged dir); rebuild it with `quamba quantize` (or rerun snakemake)")
+        return tensors.pop(key)
+
     linears, coded = {}, {}
     for name in quant_config["quantized_linears"]:
-        linears[name] = _integer(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"), integer[name])
+        linears[name] = _integer(take(f"{name}.qweight"), take(f"{name}.scales"), integer[name])
     for path in [p for p in integer if p not in linears]:
-        coded[path] = _integer(tensors.pop(f"{path}.q"), tensors.pop(f"{path}.scale"), integer[path])
+        coded[path] = _integer(take(f"{path}.q"), take(f"{path}.scale"), integer[path])
     grouped = {_tap_name(k): tensors.pop(k) for k in [k for k in tensors if f".mixer.{GROUP_THRESHOLDS}." in k]}
     scales = [(f"{name}.scales", c.scale) for name, c in linears.items()]
     scales += [(f"{path}.scale", c.scale) for path, c in coded.items()]

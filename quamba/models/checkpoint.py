@@ -221,9 +221,12 @@ def build_model(config: MambaConfig, state: dict[str, torch.Tensor], source: str
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
+        quantized = not replaced and any(k.endswith((".qweight", ".scales")) for k in unexpected)
+        hint = ("; its tensors are a quantized model's, but the dir has no quant_config.json (deleted or never "
+                "written): rebuild it with `quamba quantize` (or rerun snakemake)") if quantized else ""
         raise CheckpointError(f"{source}: weights do not match {CONFIG_FILE}: missing keys {missing[:5]}"
                               f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                              f"{'...' if len(unexpected) > 5 else ''}")
+                              f"{'...' if len(unexpected) > 5 else ''}{hint}")
     for key, shape in expected.items():
         if state[key].shape != shape:
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
