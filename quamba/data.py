@@ -125,6 +125,11 @@ def _hub_rows(source: HubSource) -> Iterator[str]:
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
+def local_row_count(path: Path) -> int:
+    """How many non-empty rows (documents) a local .txt/.jsonl file holds, as calibration reads them."""
+    return len(_local_rows(Path(path)))
+
+
 def check_data_source(source: str) -> None:
     """Fail now, naming the value, on data that is neither a local file nor a hub dataset id: a path
     (it exists but is no file, starts with . or /, or ends like a data file) that is not a file."""

@@ -67,6 +67,7 @@ def _sources_and_tasks(config: dict[str, Any]) -> None:
                 check_data_source(str(source))
             except QuambaError as err:
                 raise ConfigError(f"config: {key}: {err}") from None
+    _enough_rows(config)
     tasks = config["tasks"]
     try:
         split_tasks(tasks)
@@ -78,6 +79,24 @@ def _sources_and_tasks(config: dict[str, Any]) -> None:
     unknown = sorted(set(limit) - set(tasks)) if isinstance(limit, dict) else []
     if unknown:
         raise ConfigError(f"config: eval.limit: {unknown} are not in tasks {tasks}")
+
+
+def _enough_rows(config: dict[str, Any]) -> None:
+    """A calibration of one row per sample (recipe.calibration_data rows, Quamba's) from a local
+    file needs that many rows: counted here (a read of the file), not an hour into the study.
+    Hub data and packed windows are counted where the job reads them."""
+    from pathlib import Path
+
+    from quamba.data import local_row_count
+    from quamba.shipped import DEFAULT_CORPUS
+
+    if config["recipe"].get("calibration_data", "rows") != "rows":
+        return
+    for name, setting in config["calibrations"].items():
+        source = Path(setting.get("data") or DEFAULT_CORPUS)
+        if source.is_file() and (rows := local_row_count(source)) < setting["samples"]:
+            raise ConfigError(f"config: calibrations.{name}.samples: {setting['samples']} samples, one per row, but "
+                              f"{source} holds {rows} non-empty rows; allowed: 1..{rows}, or more data")
 
 
 def check_study(config: dict[str, Any]) -> None:

@@ -55,6 +55,8 @@ def test_a_non_finite_number_anywhere_fails_naming_its_path(path, value):
     (lambda c: c["quantization"].update(calibration="nope"), "quantization.calibration: 'nope'"),
     (lambda c: c["quantization"].update(alphas=[0.99]), "below calibrations.default.min_alpha"),
     (lambda c: c["calibrations"]["default"].update(batch_size=4), "batch_size: 4 with recipe.calibration_data rows"),
+    (lambda c: c["calibrations"]["default"].update(samples=10**6), "calibrations.default.samples: 1000000 samples, "
+                                                                    "one per row, but"),
     (lambda c: c.update(jobs_per_gpu=0), "config.jobs_per_gpu"),
     (lambda c: c.update(jobs_per_gpu=1.5), "config.jobs_per_gpu"),
 ])
