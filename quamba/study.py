@@ -81,6 +81,51 @@ def _sources_and_tasks(config: dict[str, Any]) -> None:
         raise ConfigError(f"config: eval.limit: {unknown} are not in tasks {tasks}")
 
 
+def _offline_model_config(source: str):
+    """A model source's architecture when it is known without a download (random:ARCH, a local
+    dir), else None (a hub id: its job checks it once downloaded)."""
+    from pathlib import Path
+
+    from quamba.models.checkpoint import random_source, read_config
+
+    if (random := random_source(source)) is not None:
+        from quamba.models.random_checkpoint import architecture
+
+        arch, _, layers = random
+        return architecture(arch) if layers is None else architecture(arch).replace(n_layer=layers)
+    return read_config(Path(source))[0] if (Path(source) / "config.json").is_file() else None
+
+
+def _model_settings(config: dict[str, Any]) -> None:
+    """What depends on a model's architecture, checked where the architecture is known offline:
+    the Hadamard widths, the sampled layers, GPTQ's group size, Quamba2's reordering. Each job
+    checks the same again (a hub model is checked only there)."""
+    from quamba.recipe import Recipe
+    from quamba.stages.calibrate import CalibrationSettings
+    from quamba.stages.gptq import check_group_size
+    from quamba.transforms.reorder import check_reorderable
+    from quamba.transforms.rotation import check_widths
+
+    study_recipe = Recipe.from_mapping(config["recipe"], where="config: recipe")
+    for name, spec in config["models"].items():
+        model = _offline_model_config(str(spec["source"]))
+        if model is None:
+            continue
+        recipe = study_recipe.for_model(model.layer)
+        try:
+            check_widths(model, recipe.rotate_residual, recipe.hadamard)
+            check_group_size(model, config["gptq"]["group_size"])
+            if recipe.reorder:
+                check_reorderable(model, recipe.head_clusters, recipe.channel_clusters, recipe.reorder_method)
+            for calibration, setting in config["calibrations"].items():
+                try:
+                    CalibrationSettings.from_config(setting).validate(model.n_layer, recipe)
+                except ConfigError as err:
+                    raise ConfigError(f"calibrations.{calibration}: {err}") from None
+        except QuambaError as err:
+            raise ConfigError(f"config: models.{name} ({spec['source']}): {err}") from None
+
+
 def _enough_rows(config: dict[str, Any]) -> None:
     """A calibration of one row per sample (recipe.calibration_data rows, Quamba's) from a local
     file needs that many rows: counted here (a read of the file), not an hour into the study.
@@ -107,3 +152,4 @@ def check_study(config: dict[str, Any]) -> None:
     fill_defaults(config)
     _settings(config)
     _sources_and_tasks(config)
+    _model_settings(config)

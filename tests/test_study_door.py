@@ -4,6 +4,7 @@ exception, a crash inside a job, or a long wait."""
 
 import copy
 import math
+import re
 import time
 
 import pytest
@@ -57,13 +58,19 @@ def test_a_non_finite_number_anywhere_fails_naming_its_path(path, value):
     (lambda c: c["calibrations"]["default"].update(batch_size=4), "batch_size: 4 with recipe.calibration_data rows"),
     (lambda c: c["calibrations"]["default"].update(samples=10**6), "calibrations.default.samples: 1000000 samples, "
                                                                     "one per row, but"),
+    (lambda c: c["calibrations"]["default"].update(activation_layers=[0, 40]),
+     "calibrations.default: activation_layers: layer 40 does not exist; the model has layers 0..5"),
+    (lambda c: c["models"]["mamba1-demo"].update(source="random:mamba-130m:0:2") or
+     c["calibrations"]["default"].update(activation_layers=[2]), "models.mamba1-demo (random:mamba-130m:0:2): "
+                                                                 "calibrations.default: activation_layers: layer 2"),
+    (lambda c: c["gptq"].update(group_size=96), "group_size: 96 does not divide the 128 inputs"),
     (lambda c: c.update(jobs_per_gpu=0), "config.jobs_per_gpu"),
     (lambda c: c.update(jobs_per_gpu=1.5), "config.jobs_per_gpu"),
 ])
 def test_settings_a_job_would_refuse_fail_at_the_door(change, message):
     config = valid_study()
     change(config)
-    with pytest.raises(QuambaError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(QuambaError, match=re.escape(message)):
         check_study(config)
 
 
