@@ -3,6 +3,7 @@ bad input fails before any work and leaves nothing behind."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -184,6 +185,25 @@ def test_calibrate_writes_schema_valid_stats_store_and_npz(model_dir, corpus, tm
     broken = dict(written, taps={"layer_0.x_proj:input": {"observer": "median"}})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_activation_samples_are_read_whole_or_refused_naming_the_tap(model_dir, corpus, tmp_path):
+    """The report plots activations.npz: a damaged or non-finite one is refused, never drawn."""
+    from quamba.formats.calibration import npz_bytes, read_activation_samples
+
+    calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
+    path = tmp_path / "out" / "activations.npz"
+    samples = read_activation_samples(path)
+    with np.load(path) as npz:
+        assert sorted(samples) == sorted(npz.files) and all(np.array_equal(samples[t], npz[t].ravel()) for t in npz.files)
+    tap = sorted(samples)[1]
+    samples[tap][3] = np.nan
+    path.write_bytes(npz_bytes(samples))
+    with pytest.raises(ConfigError, match=rf"activations.npz: tap {re.escape(tap)} holds NaN or infinite samples"):
+        read_activation_samples(path)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="activations.npz: unreadable activation samples"):
+        read_activation_samples(path)
 
 
 def test_an_older_stats_json_is_refused_saying_how_to_rebuild(model_dir, corpus, tmp_path):

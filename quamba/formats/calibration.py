@@ -138,6 +138,23 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def read_activation_samples(path: Path, keep=lambda tap: True) -> dict[str, np.ndarray]:
+    """activations.npz's samples of the taps `keep` accepts, each flat float64; a damaged or
+    non-finite file is refused naming the tap (calibration never writes one: it fails on a
+    non-finite activation)."""
+    try:
+        with np.load(path) as npz:
+            samples = {tap: npz[tap].astype(np.float64).ravel() for tap in npz.files if keep(tap)}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ConfigError(f"{path}: unreadable activation samples ({err}); rerun the calibrate job that "
+                          f"writes it") from None
+    for tap, values in samples.items():
+        if not np.isfinite(values).all():
+            raise ConfigError(f"{path}: tap {tap} holds NaN or infinite samples (an edited or damaged file); rerun "
+                              f"the calibrate job that writes it")
+    return samples
+
+
 def write_calibration(out_dir: Path, doc: dict, records: dict[str, TapRecord],
                       samples: dict[str, np.ndarray] | None) -> None:
     """Write stats.json, calibration.safetensors (and activations.npz) into out_dir; each file

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import matplotlib
@@ -21,8 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from quamba.errors import ConfigError
-from quamba.formats.calibration import read_stats
+from quamba.formats.calibration import read_activation_samples, read_stats
 from quamba.formats.scales import read_scales
 from quamba.io import atomic_path
 from quamba.stages.summarize import SSM_INPUT_POINTS, alpha_label
@@ -152,14 +150,8 @@ def activation_histograms(stats_path: Path, npz_path: Path, scales_paths: list[P
     """The sampled SSM-input activations of the first layers, with each alpha's +-threshold."""
     stats = read_stats(stats_path)
     scales = sorted((read_scales(path) for path in scales_paths), key=lambda doc: doc["alpha"])
-    try:
-        with np.load(npz_path) as npz:
-            taps = [t for t in npz.files if t.split(".")[-1] in SSM_INPUT_POINTS and t in stats["taps"]]
-            taps = sorted(taps, key=lambda t: int(t.split(".")[0].removeprefix("layer_")))[:layers]
-            samples = {t: npz[t].astype(np.float64).ravel() for t in taps}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise ConfigError(f"{npz_path}: unreadable activation samples ({err}); rerun the calibrate job that "
-                          f"writes it") from None
+    samples = read_activation_samples(npz_path, lambda t: t.split(".")[-1] in SSM_INPUT_POINTS and t in stats["taps"])
+    taps = sorted(samples, key=lambda t: int(t.split(".")[0].removeprefix("layer_")))[:layers]
     fig, axes = plt.subplots(1, max(len(taps), 1), figsize=(4.2 * max(len(taps), 1), 3.6), squeeze=False,
                              layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
