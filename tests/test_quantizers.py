@@ -192,3 +192,20 @@ def test_a_compiled_kernel_keeps_its_int_constants_constant():
         assert torch.equal(fn(x), _butterflies(x, m, 16, torch.float32))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 3
     assert torch._dynamo.config.automatic_dynamic_shapes  # restored after each call
+
+
+def test_a_compiled_kernel_inside_a_compiled_block_is_inlined_there():
+    """Compiled blocks on CUDA trace the fused quantizers and Hadamard kernels into their graph; a
+    kernel must not mark sizes dynamic there (dynamo refuses it: on the H100, 2026-12-08, no
+    quantized model's blocks compiled)."""
+    import torch._dynamo
+
+    from quamba.numerics.quantizers import _quantize, compiled
+
+    torch._dynamo.reset()
+    compiled.cache_clear()
+    kernel = compiled(_quantize, bits=8, rounding=HALF_AWAY)
+    scale = torch.tensor(0.05)
+    block = torch.compile(lambda x: kernel(x * 2, scale), fullgraph=True)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(block(x), quantize(x * 2, scale, 8, HALF_AWAY))

@@ -184,15 +184,16 @@ def compiled(fn, **constants):
     import torch._dynamo
 
     allow_many_variants()
-    kernel = torch.compile(functools.partial(fn, **constants) if constants else fn, options=eager_numerics())
+    plain = functools.partial(fn, **constants) if constants else fn
+    kernel = torch.compile(plain, options=eager_numerics())
 
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced into a compiled block: inlined there, under its settings
+            return plain(*args, **kwargs)  # (dynamo forbids marking sizes dynamic while it traces)
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor):
                 for dim in range(value.dim()):
                     torch._dynamo.maybe_mark_dynamic(value, dim)
-        if torch.compiler.is_compiling():  # traced into a compiled block: the block's settings hold
-            return kernel(*args, **kwargs)
         # Every variant is the same Python function to dynamo, so after a second value of an int
         # constant (the Hadamard's m and p, bits) its automatic dynamic shapes would make the int a
         # symbol: slow symbolic compiles (20-157 s a variant on this CPU, against 1-3 s) and the
