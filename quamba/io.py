@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from quamba.errors import ConfigError
+
 PROVENANCE_PACKAGES = ("quamba-flow", "torch", "transformers", "safetensors", "numpy", "lm-eval")
 
 
@@ -55,11 +57,26 @@ def remove_stale_temps(final: Path) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success it replaces `final` in one rename. Leftovers of
-    a killed earlier writer of `final` are removed first."""
+def check_output_dir(final: Path, marker: str) -> None:
+    """An output dir replaces only an earlier output of its kind (a dir holding `marker`) or an
+    empty dir, never a file or someone's other files: asked before any work, and again on writing."""
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"{final}: exists and is not a directory; the output must be a directory (choose another "
+                          f"--out)")
+    if final.is_dir() and not (final / marker).is_file() and any(final.iterdir()):
+        raise ConfigError(f"{final}: a non-empty directory that is no earlier output of this kind (it has no "
+                          f"{marker}); the output replaces its directory whole, so choose another --out or "
+                          f"empty it yourself")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, marker: str) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success it replaces `final` in one rename (only an
+    earlier output holding `marker`, or an empty dir: `check_output_dir`). Leftovers of a killed
+    earlier writer of `final` are removed first."""
+    final = Path(final)
+    check_output_dir(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent))

@@ -1,6 +1,7 @@
 """Calibration: statistics equal numpy over the same captured tensors; reruns are byte-identical;
 bad input fails before any work and leaves nothing behind."""
 
+import hashlib
 import json
 import math
 import re
@@ -175,7 +176,7 @@ def test_calibrate_writes_schema_valid_stats_store_and_npz(model_dir, corpus, tm
     assert written == json.loads(json.dumps(doc))
     schema = yaml.safe_load((REPO / "schemas" / "stats.schema.yaml").read_text())
     jsonschema.validate(written, schema)
-    assert written["schema_version"] == 3 and written["default_alpha"] == 0.9995 and written["min_alpha"] == 0.999
+    assert written["schema_version"] == 4 and written["default_alpha"] == 0.9995 and written["min_alpha"] == 0.999
     assert written["recipe"]["name"] == "quamba" and written["recipe"]["departures"] == []
     assert written["recipe"]["options"]["rotate_residual"] is True
     assert len(written["model"]["sha256"]) == 64 and len(written["data"]["tokens_sha256"]) == 64
@@ -191,26 +192,49 @@ def test_activation_samples_are_read_whole_or_refused_naming_the_tap(model_dir, 
     """The report plots activations.npz: a damaged or non-finite one is refused, never drawn."""
     from quamba.formats.calibration import npz_bytes, read_activation_samples
 
-    calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
+    stats = calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
     path = tmp_path / "out" / "activations.npz"
-    samples = read_activation_samples(path)
+    samples = read_activation_samples(path, stats)
     with np.load(path) as npz:
         assert sorted(samples) == sorted(npz.files) and all(np.array_equal(samples[t], npz[t].ravel()) for t in npz.files)
     tap = sorted(samples)[1]
     samples[tap][3] = np.nan
     path.write_bytes(npz_bytes(samples))
+    with pytest.raises(ConfigError, match="activations.npz: not the file its stats.json was written with"):
+        read_activation_samples(path, stats)
+    edited = {**stats, "files": {**stats["files"], "activations.npz": hashlib.sha256(path.read_bytes()).hexdigest()}}
     with pytest.raises(ConfigError, match=rf"activations.npz: tap {re.escape(tap)} holds NaN or infinite samples"):
-        read_activation_samples(path)
+        read_activation_samples(path, edited)  # a consistent but non-finite file
     path.write_bytes(b"not a zip")
+    edited["files"]["activations.npz"] = hashlib.sha256(b"not a zip").hexdigest()
     with pytest.raises(ConfigError, match="activations.npz: unreadable activation samples"):
-        read_activation_samples(path)
+        read_activation_samples(path, edited)
+
+
+def test_files_of_two_calibrations_in_one_dir_are_refused_and_no_stale_file_is_left(model_dir, corpus, tmp_path):
+    """stats.json names the sha256 of the files written with it: a store of another calibration (a
+    run killed between its files, a copy) is refused; recalibrating without activation samples
+    removes the earlier run's activations.npz."""
+    for name, samples in (("a", 4), ("b", 3)):
+        calibrate_model_dir(model_dir, tmp_path / name, CalibrationSettings(num_samples=samples, seq_len=48),
+                            data=corpus, progress=False)
+    derive_scales(tmp_path / "b", 0.9995)
+    (tmp_path / "b" / "calibration.safetensors").write_bytes((tmp_path / "a" / "calibration.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="b/calibration.safetensors: not the file its stats.json was written with"):
+        derive_scales(tmp_path / "b", 0.9995)
+    calibrate_model_dir(model_dir, tmp_path / "a", CalibrationSettings(num_samples=2, seq_len=48, save_activations=False),
+                        data=corpus, progress=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["calibration.safetensors", "stats.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file: exists and is not a directory"):
+        calibrate_model_dir(model_dir, tmp_path / "file", SETTINGS, data=corpus, progress=False)
 
 
 def test_an_older_stats_json_is_refused_saying_how_to_rebuild(model_dir, corpus, tmp_path):
     calibrate_model_dir(model_dir, tmp_path / "out", SETTINGS, data=corpus, progress=False)
     path = tmp_path / "out" / "stats.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 2}))
-    with pytest.raises(ConfigError, match=r"schema_version 2.*reads version 3.*rerun `quamba calibrate`"):
+    with pytest.raises(ConfigError, match=r"schema_version 2.*reads version 4.*rerun `quamba calibrate`"):
         derive_scales(tmp_path / "out", 0.9995)
 
 

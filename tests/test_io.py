@@ -6,6 +6,9 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+from quamba.errors import ConfigError
 from quamba.io import atomic_dir, atomic_path, remove_stale_temps
 
 KILLED_WRITER = """
@@ -13,7 +16,7 @@ import os, sys
 from pathlib import Path
 from quamba.io import atomic_dir, atomic_path
 final = Path(sys.argv[1])
-with (atomic_dir if sys.argv[2] == "dir" else atomic_path)(final) as tmp:
+with (atomic_dir(final, "done") if sys.argv[2] == "dir" else atomic_path(final)) as tmp:
     (tmp / "part").write_text("half") if sys.argv[2] == "dir" else tmp.write_text("half")
     os.kill(os.getpid(), 9)
 """
@@ -26,7 +29,7 @@ def kill_mid_save(final, kind):
 
 
 def test_a_killed_writers_leftovers_are_removed_by_the_next_writer(tmp_path):
-    for kind, context in (("dir", atomic_dir), ("file", atomic_path)):
+    for kind, context in (("dir", lambda final: atomic_dir(final, "done")), ("file", atomic_path)):
         final = tmp_path / f"out-{kind}"
         leftovers = kill_mid_save(final, kind)
         assert len(leftovers) == 1 and not final.exists()
@@ -38,7 +41,7 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_writer(tmp_path):
 
 def test_a_live_writers_temp_and_other_hosts_temps_stay(tmp_path):
     final = tmp_path / "out"
-    with atomic_dir(final) as mine:  # this process is alive: its temp is not stale
+    with atomic_dir(final, "done") as mine:  # this process is alive: its temp is not stale
         assert remove_stale_temps(final) == [] and mine.exists()
     foreign = tmp_path / ".out.some-other-host-1.abc.tmp"
     foreign.mkdir()
@@ -46,3 +49,26 @@ def test_a_live_writers_temp_and_other_hosts_temps_stay(tmp_path):
     dead_here.mkdir()
     assert remove_stale_temps(final) == [dead_here]
     assert foreign.exists() and not dead_here.exists()
+
+
+def test_an_output_dir_replaces_only_an_earlier_output_of_its_kind(tmp_path):
+    """--out naming someone's directory must not delete it: only an earlier output (holding the
+    kind's marker file) or an empty dir is replaced; a file is refused too."""
+    mine, theirs, empty, afile = tmp_path / "mine", tmp_path / "theirs", tmp_path / "empty", tmp_path / "afile"
+    for final in (mine, empty):
+        final.mkdir()
+    (mine / "gptq.json").write_text("{}")
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("important")
+    afile.write_text("x")
+    for final in (mine, empty):
+        with atomic_dir(final, "gptq.json") as tmp:
+            (tmp / "gptq.json").write_text("new")
+        assert (final / "gptq.json").read_text() == "new"
+    with pytest.raises(ConfigError, match="theirs: a non-empty directory that is no earlier output of this kind"):
+        with atomic_dir(theirs, "gptq.json"):
+            pass
+    with pytest.raises(ConfigError, match="afile: exists and is not a directory"):
+        with atomic_dir(afile, "gptq.json"):
+            pass
+    assert (theirs / "notes.txt").read_text() == "important" and afile.read_text() == "x"

@@ -1,6 +1,7 @@
 """Quantization: seeded GPTQ reproduces bytes, Hadamard fusion keeps the FP model, quantized
 dirs are self-describing and load, and bad inputs fail before any work."""
 
+import hashlib
 import json
 import shutil
 
@@ -305,10 +306,13 @@ def _edit_json(path, change):
 
 
 def _nan_tail(calib):
+    """A consistent but non-finite calibration: a NaN tail, and stats.json naming that file."""
     tensors = load_file(calib / "calibration.safetensors")
     key = next(k for k in tensors if k.endswith("/tails"))
     tensors[key][0] = float("nan")
     save_file(tensors, calib / "calibration.safetensors")
+    digest = hashlib.sha256((calib / "calibration.safetensors").read_bytes()).hexdigest()
+    _edit_json(calib / "stats.json", lambda doc: doc["files"].update({"calibration.safetensors": digest}))
 
 
 def test_non_finite_or_negative_numbers_in_a_stage_s_files_are_refused_naming_the_file(built, tmp_path):
@@ -407,6 +411,17 @@ def test_unsupported_gptq_bits_fail_before_any_work(built, tmp_path, corpus):
     with pytest.raises(ConfigError, match="w_bits: 3 is not supported; allowed: \\[4, 8\\]"):
         gptq_model_dir(built["fp16"], tmp_path / "g", GPTQSettings(w_bits=3, **GPTQ), data=corpus)
     assert not (tmp_path / "g").exists()
+
+
+def test_an_out_dir_holding_other_files_is_refused_before_any_work_and_kept(built, tmp_path, corpus):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("important")
+    with pytest.raises(ConfigError, match="theirs: a non-empty directory that is no earlier output of this kind"):
+        gptq_model_dir(built["fp16"], theirs, GPTQSettings(w_bits=8, **GPTQ), data=corpus, progress=False)
+    with pytest.raises(ConfigError, match="theirs: a non-empty directory that is no earlier output of this kind"):
+        quantize_model_dir(built["fp16"], theirs, built["w8"], "w8a8", Recipe(), built["calib"], built["scales"])
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("name", ["mamba1-demo", "mamba2-demo"])

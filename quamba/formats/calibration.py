@@ -12,6 +12,7 @@ All are written atomically and deterministically: the same inputs and seed give 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -23,13 +24,13 @@ import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from quamba.errors import ConfigError
 from quamba.io import atomic_path, check_finite_document
 from quamba.shipped import SCHEMAS
 
-SCHEMA_VERSION = 3  # 3: each tap's observed dtype
+SCHEMA_VERSION = 4  # 4: the sha256 of the files beside it; 3: each tap's observed dtype
 STATS_FILE, STORE_FILE, ACTIVATIONS_FILE = "stats.json", "calibration.safetensors", "activations.npz"
 SCHEMA_PATH = SCHEMAS / "stats.schema.yaml"
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -50,7 +51,7 @@ def validate_stats(doc: dict, source: str = STATS_FILE) -> dict:
     version = doc.get("schema_version") if isinstance(doc, dict) else None
     if version != SCHEMA_VERSION:
         raise ConfigError(f"{source}: schema_version {version!r}, but this quamba-flow reads version "
-                          f"{SCHEMA_VERSION} (with each tap's observed dtype, the one Quamba divides its min/max scales in); "
+                          f"{SCHEMA_VERSION} (with each tap's observed dtype and the hashes of the files beside it); "
                           f"rebuild it: rerun `quamba calibrate`, or delete its calib dir and rerun snakemake")
     try:
         jsonschema.validate(doc, yaml.safe_load(SCHEMA_PATH.read_text()))
@@ -79,13 +80,26 @@ def read_stats(path: str | Path) -> dict:
     return validate_stats(doc, str(path))
 
 
-def read_store(calib_dir: str | Path, taps: list[str]) -> dict[str, TapRecord]:
-    """The stored tails and histograms of `taps` from a calibration dir's calibration.safetensors."""
-    path = Path(calib_dir) / STORE_FILE
+def _check_written_with(path: Path, stats: dict) -> bytes:
+    """The bytes of a file beside stats.json, after checking they are the ones stats.json was
+    written with: a calibration killed between its files, or files mixed from two calibrations,
+    must not pass for one."""
     if not path.is_file():
         raise ConfigError(f"{path}: missing; a calibration dir needs it (rerun `quamba calibrate`)")
+    payload = path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != stats["files"].get(path.name):
+        raise ConfigError(f"{path}: not the file its stats.json was written with (a calibration interrupted between "
+                          f"its files, or files of two calibrations); rerun `quamba calibrate`")
+    return payload
+
+
+def read_store(calib_dir: str | Path, taps: list[str], stats: dict) -> dict[str, TapRecord]:
+    """The stored tails and histograms of `taps` from a calibration dir's calibration.safetensors
+    (the one its stats.json, `stats`, was written with)."""
+    path = Path(calib_dir) / STORE_FILE
+    payload = _check_written_with(path, stats)
     try:
-        tensors = load_file(path)
+        tensors = load(payload)
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{path}: unreadable ({err}); rerun `quamba calibrate`") from err
     records = {}
@@ -138,12 +152,13 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def read_activation_samples(path: Path, keep=lambda tap: True) -> dict[str, np.ndarray]:
-    """activations.npz's samples of the taps `keep` accepts, each flat float64; a damaged or
-    non-finite file is refused naming the tap (calibration never writes one: it fails on a
-    non-finite activation)."""
+def read_activation_samples(path: Path, stats: dict, keep=lambda tap: True) -> dict[str, np.ndarray]:
+    """activations.npz's samples of the taps `keep` accepts, each flat float64 (the file its
+    stats.json, `stats`, was written with); a damaged or non-finite file is refused naming the tap
+    (calibration never writes one: it fails on a non-finite activation)."""
+    payload = _check_written_with(Path(path), stats)
     try:
-        with np.load(path) as npz:
+        with np.load(io.BytesIO(payload)) as npz:
             samples = {tap: npz[tap].astype(np.float64).ravel() for tap in npz.files if keep(tap)}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ConfigError(f"{path}: unreadable activation samples ({err}); rerun the calibrate job that "
@@ -156,13 +171,21 @@ def read_activation_samples(path: Path, keep=lambda tap: True) -> dict[str, np.n
 
 
 def write_calibration(out_dir: Path, doc: dict, records: dict[str, TapRecord],
-                      samples: dict[str, np.ndarray] | None) -> None:
-    """Write stats.json, calibration.safetensors (and activations.npz) into out_dir; each file
-    appears whole or not at all."""
-    validate_stats(doc)
-    payloads = {STATS_FILE: stats_bytes(doc), STORE_FILE: store_bytes(records)}
+                      samples: dict[str, np.ndarray] | None) -> dict:
+    """Write calibration.safetensors (and activations.npz), then stats.json, which records their
+    sha256 (`files`), into out_dir; each file appears whole or not at all, and a reader refuses a
+    file stats.json was not written with. Returns the stats document as written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory; the output must be a directory")
+    payloads = {STORE_FILE: store_bytes(records)}
     if samples is not None:
         payloads[ACTIVATIONS_FILE] = npz_bytes(samples)
-    for name, payload in payloads.items():
-        with atomic_path(Path(out_dir) / name) as tmp:
+    doc = {**doc, "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in payloads.items()}}
+    validate_stats(doc)
+    if samples is None:
+        (out_dir / ACTIVATIONS_FILE).unlink(missing_ok=True)  # an earlier calibration's, not this one's
+    for name, payload in [*payloads.items(), (STATS_FILE, stats_bytes(doc))]:  # stats.json last: it names the rest
+        with atomic_path(out_dir / name) as tmp:
             tmp.write_bytes(payload)
+    return doc

@@ -27,7 +27,7 @@ def save_gptq(out_dir: Path, results: dict[str, QuantizedLinearWeight], info: di
         tensors[f"{name}.scales"] = result.scales.float().cpu().contiguous()
         if result.perm is not None:
             tensors[f"{name}.perm"] = result.perm.cpu().contiguous()
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), GPTQ_INFO) as tmp:
         save_file(tensors, tmp / GPTQ_WEIGHTS, metadata={"format": "quamba-gptq"})
         write_json(tmp / GPTQ_INFO, info)
 

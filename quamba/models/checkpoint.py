@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from quamba.errors import CheckpointError, ConfigError
-from quamba.io import atomic_dir, package_versions, sha256_files, write_json
+from quamba.io import atomic_dir, check_output_dir, package_versions, sha256_files, write_json
 from quamba.models.config import MambaConfig
 from quamba.models.lm import MambaLMHeadModel, as_fp16_dir
 
@@ -264,7 +264,7 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     check_finite(state, str(out_dir), " in float16 (a weight beyond 65504 overflows)")
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), CONFIG_FILE) as tmp:
         save_file(state, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, model.config.to_state_spaces())
         tok.save_pretrained(tmp)
@@ -278,6 +278,7 @@ def save_fp16(model: MambaLMHeadModel, out_dir: Path, tokenizer: str | Path,
 def normalize(src: str | Path, tokenizer: str | Path, out_dir: Path) -> Path:
     """Any supported FP checkpoint (local dir, hub id, or random:ARCH[:SEED[:LAYERS]]) -> our FP16 dir, with
     the input's hash. A random checkpoint is written in that format directly (no fp32 copy)."""
+    check_output_dir(Path(out_dir), CONFIG_FILE)
     if random_source(src) is not None:
         from quamba.models.random_checkpoint import write_random_checkpoint
 

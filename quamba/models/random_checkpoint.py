@@ -73,7 +73,7 @@ import torch
 from safetensors.torch import save_file
 
 from quamba.errors import CheckpointError, ConfigError
-from quamba.io import _default_mode, atomic_dir, package_versions, write_json
+from quamba.io import _default_mode, atomic_dir, check_output_dir, package_versions, write_json
 from quamba.models.checkpoint import record_model_sha256
 from quamba.models.config import MambaConfig
 from quamba.models.lm import MambaLMHeadModel, stored_dtype
@@ -253,13 +253,14 @@ def write_random_checkpoint(arch: str, out_dir: Path, seed: int = 0, n_layer: in
     from quamba.shipped import DEFAULT_TOKENIZER, shown
 
     _checked(arch, seed, n_layer)  # bad arguments fail before anything is loaded or written
+    check_output_dir(Path(out_dir), "config.json")
     tokenizer = DEFAULT_TOKENIZER if tokenizer is None else tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
     except Exception as err:
         raise CheckpointError(f"{tokenizer}: cannot load a tokenizer from it ({err})") from err
     config, state = random_state_dict(arch, seed, n_layer)
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), "config.json") as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "model.safetensors").chmod(_default_mode(directory=False))  # safetensors writes 0600
         del state

@@ -150,7 +150,8 @@ def activation_histograms(stats_path: Path, npz_path: Path, scales_paths: list[P
     """The sampled SSM-input activations of the first layers, with each alpha's +-threshold."""
     stats = read_stats(stats_path)
     scales = sorted((read_scales(path) for path in scales_paths), key=lambda doc: doc["alpha"])
-    samples = read_activation_samples(npz_path, lambda t: t.split(".")[-1] in SSM_INPUT_POINTS and t in stats["taps"])
+    samples = read_activation_samples(npz_path, stats,
+                                      lambda t: t.split(".")[-1] in SSM_INPUT_POINTS and t in stats["taps"])
     taps = sorted(samples, key=lambda t: int(t.split(".")[0].removeprefix("layer_")))[:layers]
     fig, axes = plt.subplots(1, max(len(taps), 1), figsize=(4.2 * max(len(taps), 1), 3.6), squeeze=False,
                              layout="constrained")

@@ -31,7 +31,7 @@ from quamba.formats.quantized_dir import (
     write_tensors,
 )
 from quamba.formats.scales import SCALES_FILE, read_scales
-from quamba.io import atomic_dir, package_versions, sha256_file, write_json
+from quamba.io import atomic_dir, check_output_dir, package_versions, sha256_file, write_json
 from quamba.models.apply import apply_quantization
 from quamba.models.checkpoint import (
     CONFIG_FILE,
@@ -256,12 +256,14 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
 
     The recipe's model transforms must match how the calibration and the GPTQ dir were built.
     Activation scales are each tap's threshold / 127 at the scales file's alpha (divided in its
-    scale dtype as Quamba's observer divides, then float32 floored at 1e-6); with reorder, Quamba2's grouped min/max scales: x (the SSM input)
-    one per reorder cell, B and C one per SSD group, the final state one per (cell, state index).
+    scale dtype as Quamba's observer divides, then float32 floored at 1e-6); with reorder,
+    Quamba2's grouped min/max scales: x (the SSM input) one per reorder cell, B and C one per SSD
+    group, the final state one per (cell, state index).
     A GPTQ dir holding lm_head quantizes it too. `made_by` goes into provenance.json (the workflow
     records its rule, wildcards and parameters; the CLI its command line).
     """
     fp16_dir, out_dir = Path(fp16_dir), Path(out_dir)
+    check_output_dir(out_dir, QUANT_CONFIG)
     config = require_fp16_dir(fp16_dir, "quantize")
     recipe = recipe.for_model(config.layer)
     stats_file = stats_path(calib_dir) if calib_dir is not None else None
@@ -367,7 +369,7 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
                                    "plan_sha256": plan_sha256(stats["reorder"])}
         if grouped:
             quant_config["group_activation_thresholds"] = grouped
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, QUANT_CONFIG) as tmp:
         write_tensors(tmp / TENSORS_FILE, plan_tensors(_float_state(model), plan))
         write_json(tmp / CONFIG_FILE, config.to_state_spaces())  # lm_head untied by rotation or quantization
         for tokenizer_file in fp16_dir.glob("tokenizer*"):

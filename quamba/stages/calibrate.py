@@ -182,6 +182,8 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     calibration.safetensors and activations.npz written atomically into out_dir. Returns the
     stats document."""
     resolve_device(device)  # a CUDA device asked for must exist
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory; the output must be a directory")
     model_dir = resolve_model_dir(model_dir)
     config, _ = read_config(model_dir)  # fails on a dir without config before any work
     recipe = recipe.for_model(config.layer)
@@ -227,5 +229,4 @@ def calibrate_model_dir(model_dir: Path, out_dir: Path, settings: CalibrationSet
     }
     if reorder is not None:
         doc["reorder"] = reorder
-    write_calibration(Path(out_dir), doc, records, samples if settings.save_activations else None)
-    return doc
+    return write_calibration(Path(out_dir), doc, records, samples if settings.save_activations else None)

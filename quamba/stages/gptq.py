@@ -26,8 +26,8 @@ from tqdm import tqdm
 from quamba.data import load_tokenizer, random_windows
 from quamba.determinism import enable_determinism
 from quamba.errors import ConfigError
-from quamba.formats.gptq_dir import save_gptq
-from quamba.io import package_versions, sha256_file
+from quamba.formats.gptq_dir import GPTQ_INFO, save_gptq
+from quamba.io import check_output_dir, package_versions, sha256_file
 from quamba.models.checkpoint import model_sha256, require_fp16_dir, resolve_model_dir
 from quamba.models.lm import MambaLMHeadModel
 from quamba.models.load import load, resolve_device
@@ -226,6 +226,7 @@ def gptq_model_dir(model_dir: Path, out_dir: Path, settings: GPTQSettings, recip
     Quamba runs GPTQ on its fp16 model: the rotated weights rounded to fp16 before the solve, the
     blocks' forwards (so the Hessians' inputs) in fp16."""
     settings.validate()
+    check_output_dir(Path(out_dir), GPTQ_INFO)
     model_dir = resolve_model_dir(model_dir)
     config = require_fp16_dir(model_dir, "gptq")
     recipe = recipe.for_model(config.layer)

@@ -68,7 +68,7 @@ def derive_scales(calib_dir: str | Path, alpha: float, alpha_one: str = OPTIONS[
     check_alpha(alpha, stats["min_alpha"], str(path))
     recipe = Recipe.from_record({"name": stats["recipe"]["name"], "options": {"alpha_one": alpha_one}})
     names = list(stats["taps"]) if taps is None else taps
-    records = read_store(path.parent, names)
+    records = read_store(path.parent, names, stats)
     mantissa_bits = stats["bins_per_octave"].bit_length() - 1
     entries = {name: tap_scales(stats["taps"][name], records[name], alpha, alpha_one, mantissa_bits)
                for name in names}
