@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from quamba.errors import ConfigError
+from quamba.errors import CheckpointError, ConfigError
 from quamba.io import sha256_file
 from quamba.shipped import DEFAULT_TOKENIZER, shown
 
@@ -165,12 +165,23 @@ def read_documents(source: str | Path, max_rows: int | None = None,
     return rows, hashlib.sha256("\n\n".join(rows).encode()).hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(model_dir: Path | None):
-    """The model dir's tokenizer when it has one, else the shipped demo tokenizer."""
+    """The model dir's own tokenizer (None: the shipped demo tokenizer). A dir without one is
+    refused: tokens of another tokenizer would calibrate and GPTQ the model on other text."""
     from transformers import AutoTokenizer
 
-    has_own = model_dir is not None and (Path(model_dir) / "tokenizer_config.json").is_file()
-    return AutoTokenizer.from_pretrained(str(model_dir if has_own else DEFAULT_TOKENIZER))
+    source = DEFAULT_TOKENIZER if model_dir is None else Path(model_dir)
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{source}: no tokenizer (expected tokenizer.json); write the dir with "
+                              f"`quamba normalize SOURCE --tokenizer TOKENIZER --out DIR`")
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as err:  # a damaged tokenizer.json / tokenizer_config.json: JSONDecodeError and others
+        raise CheckpointError(f"{source}: its tokenizer does not load ({type(err).__name__}: {err}); rewrite "
+                              f"the dir with `quamba normalize SOURCE --tokenizer TOKENIZER --out DIR`") from None
 
 
 def _order(count: int, order: str, seed: int) -> list[int]:

@@ -25,6 +25,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from quamba.compile_lock import first_compile_lock
+from quamba.data import TOKENIZER_FILES
 from quamba.errors import CheckpointError, ConfigError
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.decode import Decoder
@@ -38,7 +39,6 @@ DEFAULT_MAX_GEN_TOKS = 256  # HFLM's default
 # logits and their log-softmax if taken whole; 0.8 GB each in chunks of 4096. Every op here works
 # row by row, so the chunks give the same scores bit for bit (tests/test_eval.py).
 SCORED_ROWS = 4096
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def positive_int(name: str, value: Any) -> int:

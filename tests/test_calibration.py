@@ -279,6 +279,23 @@ def test_empty_corpus_fails_clearly(model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_dir_without_its_tokenizer_or_with_a_damaged_one_is_refused(model_dir, corpus, tmp_path):
+    """Never another tokenizer's tokens in its place (the shipped demo tokenizer used to stand in)."""
+    import shutil
+
+    bare, damaged = tmp_path / "bare", tmp_path / "damaged"
+    for copy in (bare, damaged):
+        shutil.copytree(model_dir, copy)
+    for path in bare.glob("tokenizer*"):
+        path.unlink()
+    (damaged / "tokenizer.json").write_text("{")
+    with pytest.raises(CheckpointError, match="bare: no tokenizer"):
+        calibrate_model_dir(bare, tmp_path / "out", SETTINGS, data=corpus, progress=False)
+    with pytest.raises(CheckpointError, match="damaged: its tokenizer does not load"):
+        calibrate_model_dir(damaged, tmp_path / "out", SETTINGS, data=corpus, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_finite_activations_fail_naming_the_tap_and_sample(tmp_path):
     model = random_model(MODELS["mamba1"])
     with torch.no_grad():
