@@ -124,7 +124,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     doc = evaluate(args.model_dir, [t for t in args.tasks.split(",") if t], args.out, batch_size=args.batch_size,
                    limit=args.limit, device=args.device, dtype=args.dtype, num_fewshot=args.num_fewshot,
-                   seed=args.seed, perplexity_tokens=args.perplexity_tokens)
+                   seed=args.seed, perplexity_tokens=args.perplexity_tokens, softmax_dtype=args.softmax_dtype)
     print("\n".join(summary(doc)))
     print(f"wrote {args.out}")
 
@@ -260,9 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="at most this many items per task (default: all)")
     evaluate.add_argument("--perplexity-tokens", type=int, help="perplexity: score only the first this many tokens")
     evaluate.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per item")
-    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
+    evaluate.add_argument("--seed", type=int, help="all four of lm-eval's seeds (default: lm-eval's own, random 0 "
+                                                   "and numpy, torch, few-shot 1234, as Quamba's evaluation)")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
+    evaluate.add_argument("--softmax-dtype", help="the log-softmax's and the loglikelihood sums' dtype (default: the "
+                                                  "logits', as HFLM and so Quamba; float32 is finer on fp16)")
     evaluate.add_argument("--out", type=Path, required=True,
                           help="results JSON to write; the per-item results go beside it (NAME.samples.json.gz)")
     evaluate.set_defaults(run=_eval)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from quamba.compile_lock import first_compile_lock
 from quamba.data import TOKENIZER_FILES
-from quamba.errors import CheckpointError, ConfigError
+from quamba.errors import CheckpointError, ConfigError, ResultError
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.decode import Decoder
 from quamba.models.load import load
@@ -66,23 +66,28 @@ class QuambaLM(TemplateLM):
     """Any model dir `quamba.load` reads (or hub id), as an lm-eval model.
 
     model_args: path, batch_size (8), device (cuda when present), dtype (quamba.load's default),
-    max_length (2048 tokens; longer inputs lose tokens on the left), max_gen_toks (256).
-    Loglikelihoods match lm-eval's HFLM on the same weights: same token boundaries, same
-    left truncation, log-softmax over the model's whole (padded) vocabulary.
+    max_length (2048 tokens; longer inputs lose tokens on the left), max_gen_toks (256),
+    softmax_dtype (None: the logits' dtype, as HFLM and so Quamba's wrapper; float32 scores an
+    fp16 model more finely). Loglikelihoods match lm-eval's HFLM on the same weights: same token
+    boundaries, same left truncation, log-softmax over the model's whole (padded) vocabulary in
+    softmax_dtype, a continuation's log-probabilities summed in it.
     """
 
     def __init__(self, path: str | Path, batch_size: int | str = 8, device: str | None = None,
                  dtype: str | None = None, max_length: int | str = DEFAULT_MAX_LENGTH,
                  max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, max_batch_size: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, softmax_dtype: str | None = None) -> None:
         super().__init__()
         from transformers import AutoTokenizer
 
+        from quamba.models.load import parse_dtype
+
+        self.softmax_dtype = parse_dtype(softmax_dtype)  # None: the logits' own
         self.batch_size = positive_int("batch_size", batch_size)
         self._max_length = positive_int("max_length", max_length)
         self.max_gen_toks = positive_int("max_gen_toks", max_gen_toks)
         self.progress = progress
-        model_dir = check_model_dir(path)
+        model_dir = self.model_dir = check_model_dir(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
             raise CheckpointError(f"{model_dir}: the tokenizer has neither an EOS nor a BOS token; "
@@ -204,21 +209,26 @@ class QuambaLM(TemplateLM):
         positions = positions.to(flat.device)
         wanted = torch.tensor([t for target in targets for t in target], device=flat.device)
         picked = []
-        for start in range(0, len(wanted), SCORED_ROWS):  # float32 log-softmax of SCORED_ROWS targets at a time
+        for start in range(0, len(wanted), SCORED_ROWS):  # the log-softmax of SCORED_ROWS targets at a time
             chunk = slice(start, start + SCORED_ROWS)
-            logprobs = flat[positions[chunk]].float().log_softmax(dim=-1)  # (rows, vocab)
+            logprobs = flat[positions[chunk]].log_softmax(dim=-1, dtype=self.softmax_dtype)  # (rows, vocab)
             picked.append(torch.stack((logprobs.gather(-1, wanted[chunk, None])[:, 0],
-                                       (logprobs.argmax(dim=-1) == wanted[chunk]).float())))
-        return torch.cat(picked, dim=1)  # (2, targets)
+                                       (logprobs.argmax(dim=-1) == wanted[chunk]).to(logprobs.dtype))))
+        return torch.cat(picked, dim=1)  # (2, targets), in the log-softmax's dtype
 
     def _collect(self, requests: list[tuple[Any, list[int], list[int]]], targets: list[list[int]],
                  batch: list[int], picked: torch.Tensor, results: list[tuple[float, bool]]) -> None:
         """Read one batch's scores back (one host sync) into `results` and lm-eval's cache."""
-        token_logprobs, token_greedy = picked.tolist()
+        values = picked.cpu()
+        token_logprobs, token_greedy = values[0], values[1].tolist()
         offset = 0
         for i in batch:
             end = offset + len(targets[i])
-            results[i] = (math.fsum(token_logprobs[offset:end]), all(token_greedy[offset:end]))
+            # HFLM's float(logits.sum()): the sum in the log-softmax's dtype (fp16 on an fp16 model)
+            results[i] = (float(token_logprobs[offset:end].sum()), all(token_greedy[offset:end]))
+            if not math.isfinite(results[i][0]):
+                raise ResultError(f"{self.model_dir}: a loglikelihood is {results[i][0]} (the model's logits are "
+                                  f"not finite); nothing was written: check its weights, scales and config")
             offset = end
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])

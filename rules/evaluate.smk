@@ -20,6 +20,7 @@ rule evaluate:
         batch_size=config["eval"]["batch_size"],
         limit=lambda wc: task_limit(TASK_BY_KEY[wc.task]),
         perplexity_tokens=lambda wc: perplexity_tokens(TASK_BY_KEY[wc.task]),
+        softmax_dtype=config["eval"].get("softmax_dtype"),
         device=DEVICE,
     log:
         layout.log(layout.EVAL),

@@ -16,6 +16,6 @@ with job_log(snakemake.log[0]) as log, lease_for_job(snakemake, f"evaluate {snak
              params.batch_size, params.limit)
     doc = evaluate(Path(snakemake.input.model), [task], Path(snakemake.output[0]),  # noqa: F821
                    batch_size=params.batch_size, limit=params.limit, device=params.device, progress=False,
-                   perplexity_tokens=params.perplexity_tokens)
+                   perplexity_tokens=params.perplexity_tokens, softmax_dtype=params.softmax_dtype)
     for line in summary(doc):
         log.info(line)

@@ -132,6 +132,16 @@ def test_config_without_known_keys_is_refused(tmp_path):
         quamba.load(tmp_path / "m", device="cpu")
 
 
+def test_a_non_finite_number_in_config_json_is_refused_naming_the_key(tmp_path):
+    """norm_epsilon NaN made every logit NaN, and an evaluation of chance accuracy."""
+    src = write_state_spaces(random_model(CONFIGS["mamba2"]), tmp_path / "m")
+    raw = json.loads((src / "config.json").read_text())
+    raw["norm_epsilon"] = float("nan")
+    (src / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"m/config.json: norm_epsilon is nan; NaN and infinity are not allowed"):
+        quamba.load(src, device="cpu")
+
+
 def test_unsupported_ssm_option_names_the_key(tmp_path):
     model = random_model(CONFIGS["mamba2"])
     src = write_state_spaces(model, tmp_path / "m")

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from quamba.errors import CheckpointError, ConfigError
-from quamba.io import atomic_dir, check_output_dir, package_versions, sha256_files, write_json
+from quamba.io import atomic_dir, check_finite_document, check_output_dir, package_versions, sha256_files, write_json
 from quamba.models.config import MambaConfig
 from quamba.models.lm import MambaLMHeadModel, as_fp16_dir
 
@@ -87,6 +87,7 @@ def read_config(model_dir: Path) -> tuple[MambaConfig, str]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
+    check_finite_document(raw, str(path), CheckpointError)  # e.g. norm_epsilon NaN: a model of NaN logits
     try:
         if "model_type" in raw:
             return MambaConfig.from_transformers(raw, source=str(path)), "transformers"

@@ -25,7 +25,7 @@ from quamba.formats.samples import reduce_samples, samples_path, write_samples
 from quamba.io import package_versions, sha256_files, write_json
 from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
 from quamba.models.checkpoint import CONFIG_FILE, model_sha256, weight_files
-from quamba.models.load import resolve_device
+from quamba.models.load import parse_dtype, resolve_device
 from quamba.recipe import QUAMBA_LM_EVAL, known_departures
 from quamba.shipped import ROOT, TASKS_DIR
 
@@ -132,10 +132,13 @@ def check_finite_metrics(results: dict[str, dict[str, Any]], model_dir: Path) ->
                                   f"nothing was written (check the model's weights and its quantization scales)")
 
 
+LM_EVAL_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}  # simple_evaluate's defaults
+
+
 def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size: int = 8,
              limit: int | None = None, device: str | None = None, dtype: str | None = None,
-             num_fewshot: int = 0, seed: int = 0, progress: bool = True,
-             perplexity_tokens: int | None = None) -> dict[str, Any]:
+             num_fewshot: int = 0, seed: int | None = None, progress: bool = True,
+             perplexity_tokens: int | None = None, softmax_dtype: str | None = None) -> dict[str, Any]:
     """Run `tasks` on a model dir and write one JSON to `out` (atomically); returns its content.
 
     tasks: lm-eval task/group/tag names (the offline quamba_cloze and quamba_mc included), and
@@ -144,8 +147,17 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     one raises ConfigError/CheckpointError and writes nothing. The per-item results go beside `out`
     (quamba.formats.samples.samples_path). Neither file holds dates or timings, so a rerun on the
     same device gives the same bytes.
+
+    seed: None gives lm-eval's own seeds (random 0, numpy, torch and few-shot 1234), which Quamba's
+    evaluation runs with; a number seeds all four with it. softmax_dtype: None scores in the
+    logits' dtype, as HFLM (Quamba's wrapper) does; float32 is finer for an fp16 model.
     """
     batch_size = positive_int("batch_size", batch_size)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32):
+        raise ConfigError(f"seed: {seed!r} is not allowed; expected an integer in [0, 2^32), or none for lm-eval's "
+                          f"own seeds (Quamba's)")
+    seeds = LM_EVAL_SEEDS if seed is None else dict.fromkeys(LM_EVAL_SEEDS, seed)
+    parse_dtype(softmax_dtype)  # a bad name fails here, before the model loads
     if Path(out).is_dir():
         raise ConfigError(f"out: {out} is a directory; give the path of the results JSON to write (e.g. {Path(out)}/"
                           f"eval.json)")
@@ -162,11 +174,13 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
                            "model": model_provenance(local_dir, str(model_dir))}
 
     begun = time.perf_counter()
-    lm = QuambaLM(local_dir, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    lm = QuambaLM(local_dir, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                  softmax_dtype=softmax_dtype)
     log.info("model loaded in %.2f s (%s, %s)", time.perf_counter() - begun, lm.device, lm.model.dtype)
     doc["settings"] = {"batch_size": batch_size, "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
-                       "max_length": lm.max_length, "device": lm.device.type,
-                       "dtype": str(lm.model.dtype).removeprefix("torch.")}
+                       "seeds": seeds, "max_length": lm.max_length, "device": lm.device.type,
+                       "dtype": str(lm.model.dtype).removeprefix("torch."),
+                       "softmax_dtype": None if softmax_dtype is None else str(lm.softmax_dtype).removeprefix("torch.")}
     from lm_eval.evaluator import simple_evaluate
 
     specs = [*names, *(perplexity.task_config(lm, data, perplexity_tokens) for data in perplexity_files)]
@@ -174,8 +188,9 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     try:
         with _without_environment_report():
             output = simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
-                                     limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                     torch_random_seed=seed, fewshot_random_seed=seed)
+                                     limit=limit, log_samples=True, random_seed=seeds["random"],
+                                     numpy_random_seed=seeds["numpy"], torch_random_seed=seeds["torch"],
+                                     fewshot_random_seed=seeds["fewshot"])
     except OverflowError as err:  # lm-eval's exp() of a loglikelihood beyond float range
         raise ResultError(f"{local_dir}: a metric overflowed ({err}): the model's loglikelihoods are far out of "
                           f"range; nothing was written (check the model's weights and quantization scales)") from None
