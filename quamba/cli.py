@@ -108,6 +108,9 @@ def _quantize(args: argparse.Namespace) -> None:
     from quamba.stages.assemble import quantize_model_dir
     from quamba.stages.scales import scales_file
 
+    if args.scales is not None and args.alpha is not None:  # the file's own alpha would win, silently
+        raise QuambaError("quantize: give --scales FILE (its alpha is the file's) or --alpha A (derived from "
+                          "--calib), not both")
     with tempfile.TemporaryDirectory() as tmp:
         scales = args.scales
         if scales is None and args.alpha is not None:  # derive this alpha's scales on the way

@@ -2,12 +2,13 @@
 reordering (Mamba2), lm_head's GPTQ and quantization, the W8 path and the grids; each stage
 records them and assembly refuses inputs built otherwise."""
 
+import hashlib
 import json
 
 import pytest
 import torch
 from conftest import REPO, random_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import quamba
 from quamba.errors import ConfigError
@@ -242,6 +243,10 @@ def test_cli_passes_the_options_through(pipeline, tmp_path, capsys):
                  "--scheme", "w8a8", "--alpha", "1.0", "--reorder", "--no-rotate-residual", "--out",
                  str(tmp_path / "r")]) == 2
     assert "recipe.rotate_residual: the GPTQ dir" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(["quantize", str(pipeline["fp16"]), "--gptq", str(pipeline["gptq"]), "--calib", str(pipeline["calib"]),
+                 "--scales", str(pipeline["scales"]), "--alpha", "1.0", "--scheme", "w8a8", "--reorder", "--out",
+                 str(tmp_path / "s")]) == 2  # the file's alpha (0.99999) would have won over --alpha, silently
+    assert "give --scales FILE (its alpha is the file's) or --alpha A" in capsys.readouterr().err
 
 
 def test_quant_config_records_the_group_width_each_weight_really_uses(pipeline, tmp_path):
@@ -253,3 +258,44 @@ def test_quant_config_records_the_group_width_each_weight_really_uses(pipeline, 
     assert qc["group_size"] == "per layer"
     assert qc["group_widths"]["backbone.layers.0.mixer.in_proj"] == 64
     assert qc["group_widths"]["backbone.layers.0.mixer.out_proj"] == 128
+
+
+def test_a_gptq_dir_whose_files_disagree_is_refused_naming_them(pipeline, tmp_path):
+    """gptq.json names its weights' sha256, lists its layers and bits: weights of another run, a
+    dropped layer (it stayed FP16 in a "w8a8" model) or zero scales never become a model."""
+    import shutil
+
+    from quamba.formats.gptq_dir import load_gptq
+    from quamba.io import write_json
+
+    def damaged(name, edit_tensors=None, edit_info=None):
+        copy = tmp_path / name
+        shutil.copytree(pipeline["gptq"], copy)
+        if edit_tensors:
+            tensors = load_file(copy / "gptq.safetensors")
+            edit_tensors(tensors)
+            save_file(tensors, copy / "gptq.safetensors")
+        info = json.loads((copy / "gptq.json").read_text())
+        if edit_info:
+            edit_info(info)
+        if edit_tensors and name != "stale":  # consistent edits: the record names the edited file
+            info["weights_sha256"] = hashlib.sha256((copy / "gptq.safetensors").read_bytes()).hexdigest()
+        write_json(copy / "gptq.json", info)
+        return copy
+
+    layer = "backbone.layers.1.mixer.out_proj"
+    cases = {
+        "stale": (damaged("stale", lambda t: t[f"{layer}.scales"].mul_(2)), "not the file its gptq.json was written with"),
+        "dropped": (damaged("dropped", lambda t: [t.pop(k) for k in [k for k in t if k.startswith(layer)]]),
+                    "holds layers .* that gptq.json does not list"),
+        "zero": (damaged("zero", lambda t: t[f"{layer}.scales"].zero_()), "out_proj's scales are not all finite and > 0"),
+        "bits": (damaged("bits", edit_info=lambda i: i["settings"].update(w_bits=4)), "holds 8-bit codes, but gptq.json "
+                                                                                       "says w_bits 4"),
+    }
+    for name, (path, message) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_gptq(path)
+    both = damaged("both", lambda t: [t.pop(k) for k in [k for k in t if k.startswith(layer)]],
+                   lambda i: i["layers"].pop(layer))
+    with pytest.raises(ConfigError, match=rf"lacks \['{layer}'\]: a GPTQ dir holds every block's in_proj and out_proj"):
+        quantize_model_dir(pipeline["fp16"], tmp_path / "q", both, "w8a8", REORDER, pipeline["calib"], pipeline["scales"])

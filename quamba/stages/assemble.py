@@ -74,7 +74,8 @@ from quamba.transforms.reorder import REORDER_TAP, ReorderPlan, plan_sha256, pre
 
 
 def _check_inputs(fp16_dir: Path, recipe: Recipe, scheme_name: str, gptq_info: dict, gptq_dir: Path,
-                  stats: dict | None, stats_file: Path | None, scales: dict | None, scales_path: Path | None) -> None:
+                  stats: dict | None, stats_file: Path | None, scales: dict | None, scales_path: Path | None,
+                  n_layer: int) -> None:
     """Everything that can be wrong with the inputs, before any work: each input must come from
     this model and from the same model transforms, and the scheme must find what it needs."""
     scheme = get_scheme(scheme_name)
@@ -84,6 +85,11 @@ def _check_inputs(fp16_dir: Path, recipe: Recipe, scheme_name: str, gptq_info: d
     if gptq_info["model"]["sha256"] != fp16_sha:
         raise ConfigError(f"gptq: {gptq_dir} was made from another model ({gptq_info['model']['path']}), "
                           f"not {fp16_dir}")
+    missing = [f"backbone.layers.{i}.mixer.{kind}" for i in range(n_layer) for kind in ("in_proj", "out_proj")
+               if f"backbone.layers.{i}.mixer.{kind}" not in gptq_info["layers"]]
+    if missing:
+        raise ConfigError(f"gptq: {gptq_dir} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}: a GPTQ dir holds "
+                          f"every block's in_proj and out_proj; rerun the gptq job")
     if gptq_info["settings"]["w_bits"] != scheme.w_bits:
         raise ConfigError(f"gptq: {gptq_dir} holds w{gptq_info['settings']['w_bits']} weights; scheme "
                           f"{scheme_name} needs w{scheme.w_bits}")
@@ -270,7 +276,8 @@ def quantize_model_dir(fp16_dir: Path, out_dir: Path, gptq_dir: Path, scheme_nam
     stats = read_stats(stats_file) if stats_file is not None else None
     scales = read_scales(scales_path) if scales_path is not None else None
     gptq_layers, gptq_info = load_gptq(gptq_dir)
-    _check_inputs(fp16_dir, recipe, scheme_name, gptq_info, Path(gptq_dir), stats, stats_file, scales, scales_path)
+    _check_inputs(fp16_dir, recipe, scheme_name, gptq_info, Path(gptq_dir), stats, stats_file, scales, scales_path,
+                  config.n_layer)
     scheme = get_scheme(scheme_name)
     if not scheme.needs_stats:
         scales = None  # w4a16 has no activation scales, so no alpha
