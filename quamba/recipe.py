@@ -63,10 +63,12 @@ OPTIONS: dict[str, Option] = {
         "off in main.py's defaults (--group_heads); eval.sh turns it on for Mamba2",
         "true (Mamba2): Quamba2's head/channel reordering with grouped scales"),
     "reorder_method": Option(
-        "quamba", ("quamba", "absmax_kmeans1d"), MODEL,
+        "quamba", ("quamba", "quamba_members", "absmax_kmeans1d"), MODEL,
         "the order from each channel's mean |x| (max over samples): per-head ascending channel sort, Ward "
-        "clustering of the heads' normalized profiles, KMeans of the sorted positions (scikit-learn)",
-        "absmax_kmeans1d: heads and channels sorted by absmax and cut by exact 1-D k-means"),
+        "clustering of the heads' normalized profiles, KMeans of the sorted positions over the heads at the "
+        "cluster's rows of the original head order (scikit-learn; Quamba's slicing quirk)",
+        "quamba_members: the KMeans over the cluster's own member heads; absmax_kmeans1d: heads and channels "
+        "sorted by absmax and cut by exact 1-D k-means"),
     "head_clusters": Option(
         4, None, MODEL, "4 head groups per SSD group", "any positive number of head clusters"),
     "channel_clusters": Option(

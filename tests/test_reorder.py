@@ -171,6 +171,38 @@ def test_quamba_plan_clusters_head_shapes_and_sorts_each_heads_channels_on_a_con
     assert plan_quamba(scaled, CONFIG.nheads, CONFIG.ngroups, 2, 2) == plan
 
 
+def test_quamba_plan_clusters_channels_on_the_rows_quambas_code_slices():
+    """Quamba's code runs each head cluster's KMeans on its rows of the *unreordered* profiles
+    (`sorted_dim_tensor_np[g][row_start:row_end]`), not on the cluster's member heads; the default
+    does so, `quamba_members` reads the members. Both checked against scikit-learn directly."""
+    import numpy as np
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+
+    nheads, headdim, k = 16, 16, 4
+    stat = (torch.rand(nheads * headdim, generator=torch.Generator().manual_seed(3)) ** 4 + 0.01)
+    profile = stat.reshape(nheads, headdim).sort(dim=-1).values
+    normalized = (profile / profile.norm(dim=-1, keepdim=True)).numpy()
+    labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit(normalized).labels_
+    order, sizes = np.argsort(labels), np.bincount(labels, minlength=k)
+    assert not np.array_equal(order, np.arange(nheads))  # the quirk matters only when labels are unsorted
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+
+    def channel_sizes(rows_of):
+        cuts = []
+        for start, size in zip(starts, sizes):
+            points = normalized[rows_of(start, size)].T
+            found = KMeans(n_clusters=k, init=points[::headdim // k], n_init=1).fit(points).labels_
+            cuts.append(np.bincount(found, minlength=k).tolist())
+        return cuts
+
+    plans = {members: plan_quamba(stat, nheads, 1, k, k, members=members) for members in (False, True)}
+    got = {members: [[end - start for start, end in cells] for cells in plan.channel_clusters]
+           for members, plan in plans.items()}
+    assert got[False] == channel_sizes(lambda start, size: np.arange(start, start + size))  # Quamba's rows
+    assert got[True] == channel_sizes(lambda start, size: order[start:start + size])  # the members
+    assert got[False] != got[True] and plans[False].head_order == plans[True].head_order
+
+
 def test_pass_one_statistics_are_quambas_mean_abs_and_the_per_channel_absmax():
     model = random_model(CONFIG)
     batches = list(IDS.split(1))

@@ -15,9 +15,12 @@ calibration samples of each sample's mean |x| per channel:
 2. per B/C (SSD) group, Ward agglomerative clustering of the group's head profiles into
    `head_clusters` clusters (scikit-learn); the heads ordered by cluster label (np.argsort of
    the labels, as Quamba), so heads never leave their group;
-3. per head cluster, KMeans of the sorted channel positions (each a vector over the cluster's
-   heads) into `channel_clusters` clusters, initialized at the positions 0, p/k, 2p/k, ...
-   (Quamba: 0, 16, 32, 48 at headdim 64); the sizes are the label counts.
+3. per head cluster, KMeans of the sorted channel positions into `channel_clusters` clusters,
+   initialized at the positions 0, p/k, 2p/k, ... (Quamba: 0, 16, 32, 48 at headdim 64); the
+   sizes are the label counts. Each position is a vector over the heads at the cluster's rows
+   *in the original head order*, as Quamba's code slices its unreordered array (a quirk: the
+   rows are not the cluster's member heads unless labels happen to be sorted);
+   `reorder_method: quamba_members` clusters on the member heads' profiles instead.
 `reorder_method: absmax_kmeans1d` (an earlier design of this project, a departure): heads sorted
 by their absmax (descending, stable) and cut by exact 1-D k-means, one channel order per head
 cluster from the cluster's absmax per channel, cut the same way.
@@ -158,9 +161,12 @@ def _bounds(sizes: list[int], offset: int = 0) -> list[tuple[int, int]]:
 
 
 def plan_quamba(mean_abs: torch.Tensor, nheads: int, ngroups: int, head_clusters: int = DEFAULT_HEAD_CLUSTERS,
-                channel_clusters: int = DEFAULT_CHANNEL_CLUSTERS, layer: str = "layer") -> ReorderPlan:
+                channel_clusters: int = DEFAULT_CHANNEL_CLUSTERS, layer: str = "layer",
+                members: bool = False) -> ReorderPlan:
     """`reorder_method: quamba`: Quamba2's order of one layer from x's per-channel statistic
-    (d_inner,), old order (the max over samples of each sample's mean |x|; float32)."""
+    (d_inner,), old order (the max over samples of each sample's mean |x|; float32). The channel
+    clustering of a head cluster reads the profiles at its rows of the original head order, as
+    Quamba's code does; `members` (reorder_method: quamba_members) reads its member heads'."""
     import numpy as np
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
@@ -180,13 +186,13 @@ def plan_quamba(mean_abs: torch.Tensor, nheads: int, ngroups: int, head_clusters
         first = group * per_group
         sizes = np.bincount(labels, minlength=head_clusters).tolist()
         for start, end in _bounds(sizes, first):
-            members = order[start - first:end - first]
-            points = normalized[group][members].T  # (p, heads of the cluster): one point per sorted position
+            heads = order[start - first:end - first] if members else np.arange(start - first, end - first)
+            points = normalized[group][heads].T  # (p, the heads read): one point per sorted position
             init = points[[i * headdim // channel_clusters for i in range(channel_clusters)]]
             channel_labels = KMeans(n_clusters=channel_clusters, init=init, n_init=1).fit(points).labels_
             if np.any(np.diff(channel_labels) < 0):
                 raise ConfigError(f"reorder: {layer}, SSD group {group}: the channel clusters of heads "
-                                  f"{sorted((first + members).tolist())} are not contiguous in the sorted order "
+                                  f"{sorted((first + heads).tolist())} are not contiguous in the sorted order "
                                   f"(Quamba asserts this too); try reorder_method: absmax_kmeans1d or fewer "
                                   f"channel_clusters")
             head_bounds.append((start, end))
@@ -297,9 +303,9 @@ def reorder_record(model: nn.Module, statistics: dict[int, ReorderStatistics], h
     config = model.config
     layers = {}
     for layer, stats in sorted(statistics.items()):
-        if method == "quamba":
+        if method in ("quamba", "quamba_members"):
             plan = plan_quamba(stats.mean_abs, config.nheads, config.ngroups, head_clusters, channel_clusters,
-                               f"layer_{layer}")
+                               f"layer_{layer}", members=method == "quamba_members")
         else:
             plan = plan_absmax_kmeans1d(stats.x_absmax, config.nheads, config.ngroups, head_clusters,
                                         channel_clusters)
