@@ -386,17 +386,21 @@ def test_provenance_carries_the_quant_config(tmp_path, model_dir):
     ({"model_dir": "no_config"}, CheckpointError, r"config\.json: missing"),
     ({"model_dir": "no_tokenizer"}, CheckpointError, r"no tokenizer"),
     ({"model_dir": "missing"}, CheckpointError, r"no such model directory"),
+    ({"seed": -5}, ConfigError, r"seed: -5 is not allowed; expected an integer in \[0, 2\^32\)"),
+    ({"softmax_dtype": "float8"}, ConfigError, r"dtype: 'float8' is not supported"),
+    ({"out": "a_file/eval.json"}, ConfigError, r"a_file/eval.json lies under a file"),
 ])
 def test_bad_input_fails_before_any_model_work_and_writes_nothing(tmp_path, model_dir, monkeypatch, change, error,
                                                                  message):
     (tmp_path / "no_config").mkdir()
     shutil.copytree(model_dir, tmp_path / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
     monkeypatch.setattr(quamba.lm_eval_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a_file").write_text("x")
     args = {"model_dir": model_dir, "tasks": ["quamba_mc"], "batch_size": 8, "limit": None} | change
     if isinstance(args["model_dir"], str):
         args["model_dir"] = tmp_path / args["model_dir"]
     with pytest.raises(error, match=message):
-        evaluate(args.pop("model_dir"), args.pop("tasks"), tmp_path / "out" / "eval.json", **args)
+        evaluate(args.pop("model_dir"), args.pop("tasks"), tmp_path / args.pop("out", "out/eval.json"), **args)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

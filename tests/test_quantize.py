@@ -386,6 +386,11 @@ def test_a_quantized_dir_missing_a_file_or_a_tensor_names_what_is_missing(built,
         quamba.load(_damaged_copy(tmp_path / "q", tmp_path / "no_qweight", drop_qweight), device="cpu")
 
 
+def test_scales_out_at_a_directory_is_refused_before_any_work(built, tmp_path):
+    with pytest.raises(ConfigError, match=r"out: .* is a directory; give the path of the scales.json to write"):
+        scales_file(built["calib"], 0.9995, built["calib"])
+
+
 def test_an_alpha_below_min_alpha_fails_naming_min_alpha(built, tmp_path):
     with pytest.raises(ConfigError, match=r"alpha: 0.99 is below the calibration's min_alpha 0.999.*lower min_alpha"):
         scales_file(built["calib"], 0.99, tmp_path / "s.json")
@@ -410,6 +415,11 @@ def test_stats_or_gptq_of_another_model_are_refused(built, tmp_path):
 def test_unsupported_gptq_bits_fail_before_any_work(built, tmp_path, corpus):
     with pytest.raises(ConfigError, match="w_bits: 3 is not supported; allowed: \\[4, 8\\]"):
         gptq_model_dir(built["fp16"], tmp_path / "g", GPTQSettings(w_bits=3, **GPTQ), data=corpus)
+    for change, message in ((dict(nsamples=2.5), "nsamples: must be a positive integer, got 2.5"),
+                            (dict(group_size=64.0), "group_size: must be a positive integer, got 64.0"),
+                            (dict(percdamp="0.01"), "percdamp: '0.01' must be a number in \\(0, 1\\)")):
+        with pytest.raises(ConfigError, match=message):
+            gptq_model_dir(built["fp16"], tmp_path / "g", GPTQSettings(w_bits=8, **{**GPTQ, **change}), data=corpus)
     assert not (tmp_path / "g").exists()
 
 

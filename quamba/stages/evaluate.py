@@ -161,6 +161,8 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], out: Path, batch_size:
     if Path(out).is_dir():
         raise ConfigError(f"out: {out} is a directory; give the path of the results JSON to write (e.g. {Path(out)}/"
                           f"eval.json)")
+    if any(parent.exists() and not parent.is_dir() for parent in Path(out).parents):
+        raise ConfigError(f"out: {out} lies under a file, not a directory; give a path whose parents are directories")
     if limit is not None:
         limit = positive_int("limit", limit)
     if perplexity_tokens is not None:

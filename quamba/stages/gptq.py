@@ -67,13 +67,14 @@ class GPTQSettings:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.w_bits not in (4, 8):
-            raise ConfigError(f"w_bits: {self.w_bits} is not supported; allowed: [4, 8]")
-        if not 0 < self.percdamp < 1:
-            raise ConfigError(f"percdamp: {self.percdamp} must be in (0, 1)")
+        if isinstance(self.w_bits, bool) or self.w_bits not in (4, 8):
+            raise ConfigError(f"w_bits: {self.w_bits!r} is not supported; allowed: [4, 8]")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
+            raise ConfigError(f"percdamp: {self.percdamp!r} must be a number in (0, 1)")
         for key in ("group_size", "nsamples", "seqlen", "blocksize", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed: must be an integer >= 0, got {self.seed!r}")
 

@@ -83,6 +83,9 @@ def derive_scales(calib_dir: str | Path, alpha: float, alpha_one: str = OPTIONS[
 def scales_file(calib_dir: str | Path, alpha: float, out: str | Path,
                 alpha_one: str = OPTIONS["alpha_one"].quamba) -> dict:
     """`quamba scales`: derive one alpha's scales.json and write it atomically to `out`."""
+    if Path(out).is_dir():
+        raise ConfigError(f"out: {out} is a directory; give the path of the scales.json to write (e.g. "
+                          f"{Path(out)}/pa{alpha}/scales.json)")
     doc = derive_scales(calib_dir, alpha, alpha_one)
     write_scales(out, doc)
     return doc
