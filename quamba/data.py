@@ -96,16 +96,28 @@ class HubSource:
 
 
 def _local_rows(path: Path, field: str = "text") -> list[str]:
+    """A .txt file's documents (separated by blank lines) or a .jsonl file's `field` per line;
+    any other file is refused (a .json array or a binary file is no corpus)."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"{path}: a data file must be .txt (documents separated by blank lines) or .jsonl (a "
+                          f"{field!r} field per line), not {path.suffix or 'a file without a suffix'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a data file is text") from None
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line)[field])
+                    row = json.loads(line)[field]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ConfigError(f"{path}:{number}: not a JSON object with a {field!r} field ({err})") from None
+                if not isinstance(row, str):
+                    raise ConfigError(f"{path}:{number}: its {field!r} field is {type(row).__name__}, not text")
+                rows.append(row)
         return rows
-    return [d for d in path.read_text().split("\n\n") if d.strip()]
+    return [d for d in text.split("\n\n") if d.strip()]
 
 
 def _hub_rows(source: HubSource) -> Iterator[str]:
@@ -122,7 +134,7 @@ def _hub_rows(source: HubSource) -> Iterator[str]:
                           f"hub: {err}") from err
 
 
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")  # what names a local file (only .txt and .jsonl are read)
 
 
 def local_row_count(path: Path) -> int:
@@ -135,6 +147,9 @@ def check_data_source(source: str) -> None:
     (it exists but is no file, starts with . or /, or ends like a data file) that is not a file."""
     path = Path(source)
     if path.is_file():
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ConfigError(f"{source}: a data file must be .txt (documents separated by blank lines) or .jsonl "
+                              f"(a 'text' field per line), not {path.suffix or 'a file without a suffix'}")
         return
     if path.exists():
         raise ConfigError(f"{source}: not a file; data must be a .txt/.jsonl file or a hub dataset id")

@@ -79,3 +79,20 @@ def test_gptq_windows_come_from_the_whole_hub_split_as_quambas_loader_joins_it(m
     draw = random.Random(0)
     starts = [draw.randint(0, stream.numel() - 16 - 1) for _ in range(4)]
     assert torch.equal(windows.stacked(), torch.stack([stream[i:i + 16] for i in starts]))
+
+
+def test_a_data_file_of_another_format_is_refused_naming_it(tmp_path, tokenizer):
+    """A .json array, a binary .txt or a .jsonl whose text is no string never becomes a corpus."""
+    from quamba.data import check_data_source, local_row_count
+
+    (tmp_path / "arr.json").write_text('["a", "b"]')
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00 binary")
+    (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(ConfigError, match=r"arr.json: a data file must be .txt .* or .jsonl"):
+        check_data_source(str(tmp_path / "arr.json"))
+    with pytest.raises(ConfigError, match=r"arr.json: a data file must be .txt"):
+        calibration_samples(tmp_path / "arr.json", tokenizer, 1, 8, 0, "rows", "file")
+    with pytest.raises(ConfigError, match="bin.txt: not UTF-8 text"):
+        local_row_count(tmp_path / "bin.txt")
+    with pytest.raises(ConfigError, match="num.jsonl:1: its 'text' field is int, not text"):
+        random_windows(tmp_path / "num.jsonl", tokenizer, 1, 8, 0)
