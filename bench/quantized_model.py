@@ -7,6 +7,7 @@ eager. Ratios are against the FP16 run of the same process.
     python -m bench.quantized_model ... --device cpu --prefill 2 64 --decode 8   # a smoke run
     python -m bench.quantized_model ... --compile    # also every model with compiled blocks
     python -m bench.quantized_model ... --fuse-hadamard    # also the rotated models with hadamard.FUSE_ON_CUDA
+    python -m bench.quantized_model ... --int4-gemv    # also W4A16 with int4_matmul.GEMV_ON_CUDA (one-row GEMV)
 
 With --compile each model also runs with `MambaLMHeadModel.compile_blocks()` (torch.compile per
 block: taps, norms, Hadamard stages and glue fused); those rows' ratios are against the compiled
@@ -31,7 +32,7 @@ from quamba.formats.quantized_dir import QUANT_CONFIG
 from quamba.models import decode as decoding
 from quamba.models.decode import Decoder
 from quamba.models.quantized import QuantLinear
-from quamba.numerics import hadamard, quantizers
+from quamba.numerics import hadamard, int4_matmul, quantizers
 
 
 def sync(device: torch.device) -> None:
@@ -67,9 +68,10 @@ def best(fn, device: torch.device, repeats: int) -> float:
 @torch.inference_mode()
 def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], decode: int, repeats: int,
             fused: bool = True, profiled: bool = False, dtype: str | None = None,
-            compile_blocks: bool = False, fused_hadamard: bool = False) -> dict:
+            compile_blocks: bool = False, fused_hadamard: bool = False, int4_gemv: bool = False) -> dict:
     quantizers.FUSE_ON_CUDA = fused
     hadamard.FUSE_ON_CUDA = fused_hadamard
+    int4_matmul.GEMV_ON_CUDA = int4_gemv
     if device.type == "cuda":
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -91,7 +93,7 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
         decoding.GRAPHS_ON_CUDA = graphs
         decoder = Decoder(model, batch_size=1)
         decode_s[graphs] = best(lambda: generate(decoder), device, repeats)
-    label = (f"{model_dir.name}{' (Hadamard fused)' if fused_hadamard else ''}"
+    label = (f"{model_dir.name}{' (Hadamard fused)' if fused_hadamard else ''}{' (int4 GEMV)' if int4_gemv else ''}"
              f"{' (compiled blocks)' if compile_blocks else ''}")
     if profiled:  # where a step's device time goes: ten eager steps, then ten replays of the captured step
         for graphs in (False, True):
@@ -111,6 +113,7 @@ def measure(model_dir: Path, device: torch.device, prefill: tuple[int, int], dec
     scheme = quant.get("scheme", "fp16") + ("" if not extras else f" + {', '.join(extras)}")
     scheme += "" if fused or not quant.get("a_bits") else " (quantizers unfused)"
     scheme += " (Hadamard fused)" if fused_hadamard else ""
+    scheme += " (int4 GEMV)" if int4_gemv else ""
     scheme += " (compiled blocks)" if compile_blocks else ""
     return {"model": str(model_dir), "scheme": scheme, "compiled_blocks": compile_blocks,
             "dtype": str(model.dtype).removeprefix("torch."), "weight_bytes": held, "allocated_bytes": allocated, "prefill_s": prefill_s, "decode_tokens_per_s": decode / decode_s[True],
@@ -135,6 +138,9 @@ def main() -> None:
     parser.add_argument("--fuse-hadamard", action="store_true",
                         help="also the models with a rotated out_proj input with the Hadamard's stages as compiled "
                              "kernels (hadamard.FUSE_ON_CUDA; off by default in the library)")
+    parser.add_argument("--int4-gemv", action="store_true",
+                        help="also the W4A16 models with one-row GEMMs through the split-K GEMV kernel "
+                             "(int4_matmul.GEMV_ON_CUDA; off by default in the library)")
     parser.add_argument("--no-unfused", action="store_true",
                         help="skip the A8 models with eager activation quantizers (on CUDA they run by default)")
     args = parser.parse_args()
@@ -145,6 +151,10 @@ def main() -> None:
         runs += [(d, {"fused": False}) for d in a8]
     if args.fuse_hadamard:  # every quantized model of the recipe rotates out_proj's input
         runs += [(d, {"fused_hadamard": True}) for d in args.quantized]
+    if args.int4_gemv:  # the W4A16 dirs: their projections go through int4_linear
+        w4a16 = [d for d in args.quantized if json.loads((d / QUANT_CONFIG).read_text()).get("scheme") == "w4a16"]
+        runs += [(d, {"int4_gemv": True}) for d in w4a16]
+        runs += [(d, {"int4_gemv": True, "fused_hadamard": True}) for d in w4a16] if args.fuse_hadamard else []
     if args.compile:
         runs += [(d, {"compile_blocks": True}) for d in [args.fp16, *args.quantized]]
     rows = []

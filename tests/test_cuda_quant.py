@@ -151,8 +151,9 @@ def test_model_with_every_option_on_cuda_matches_cpu(tmp_path):
 
 
 def test_int4_gemm_kernel_and_its_dispatch_on_cuda():
-    """The Triton kernel compiled: each weight value exactly the reference's, products within fp16
-    rounding, at the test cases and at mamba2-2.7b's in_proj (group 128); many rows take the
+    """The Triton kernels compiled (the tile kernel and the one-row split-K GEMV): each weight
+    value exactly the reference's, products within fp16 rounding, at the test cases and at
+    mamba2-2.7b's in_proj and out_proj (group 128); many rows take the
     compiled dequantization and cuBLAS, bit-equal to the reference."""
     import torch.nn.functional as F
     from test_int4_matmul import CASES, check_kernel_cases, layer

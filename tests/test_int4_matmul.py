@@ -15,8 +15,9 @@ from quamba.numerics import int4_matmul
 from quamba.numerics.quantizers import dequantize_packed_int4, pack_int4
 
 # (rows, out, in, groups): group 128, per channel (one group, in / 2 not a multiple of the step:
-# a masked tail), per tensor ("tensor": one scale), out not a multiple of the kernel's 32 columns
-CASES = [(1, 96, 512, 4), (5, 70, 320, 1), (16, 40, 256, "tensor"), (3, 33, 384, 3)]
+# a masked tail), per tensor ("tensor": one scale), out not a multiple of the kernel's 32 columns,
+# and a GEMV split 16 ways (1024 packed bytes, 3 column blocks of 128)
+CASES = [(1, 96, 512, 4), (5, 70, 320, 1), (16, 40, 256, "tensor"), (3, 33, 384, 3), (1, 300, 2048, 16)]
 
 
 def layer(out, n_in, groups, seed=0):
@@ -56,6 +57,14 @@ def check_kernel_cases(device: str = "cpu", cases=CASES) -> None:
         assert y.dtype == torch.float16 and y.shape == (rows, out)
         diff = ((y.float() - want).norm() / want.norm()).item()
         assert diff <= 1e-3, (rows, out, n_in, groups, diff)  # fp16 output rounding
+        # the one-row GEMV (split along the inputs): the same weight values, the same product
+        one_hot = F.one_hot(columns, n_in).half()
+        picked = torch.cat([int4_kernel.gemv(one_hot[i:i + 1], packed, scales) for i in range(len(columns))])
+        assert torch.equal(picked, dequantize_packed_int4(packed, scales).half()[:, columns].t()), (out, n_in)
+        row = int4_kernel.gemv(x[:1], packed, scales)
+        assert row.dtype == torch.float16 and row.shape == (1, out)
+        assert ((row.float() - want[:1]).norm() / want[:1].norm()).item() <= 1e-3, (out, n_in, groups)
+        assert torch.equal(int4_kernel.gemv(x[:1], packed, scales), row)  # partial sums in a fixed order
 
 
 def test_the_kernel_makes_the_reference_weight_and_its_product():

@@ -4,7 +4,7 @@ The reference (CPU, float32, and wherever Triton is missing) dequantizes the cod
 weight, `dequantize_packed_int4(packed, scales).to(x.dtype)`, and calls F.linear. On CUDA the same
 weight values are made inside the GEMM instead of in memory:
 
-- few rows in fp16 (batch-1 decode, m <= FUSED_MAX_ROWS): one Triton kernel reads the packed bytes
+- few rows in fp16 (m <= FUSED_MAX_ROWS; one row by a split-K GEMV with GEMV_ON_CUDA): a Triton kernel reads the packed bytes
   and the scales, turns each code into (q * s) rounded to fp16 in registers, exactly the reference's
   weight, and accumulates x times it in float32. It reads a quarter of the fp16 weight's bytes,
   which is what a memory-bound GEMV is worth; only the order of the float32 sums differs from cuBLAS.
@@ -24,6 +24,9 @@ from quamba.numerics.quantizers import compiled, dequantize_packed_int4
 
 FUSED_MAX_ROWS = 16  # rows up to which the fused kernel runs (one 16-row tile)
 FUSED_ON_CUDA = True  # False: every CUDA call takes the dequantize-then-cuBLAS path (comparisons)
+# One row (batch-1 decode) through the split-K GEMV kernel (`int4_kernel.gemv`). Off until its CUDA
+# test and `bench.quantized_model --int4-gemv` have run on a GPU: only the interpreter has run it.
+GEMV_ON_CUDA = False
 BLOCK_N, BLOCK_BYTES = 32, 64  # a program's output columns and packed bytes per step (128 codes)
 
 
@@ -57,7 +60,11 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     """F.linear(x, dequantize_packed_int4(packed, scales).to(x.dtype), bias) for x (..., in),
     packed (out, in / 2) uint8 and float32 scales (out, groups), (out, 1) or (1, 1)."""
     if fused_applies(x, packed, scales):
-        y = _triton().matmul(x.reshape(-1, x.shape[-1]), packed, scales, BLOCK_N, BLOCK_BYTES)
+        rows = x.reshape(-1, x.shape[-1])
+        if GEMV_ON_CUDA and rows.shape[0] == 1:
+            y = _triton().gemv(rows, packed, scales)
+        else:
+            y = _triton().matmul(rows, packed, scales, BLOCK_N, BLOCK_BYTES)
         y = y.view(*x.shape[:-1], -1)
         return y if bias is None else y + bias
     if x.is_cuda:
