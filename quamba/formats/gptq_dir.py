@@ -17,7 +17,8 @@ from quamba.numerics.quantizers import pack_int4, unpack_int4
 
 GPTQ_WEIGHTS = "gptq.safetensors"
 GPTQ_INFO = "gptq.json"
-INFO_KEYS = ("model", "settings", "recipe", "method", "data", "grids", "layers", "weights_sha256")  # what readers of gptq.json use
+# what readers of gptq.json use
+INFO_KEYS = ("model", "settings", "recipe", "method", "data", "grids", "layers", "weights_sha256")
 
 
 def save_gptq(out_dir: Path, results: dict[str, QuantizedLinearWeight], info: dict) -> None:
@@ -64,14 +65,15 @@ def load_gptq(gptq_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]
                           f"that {GPTQ_INFO} does not list, or lacks ones it lists; rerun the gptq job")
     for name, entry in layers.items():  # int4 is stored packed as uint8 (lm_head can be 4-bit in a w8 dir)
         if "qweight" not in entry or "scales" not in entry:
-            raise ConfigError(f"{gptq_dir / GPTQ_WEIGHTS}: layer {name} lacks its qweight or scales; rerun the gptq job")
+            raise ConfigError(f"{gptq_dir / GPTQ_WEIGHTS}: layer {name} lacks its qweight or scales; "
+                              f"rerun the gptq job")
         if not bool(torch.isfinite(entry["scales"]).all()) or not bool((entry["scales"] > 0).all()):
             raise ConfigError(f"{gptq_dir / GPTQ_WEIGHTS}: layer {name}'s scales are not all finite and > 0; "
                               f"rerun the gptq job")
         packed = entry["qweight"].dtype == torch.uint8
         if name != "lm_head" and packed != (info["settings"].get("w_bits") == 4):  # lm_head: 4 bits in any dir
-            raise ConfigError(f"{gptq_dir}: layer {name} holds {'4' if packed else '8'}-bit codes, but {GPTQ_INFO} says "
-                              f"w_bits {info['settings'].get('w_bits')!r}; rerun the gptq job")
+            raise ConfigError(f"{gptq_dir}: layer {name} holds {'4' if packed else '8'}-bit codes, but "
+                              f"{GPTQ_INFO} says w_bits {info['settings'].get('w_bits')!r}; rerun the gptq job")
         if packed:
             entry["qweight"] = unpack_int4(entry["qweight"])
     return layers, info

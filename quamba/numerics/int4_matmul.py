@@ -4,9 +4,9 @@ The reference (CPU, float32, and wherever Triton is missing) dequantizes the cod
 weight, `dequantize_packed_int4(packed, scales).to(x.dtype)`, and calls F.linear. On CUDA the same
 weight values are made inside the GEMM instead of in memory:
 
-- few rows in fp16 (m <= FUSED_MAX_ROWS; one row by a split-K GEMV with GEMV_ON_CUDA): a Triton kernel reads the packed bytes
-  and the scales, turns each code into (q * s) rounded to fp16 in registers, exactly the reference's
-  weight, and accumulates x times it in float32. It reads a quarter of the fp16 weight's bytes,
+- few rows in fp16 (m <= FUSED_MAX_ROWS; one row by a split-K GEMV with GEMV_ON_CUDA): a Triton
+  kernel reads the packed bytes and the scales, turns each code into (q * s) rounded to fp16 in
+  registers, exactly the reference's weight, and accumulates x times it in float32. It reads a quarter of the fp16 weight's bytes,
   which is what a memory-bound GEMV is worth; only the order of the float32 sums differs from cuBLAS.
 - otherwise (prefill, other dtypes): the dequantization as one compiled elementwise kernel (the
   reference's float32 multiply and cast, bit-equal to it) into a transient weight, then cuBLAS: the
