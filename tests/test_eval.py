@@ -379,6 +379,7 @@ def test_provenance_carries_the_quant_config(tmp_path, model_dir):
 @pytest.mark.parametrize("change, error, message", [
     ({"tasks": ["quamba_mcc"]}, ConfigError, r"task 'quamba_mcc': unknown; allowed: .*did you mean quamba_mc"),
     ({"tasks": ["perplexity:/no/such.txt"]}, ConfigError, r"/no/such.txt is not a file"),
+    ({"tasks": [f"perplexity:{REPO / 'config.yaml'}"]}, ConfigError, r"config.yaml is no .txt or .jsonl file"),
     ({"tasks": []}, ConfigError, "tasks: empty"),
     ({"tasks": ["perplexity", "perplexity"]}, ConfigError, "names a task twice"),
     ({"batch_size": 0}, ConfigError, r"batch_size: 0 is not allowed; expected a positive integer"),

@@ -50,8 +50,10 @@ def split_tasks(tasks: Sequence[str]) -> tuple[list[str], list[Path | None], Any
     for task in tasks:
         if task == PERPLEXITY_TASK or task.startswith(PERPLEXITY_TASK + ":"):
             data = task.partition(":")[2]
-            if data and (not Path(data).is_file() or Path(data).suffix not in (".txt", ".jsonl")):
-                raise ConfigError(f"task {task!r}: {data} is not a .txt or .jsonl file; perplexity:FILE takes one")
+            if data and not Path(data).is_file():
+                raise ConfigError(f"task {task!r}: {data} is not a file; perplexity:FILE takes a .txt or .jsonl file")
+            if data and Path(data).suffix not in (".txt", ".jsonl"):
+                raise ConfigError(f"task {task!r}: {data} is no .txt or .jsonl file; perplexity:FILE takes one")
             files.append(Path(data) if data else None)
         else:
             names.append(task)
