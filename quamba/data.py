@@ -95,12 +95,16 @@ class HubSource:
         return cls(name, config or None, **options)
 
 
-def _local_rows(path: Path, field: str = "text") -> list[str]:
-    """A .txt file's documents (separated by blank lines) or a .jsonl file's `field` per line;
-    any other file is refused (a .json array or a binary file is no corpus)."""
+def _check_format(path: Path) -> None:
+    """Only .txt and .jsonl files are read: a .json array or a file of another kind is no corpus."""
     if path.suffix not in (".txt", ".jsonl"):
         raise ConfigError(f"{path}: a data file must be .txt (documents separated by blank lines) or .jsonl (a "
-                          f"{field!r} field per line), not {path.suffix or 'a file without a suffix'}")
+                          f"'text' field per line), not {path.suffix or 'a file without a suffix'}")
+
+
+def _local_rows(path: Path, field: str = "text") -> list[str]:
+    """A .txt file's documents (separated by blank lines) or a .jsonl file's `field` per line."""
+    _check_format(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -147,9 +151,7 @@ def check_data_source(source: str) -> None:
     (it exists but is no file, starts with . or /, or ends like a data file) that is not a file."""
     path = Path(source)
     if path.is_file():
-        if path.suffix not in (".txt", ".jsonl"):
-            raise ConfigError(f"{source}: a data file must be .txt (documents separated by blank lines) or .jsonl "
-                              f"(a 'text' field per line), not {path.suffix or 'a file without a suffix'}")
+        _check_format(path)
         return
     if path.exists():
         raise ConfigError(f"{source}: not a file; data must be a .txt/.jsonl file or a hub dataset id")
@@ -183,15 +185,20 @@ def read_documents(source: str | Path, max_rows: int | None = None,
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def check_has_tokenizer(model_dir: Path) -> None:
+    """A model dir must hold its own tokenizer's files (calibration, GPTQ and evaluation ask)."""
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir}: no tokenizer (expected tokenizer.json); write the dir with "
+                              f"`quamba normalize SOURCE --tokenizer TOKENIZER --out DIR`")
+
+
 def load_tokenizer(model_dir: Path | None):
     """The model dir's own tokenizer (None: the shipped demo tokenizer). A dir without one is
     refused: tokens of another tokenizer would calibrate and GPTQ the model on other text."""
     from transformers import AutoTokenizer
 
     source = DEFAULT_TOKENIZER if model_dir is None else Path(model_dir)
-    if not any((source / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{source}: no tokenizer (expected tokenizer.json); write the dir with "
-                              f"`quamba normalize SOURCE --tokenizer TOKENIZER --out DIR`")
+    check_has_tokenizer(source)
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except Exception as err:  # a damaged tokenizer.json / tokenizer_config.json: JSONDecodeError and others

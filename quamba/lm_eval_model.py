@@ -25,7 +25,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from quamba.compile_lock import first_compile_lock
-from quamba.data import TOKENIZER_FILES
+from quamba.data import check_has_tokenizer
 from quamba.errors import CheckpointError, ConfigError, ResultError
 from quamba.models.checkpoint import read_config, resolve_model_dir, weight_files
 from quamba.models.decode import Decoder
@@ -55,9 +55,7 @@ def check_model_dir(path_or_hub_id: str | Path) -> Path:
     model_dir = resolve_model_dir(path_or_hub_id)
     read_config(model_dir)
     weight_files(model_dir)
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{model_dir}: no tokenizer (expected tokenizer.json); write the dir with "
-                              f"`quamba normalize SOURCE --tokenizer TOKENIZER --out DIR`")
+    check_has_tokenizer(model_dir)
     return model_dir
 
 

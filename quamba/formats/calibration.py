@@ -176,8 +176,6 @@ def write_calibration(out_dir: Path, doc: dict, records: dict[str, TapRecord],
     sha256 (`files`), into out_dir; each file appears whole or not at all, and a reader refuses a
     file stats.json was not written with. Returns the stats document as written."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir}: exists and is not a directory; the output must be a directory")
     payloads = {STORE_FILE: store_bytes(records)}
     if samples is not None:
         payloads[ACTIVATIONS_FILE] = npz_bytes(samples)

@@ -19,11 +19,12 @@ from typing import Any
 from unittest import mock
 
 from quamba import perplexity
+from quamba.data import TOKENIZER_FILES
 from quamba.errors import ConfigError, ResultError
 from quamba.formats.quantized_dir import read_quant_config
 from quamba.formats.samples import reduce_samples, samples_path, write_samples
 from quamba.io import package_versions, sha256_files, write_json
-from quamba.lm_eval_model import TOKENIZER_FILES, QuambaLM, check_model_dir, positive_int
+from quamba.lm_eval_model import QuambaLM, check_model_dir, positive_int
 from quamba.models.checkpoint import CONFIG_FILE, model_sha256, weight_files
 from quamba.models.load import parse_dtype, resolve_device
 from quamba.recipe import QUAMBA_LM_EVAL, known_departures
